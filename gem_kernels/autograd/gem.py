@@ -1,0 +1,123 @@
+"""Autograd Functions for GEM over a logits matrix.
+
+Both Functions take logits [N, V] and labels [N] and return (per-token loss [N], per-token CE [N]
+or an empty tensor); reduction happens in the functional layer, so the upstream gradient reaching
+backward is per token (a 0-stride expanded scalar for "mean" and "sum").
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..options import GEMOptions
+from ..torch_ops import finalize, gem_forward_chunked, gem_grad_chunked
+from . import vocab_parallel
+
+
+def _kernel_opts(opts: GEMOptions) -> dict:
+    return dict(
+        vocab_start=opts.vocab_start,
+        ignore_index=opts.ignore_index,
+        beta=float(opts.beta),
+        logsigmoid=opts.logsigmoid,
+        logit_scale=float(opts.logit_scale),
+        softcap=float(opts.softcap) if opts.softcap is not None else 0.0,
+    )
+
+
+def triton_partials(logits, labels, opts: GEMOptions, label_logits=None):
+    from ..ops import gem_forward
+
+    return gem_forward(logits, labels, label_logits, need_lse=opts.need_lse, **_kernel_opts(opts))
+
+
+def triton_grad(logits, labels, stats, grad_loss, opts: GEMOptions, out: torch.Tensor) -> torch.Tensor:
+    from ..ops import gem_backward
+
+    gem_backward(logits, labels, stats, grad_loss, out, z_loss_scale=float(opts.z_loss_scale), **_kernel_opts(opts))
+    return out
+
+
+def torch_partials(logits, labels, opts: GEMOptions, label_logits=None):
+    return gem_forward_chunked(logits, labels, opts, label_logits=label_logits)[0]
+
+
+def _outputs(ctx, loss, ce):
+    if ce is None:
+        ce = loss.new_empty(0)
+    ctx.mark_non_differentiable(ce)
+    return loss, ce
+
+
+def _zeros_if_none(grad_loss: Optional[torch.Tensor], n: int, like: torch.Tensor) -> torch.Tensor:
+    return grad_loss if grad_loss is not None else torch.zeros(n, dtype=torch.float32, device=like.device)
+
+
+class GEMTritonFunction(torch.autograd.Function):
+    """Triton path: forward kernel (one read of the logits) + backward kernel (one read, one write)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, opts: GEMOptions, group):
+        valid = labels != opts.ignore_index
+        partials = vocab_parallel.combined_partials(triton_partials, logits, labels, opts, group)
+        loss, ce, stats = finalize(partials, valid, opts)
+        ctx.save_for_backward(logits, labels, stats)
+        ctx.opts = opts
+        return _outputs(ctx, loss, ce)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce):
+        logits, labels, stats = ctx.saved_tensors
+        opts: GEMOptions = ctx.opts
+        grad_loss = _zeros_if_none(grad_loss, logits.shape[0], logits)
+        out = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
+        return triton_grad(logits, labels, stats, grad_loss, opts, out), None, None, None
+
+
+class GEMTorchFunction(torch.autograd.Function):
+    """Chunked PyTorch path. On one device without in-place, the gradient is computed in the same
+    chunked pass as the loss (the row statistics are complete per chunk) and backward only scales it;
+    otherwise backward recomputes it chunk by chunk from the saved statistics."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, opts: GEMOptions, group):
+        valid = labels != opts.ignore_index
+        eager_grad = ctx.needs_input_grad[0] and not opts.inplace_backward and group is None
+        if eager_grad:
+            partials, grad = gem_forward_chunked(logits, labels, opts, compute_grad=True)
+        else:
+            partials = vocab_parallel.combined_partials(torch_partials, logits, labels, opts, group)
+            grad = None
+        loss, ce, stats = finalize(partials, valid, opts)
+        ctx.opts = opts
+        ctx.grad = grad
+        if grad is None:
+            ctx.save_for_backward(logits, labels, stats)
+        return _outputs(ctx, loss, ce)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce):
+        opts: GEMOptions = ctx.opts
+        if ctx.grad is not None:
+            grad = ctx.grad
+            if grad is _CONSUMED:
+                raise RuntimeError(
+                    "gem_loss(impl='torch') scales its precomputed gradient in place and supports one "
+                    "backward per forward; run the forward again instead of retain_graph=True"
+                )
+            ctx.grad = _CONSUMED
+            if grad_loss is None:
+                return grad.zero_(), None, None, None
+            if grad_loss.dim() == 1 and grad_loss.stride(0) == 0:
+                grad.mul_(grad_loss[0].to(grad.dtype))  # expanded scalar: one multiply, no sync
+            else:
+                grad.mul_(grad_loss.to(grad.dtype)[:, None])
+            return grad, None, None, None
+        logits, labels, stats = ctx.saved_tensors
+        grad_loss = _zeros_if_none(grad_loss, logits.shape[0], logits)
+        out = logits if opts.inplace_backward else None
+        return gem_grad_chunked(logits, labels, stats, grad_loss, opts, out=out), None, None, None
+
+
+_CONSUMED = object()

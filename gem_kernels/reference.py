@@ -1,0 +1,81 @@
+"""Plain PyTorch GEM, written straight from the math: the oracle every other path is tested against.
+
+It materialises several [tokens, vocab] tensors and computes in the dtype it is given, so a test can
+run it in float64 (the truth) or in the input dtype (what plain PyTorch would get).
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .options import LOGSIGMOID_TEMPERATURE
+
+
+def _transform(z: torch.Tensor, logit_scale: float, softcap: Optional[float]) -> torch.Tensor:
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def gem_loss_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float = 0.7,
+    h: str = "linear",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    z_loss_scale: float = 0.0,
+    return_ce: bool = False,
+):
+    """GEM loss of ``logits [..., V]`` against ``labels [...]``, fully materialised.
+
+    Per token with label y and transformed logits t (``t = softcap*tanh(logit_scale*z/softcap)``):
+    ``q = softmax(t / beta)`` and ``w`` (1, or ``sigmoid((t - t_y)/100)`` for h="logsigmoid") are
+    constants; ``loss = sum_j q_j w_j (t_j - t_y) + z_loss_scale * lse(t)^2``.
+    Computes in ``logits.dtype``; returns float32 (float64 for float64 input). With
+    ``return_ce`` also returns the detached CE ``lse(t) - t_y`` reduced the same way.
+    """
+    if h not in ("linear", "logsigmoid"):
+        raise ValueError(f"h must be 'linear' or 'logsigmoid', got {h!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+
+    t = _transform(logits, logit_scale, softcap)
+    t_y = torch.gather(t, -1, safe.unsqueeze(-1))  # [..., 1]
+    with torch.no_grad():
+        q = torch.softmax(t / beta, dim=-1)
+        if h == "linear":
+            w = torch.ones_like(t)
+        else:
+            w = torch.sigmoid((t - t_y) / LOGSIGMOID_TEMPERATURE)
+    per_token = (q * w * (t - t_y)).sum(-1)
+    lse = torch.logsumexp(t, dim=-1)
+    if z_loss_scale:
+        per_token = per_token + z_loss_scale * lse * lse
+    zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
+    per_token = torch.where(valid, per_token, zero).to(out_dtype)
+    ce = torch.where(valid, (lse - t_y.squeeze(-1)).detach(), zero).to(out_dtype)
+
+    def reduce(x):
+        if reduction == "none":
+            return x
+        total = x.sum()
+        if reduction == "sum":
+            return total
+        if num_items_in_batch is not None:
+            return total / num_items_in_batch
+        return total / valid.sum().clamp(min=1)
+
+    loss = reduce(per_token)
+    if return_ce:
+        return loss, reduce(ce).detach()
+    return loss

@@ -1,0 +1,198 @@
+"""Chunked pure-PyTorch GEM: what CPU users run, and the same math as the Triton kernels.
+
+Rows are processed in blocks whose fp32 temporaries stay around CHUNK_ELEMENTS elements each, so
+the extra memory is a few blocks (never another [N, V] tensor beyond the gradient itself) and a
+block's working set stays in the CPU's cache between the passes over it.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..options import LOGSIGMOID_TEMPERATURE, NUM_PARTIALS, S_LOGS0, S_LSE, S_M, S_TY, S_YCOEF, GEMOptions
+from .stats import finalize
+
+# 2^18 fp32 elements = 1 MiB per temporary: with the two or three temporaries of a block this fits
+# the 2 MiB per-core L2 of the development machine, which measured fastest (tried 2^16..2^22).
+CHUNK_ELEMENTS = 1 << 18
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows_per_chunk(V: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(V, 1))
+
+
+def _transform(z: torch.Tensor, opts: GEMOptions) -> torch.Tensor:
+    """t = softcap * tanh(logit_scale * z / softcap), upcast to fp32. May alias z: never write to it."""
+    t = z.to(_compute_dtype(z.dtype))
+    if opts.softcap is not None:
+        return torch.mul(t, opts.logit_scale / opts.softcap).tanh_().mul_(opts.softcap)
+    if opts.logit_scale != 1.0:
+        return t * opts.logit_scale
+    return t
+
+
+def _chain(g: torch.Tensor, t: torch.Tensor, opts: GEMOptions) -> None:
+    """g *= dt/dz in place."""
+    if opts.softcap is not None:
+        # d/dz [c tanh(s z / c)] = s (1 - tanh^2) = s (1 - (t / c)^2)
+        g.mul_(torch.div(t, opts.softcap).square_().neg_().add_(1.0).mul_(opts.logit_scale))
+    elif opts.logit_scale != 1.0:
+        g.mul_(opts.logit_scale)
+
+
+def _label_logit(t: torch.Tensor, labels: torch.Tensor, opts: GEMOptions):
+    """(t_y [R] with 0 where the label is not in this tensor, column index [R], in-tensor mask [R])."""
+    V = t.shape[1]
+    local = labels - opts.vocab_start
+    inside = (labels != opts.ignore_index) & (local >= 0) & (local < V)
+    col = torch.where(inside, local, torch.zeros_like(local))
+    ty = torch.where(inside, t.gather(1, col[:, None]).squeeze(1), torch.zeros((), dtype=t.dtype))
+    return ty, col, inside
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_j a_ij b_ij without a temporary (batched BLAS dot)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _chunk(z, labels, opts: GEMOptions, ty_given, grad_out: Optional[torch.Tensor]):
+    """One block of rows. Returns partials [R, 6], and writes the gradient into grad_out if given."""
+    t = _transform(z, opts)
+    ty, col, inside = _label_logit(t, labels, opts)
+    if ty_given is not None:
+        ty = ty_given.to(t.dtype)
+    m = t.amax(1, keepdim=True)
+    d = t - m
+    # e = exp((t - m) / beta), built where the gradient will live when dtypes allow, to save a copy.
+    direct = grad_out is not None and grad_out.dtype == t.dtype and grad_out.is_contiguous()
+    e = torch.mul(d, 1.0 / opts.beta, out=grad_out) if direct else torch.mul(d, 1.0 / opts.beta)
+    e.exp_()
+    s0 = e.sum(1)
+    if opts.logsigmoid:
+        e.mul_(torch.sub(t, ty[:, None]).mul_(1.0 / LOGSIGMOID_TEMPERATURE).sigmoid_())
+        s1 = e.sum(1)
+    else:
+        s1 = s0
+    m1 = m.squeeze(1)
+    s2 = _rowdot(e, d)
+    if torch.isnan(s2).any():  # -inf logits: 0 * -inf in the dot; clamp and redo (rare)
+        s2 = _rowdot(e, d.clamp(min=torch.finfo(d.dtype).min))
+    s2 = s2 + (m1 - ty) * s1
+    partials = torch.zeros(t.shape[0], NUM_PARTIALS, dtype=t.dtype, device=t.device)
+    partials[:, 0], partials[:, 1], partials[:, 2], partials[:, 3], partials[:, 5] = m1, s0, s1, s2, ty
+    if opts.need_lse:
+        d.exp_()  # d now holds exp(t - m)
+        partials[:, 4] = d.sum(1)
+    if grad_out is None:
+        return partials
+    valid = labels != opts.ignore_index
+    _, _, stats = finalize(partials, valid, opts)
+    inv_s0 = torch.where(valid, torch.exp(-stats[:, S_LOGS0]), torch.zeros((), dtype=t.dtype))
+    e.mul_(inv_s0[:, None])  # q * w
+    e.scatter_add_(1, col[:, None], torch.where(inside, -stats[:, S_YCOEF], 0.0)[:, None])
+    if opts.z_loss_scale:
+        lse = stats[:, S_LSE]
+        coef = torch.where(valid, 2.0 * opts.z_loss_scale * lse * torch.exp(m1 - lse), 0.0)
+        e.add_(d.mul_(coef[:, None]))  # 2 s lse softmax(t)
+    _chain(e, t, opts)
+    if not direct:
+        grad_out.copy_(e)
+    return partials
+
+
+def _row_blocks(N: int, V: int):
+    step = _rows_per_chunk(V)
+    for start in range(0, N, step):
+        yield start, min(start + step, N)
+
+
+def gem_forward_chunked(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    opts: GEMOptions,
+    *,
+    label_logits: Optional[torch.Tensor] = None,
+    compute_grad: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """logits [N, V] (row stride free, unit column stride), labels [N] ->
+    (partials [N, 6] in the compute dtype, grad [N, V] in logits.dtype or None).
+
+    With ``compute_grad`` the gradient of each row's loss (upstream gradient 1) is computed in the
+    same pass; it needs the finished row statistics, so it is only for single-device use.
+    ``label_logits`` [N] supplies t_y (vocab-parallel: the label may sit on another shard).
+    Rows with ignored labels are skipped and get zero gradient.
+    """
+    N, V = logits.shape
+    cdt = _compute_dtype(logits.dtype)
+    partials = torch.zeros(N, NUM_PARTIALS, dtype=cdt, device=logits.device)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else None
+    valid = labels != opts.ignore_index
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        if grad is not None:
+            grad.zero_()
+        return partials, grad
+    rows = None
+    if n_valid < N:
+        rows = valid.nonzero().squeeze(1)
+        if grad is not None:
+            grad[~valid] = 0
+    for a, b in _row_blocks(n_valid, V):
+        if rows is None:
+            z, y, sl = logits[a:b], labels[a:b], slice(a, b)
+        else:
+            sl = rows[a:b]
+            z, y = logits.index_select(0, sl), labels.index_select(0, sl)
+        tyg = None if label_logits is None else label_logits[sl]
+        if grad is not None and rows is None:
+            partials[sl] = _chunk(z, y, opts, tyg, grad[sl])
+        elif grad is not None:
+            buf = torch.empty(z.shape, dtype=grad.dtype, device=grad.device)
+            partials[sl] = _chunk(z, y, opts, tyg, buf)
+            grad.index_copy_(0, sl, buf)
+        else:
+            partials[sl] = _chunk(z, y, opts, tyg, None)
+    return partials, grad
+
+
+def gem_grad_chunked(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    stats: torch.Tensor,
+    grad_loss: torch.Tensor,
+    opts: GEMOptions,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Gradient from saved statistics: logits [N, V], labels [N], stats [N, 5] (options.S_*),
+    grad_loss [N] (may be a 0-stride expanded scalar) -> grad [N, V] in logits.dtype, written to
+    ``out`` when given (``out`` may be ``logits`` itself: each block is read before it is written).
+
+    d loss/d t_k = q_k w_k - [k == y] y_coef + 2 s lse softmax(t)_k, then chained through the
+    logit transforms and scaled by grad_loss.
+    """
+    N, V = logits.shape
+    if out is None:
+        out = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    for a, b in _row_blocks(N, V):
+        z, y, st = logits[a:b], labels[a:b], stats[a:b]
+        t = _transform(z, opts)
+        _, col, inside = _label_logit(t, y, opts)
+        valid = y != opts.ignore_index
+        ty = st[:, S_TY, None]
+        g = torch.sub(t, st[:, S_M, None]).mul_(1.0 / opts.beta).sub_(st[:, S_LOGS0, None]).exp_()
+        if opts.logsigmoid:
+            g.mul_(torch.sub(t, ty).mul_(1.0 / LOGSIGMOID_TEMPERATURE).sigmoid_())
+        g.scatter_add_(1, col[:, None], torch.where(inside, -st[:, S_YCOEF], 0.0)[:, None])
+        if opts.z_loss_scale:
+            lse = st[:, S_LSE, None]
+            g.add_(torch.sub(t, lse).exp_().mul_(2.0 * opts.z_loss_scale * lse))
+        _chain(g, t, opts)
+        scale = torch.where(valid, grad_loss[a:b].to(g.dtype), 0.0)
+        g.mul_(scale[:, None])
+        out[a:b].copy_(g)
+    return out

@@ -1,0 +1,37 @@
+"""Turn per-row partial sums into the loss, the CE value and the statistics the backward needs.
+
+Shared by the Triton and torch paths (and by the vocab-parallel path, which all-reduces the
+partials first). Everything here is O(tokens).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..options import NUM_STATS, P_M, P_S0, P_S1, P_S2, P_SCE, P_TY, GEMOptions
+
+
+def finalize(partials: torch.Tensor, valid: torch.Tensor, opts: GEMOptions):
+    """partials [N, 6] fp32 (see options.P_*), valid [N] bool ->
+    (loss [N] fp32, ce [N] fp32 or None, stats [N, 5] fp32 (see options.S_*)).
+
+    loss = s2 / s0 (+ z_loss_scale * lse^2), ce = lse - t_y; both 0 at ignored rows.
+    """
+    m, s0, s1, s2, sce, ty = (partials[:, i] for i in (P_M, P_S0, P_S1, P_S2, P_SCE, P_TY))
+    one = torch.ones((), dtype=s0.dtype, device=s0.device)
+    zero = torch.zeros((), dtype=s0.dtype, device=s0.device)
+    s0_safe = torch.where(valid, s0, one)
+    loss = torch.where(valid, s2 / s0_safe, zero)
+    stats = torch.zeros(partials.shape[0], NUM_STATS, dtype=partials.dtype, device=partials.device)
+    stats[:, 0] = torch.where(valid, m, zero)
+    stats[:, 1] = torch.log(s0_safe)
+    stats[:, 2] = torch.where(valid, s1 / s0_safe, zero)
+    stats[:, 3] = torch.where(valid, ty, zero)
+    ce = None
+    if opts.need_lse:
+        lse = torch.where(valid, m + torch.log(torch.where(valid, sce, one)), zero)
+        stats[:, 4] = lse
+        if opts.z_loss_scale:
+            loss = loss + opts.z_loss_scale * lse * lse
+        if opts.return_ce:
+            ce = torch.where(valid, lse - ty, zero)
+    return loss, ce, stats

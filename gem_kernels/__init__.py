@@ -1,7 +1,7 @@
 """gem-kernels: the GEM loss (Li et al., ICLR 2025) as cheap as cross-entropy."""
-from .functional import gem_loss
-from .modules import GEMLoss
+from .functional import fused_linear_gem_loss, gem_loss
+from .modules import FusedLinearGEMLoss, GEMLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["GEMLoss", "gem_loss", "__version__"]
+__all__ = ["FusedLinearGEMLoss", "GEMLoss", "fused_linear_gem_loss", "gem_loss", "__version__"]

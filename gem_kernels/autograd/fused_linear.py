@@ -1,0 +1,299 @@
+"""Fused lm_head + GEM: the loss of ``hidden @ weight.T + bias`` without a [tokens, V] tensor.
+
+Only tokens with a label take part: their rows are gathered chunk by chunk, so work and memory
+scale with the valid tokens. Per chunk of ``c`` valid rows:
+
+1. ``Z = x_c @ W.T + b`` into one reused [c, V] buffer (the only vocabulary-sized temporary);
+2. the GEM forward gives the per-row partial sums, ``finalize`` the loss and row statistics;
+3. the GEM backward writes dLoss/dZ over ``Z`` itself (in place);
+4. ``grad_hidden[rows] = Z @ W``, ``grad_weight += Z.T @ x_c`` and ``grad_bias += Z.sum(0)``, the
+   last two accumulated in fp32 across chunks and cast to the parameter dtype once at the end.
+
+Matmul FLOPs: 2 * valid_tokens * H * V for step 1 and the same for each gradient requested, so
+6 * valid_tokens * H * V for hidden + weight gradients.
+
+When the loss is reduced ("mean"/"sum") the upstream gradient is one scalar, so the gradients are
+computed during the forward with the reduction's per-token weight folded in, and backward only
+multiplies them by (upstream / that weight). With reduction="none" the upstream gradient may
+differ per token, and a per-token factor cannot be applied to an already summed grad_weight: the
+forward then computes the loss only (2 * valid * H * V FLOPs, keeping [valid, 5] row statistics)
+and backward recomputes each chunk's logits and folds the per-token factor into dZ before the
+gradient matmuls (another 6 * valid * H * V), i.e. 8 instead of 6 * valid * H * V in all.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Union
+
+import torch
+
+from ..options import GEMOptions
+from ..torch_ops import finalize, gem_grad_chunked
+from .gem import torch_partials, triton_grad, triton_partials
+
+# Default chunk policy: a chunk's logits hold about as many elements as the valid hidden states
+# (valid_tokens * H), the same budget Liger-Kernel uses, so the transient logits cost about what the
+# activations feeding the lm_head already cost. Rows are rounded up to a multiple of CHUNK_ROW_MULTIPLE
+# (a matmul-friendly tile; also the minimum, since a thinner chunk re-reads W for little work).
+CHUNK_ROW_MULTIPLE = 64
+
+
+def default_chunk_rows(n_valid: int, hidden_size: int, vocab_size: int) -> int:
+    """Rows per chunk when ``chunk_size`` is None: ceil(n_valid * H / V) rounded up to a multiple
+    of 64, at most n_valid (and at least 1)."""
+    rows = -(-n_valid * hidden_size // max(vocab_size, 1))
+    rows = -(-rows // CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE
+    return max(1, min(rows, n_valid))
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_out_addmm_ok(device: torch.device) -> bool:
+    """True when ``torch.addmm(acc_fp32, a_lowp, b_lowp, out_dtype=float32, out=acc)`` runs on this
+    device (CUDA builds of torch >= 2.8): the low-precision product then accumulates straight into
+    the fp32 buffer with no temporary."""
+    if device.type != "cuda":
+        return False
+    try:
+        acc = torch.zeros(2, 2, device=device)
+        a = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        return bool(acc[0, 0].item() == 2.0)
+    except (RuntimeError, TypeError):
+        return False
+
+
+class _Accumulator:
+    """grad_weight [V, H] / grad_bias [V] accumulated in fp32 (or in the parameter dtype when that
+    is already fp32/fp64), cast once by ``result``."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], need_w: bool, need_b: bool,
+                 chunk_rows: int):
+        V, H = weight.shape
+        wide = weight.dtype in (torch.float32, torch.float64)
+        acc_dtype = weight.dtype if wide else torch.float32
+        self.dtype = weight.dtype
+        self.gw = torch.zeros(V, H, dtype=acc_dtype, device=weight.device) if need_w else None
+        self.gb = torch.zeros(V, dtype=acc_dtype, device=weight.device) if need_b else None
+        self.direct = wide or _fp32_out_addmm_ok(weight.device)
+        self.tmp = None
+        if need_w and not self.direct:
+            # Low-precision product of a vocabulary slice, added into the fp32 buffer: slices of
+            # about chunk_rows * V elements keep this temporary no bigger than the logits chunk.
+            self.v_step = max(1, min(V, (chunk_rows * V) // max(H, 1)))
+            self.tmp = torch.empty(self.v_step, H, dtype=weight.dtype, device=weight.device)
+
+    def add(self, dz: torch.Tensor, x: torch.Tensor) -> None:
+        """dz [c, V] (dLoss/dlogits of the chunk), x [c, H]."""
+        if self.gw is not None:
+            if self.direct and self.gw.dtype == dz.dtype:
+                self.gw.addmm_(dz.t(), x)
+            elif self.direct:
+                torch.addmm(self.gw, dz.t(), x, out_dtype=torch.float32, out=self.gw)
+            else:
+                V = dz.shape[1]
+                for s in range(0, V, self.v_step):
+                    e = min(s + self.v_step, V)
+                    tmp = self.tmp[: e - s]
+                    torch.mm(dz[:, s:e].t(), x, out=tmp)
+                    self.gw[s:e].add_(tmp)
+        if self.gb is not None:
+            self.gb.add_(dz.sum(0, dtype=self.gb.dtype))
+
+    def result(self, scale=None):
+        """(grad_weight, grad_bias) in the parameter dtype, multiplied by ``scale`` if given."""
+        self.tmp = None
+        out = []
+        for acc in (self.gw, self.gb):
+            if acc is None:
+                out.append(None)
+                continue
+            if scale is not None:
+                acc.mul_(scale)
+            out.append(acc if acc.dtype == self.dtype else acc.to(self.dtype))
+        self.gw = self.gb = None
+        return tuple(out)
+
+
+def _gem_partials(impl: str):
+    return triton_partials if impl == "triton" else torch_partials
+
+
+def _gem_grad_inplace(impl: str, z, labels, stats, row_grad, opts: GEMOptions) -> None:
+    """Overwrite the logits chunk ``z`` with d(sum_i row_grad_i * loss_i)/dz."""
+    if impl == "triton":
+        triton_grad(z, labels, stats, row_grad.float(), opts, out=z)
+    else:
+        gem_grad_chunked(z, labels, stats, row_grad, opts, out=z)
+
+
+def _chunk_loop(hidden2d, weight, bias, rows, labels_v, opts: GEMOptions, impl: str, chunk_rows: int, *,
+                row_grad=None, stats_v=None, need_gx=False, need_gw=False, need_gb=False,
+                keep_stats=False):
+    """The chunked pass over the valid rows.
+
+    hidden2d [N, H]; rows [n_valid] int64 (indices of the valid rows) or None when all N are valid;
+    labels_v [n_valid]; row_grad [n_valid] fp32 (per-token upstream factor) or None for no
+    gradients; stats_v [n_valid, 5] given: skip the GEM forward and the loss (backward
+    recomputation); keep_stats: also return the row statistics of the GEM forward.
+    Returns (loss [N] or None, ce [N] or None, stats_v, grad_hidden [N, H] or None, accumulator).
+    """
+    N, H = hidden2d.shape
+    V = weight.shape[0]
+    n_valid = labels_v.shape[0]
+    dev, dt = hidden2d.device, hidden2d.dtype
+    cdt = torch.float64 if dt == torch.float64 else torch.float32
+    want_loss = stats_v is None
+    loss = torch.zeros(N, dtype=cdt, device=dev) if want_loss else None
+    ce = torch.zeros(N, dtype=cdt, device=dev) if want_loss and opts.return_ce else None
+    grads = row_grad is not None
+    need_gx, need_gw, need_gb = grads and need_gx, grads and need_gw, grads and need_gb and bias is not None
+    gx = torch.zeros(N, H, dtype=dt, device=dev) if need_gx else None
+    acc = _Accumulator(weight, bias, need_gw, need_gb, chunk_rows)
+    if n_valid == 0:
+        return loss, ce, stats_v, gx, acc
+    new_stats = [] if keep_stats else None
+    c_max = min(chunk_rows, n_valid)
+    zbuf = torch.empty(c_max, V, dtype=dt, device=dev)
+    xbuf = torch.empty(c_max, H, dtype=dt, device=dev) if rows is not None else None
+    gbuf = torch.empty(c_max, H, dtype=dt, device=dev) if rows is not None and need_gx else None
+    wt = weight.t()
+    partials_fn = _gem_partials(impl)
+    for a in range(0, n_valid, c_max):
+        b = min(a + c_max, n_valid)
+        c = b - a
+        if rows is None:
+            x, idx = hidden2d[a:b], None
+        else:
+            idx = rows[a:b]
+            x = torch.index_select(hidden2d, 0, idx, out=xbuf[:c])
+        z = zbuf[:c]
+        if bias is not None:
+            torch.addmm(bias, x, wt, out=z)
+        else:
+            torch.mm(x, wt, out=z)
+        y = labels_v[a:b]
+        if not want_loss:
+            st = stats_v[a:b]
+        else:
+            partials = partials_fn(z, y, opts)
+            l_c, ce_c, st = finalize(partials, y != opts.ignore_index, opts)
+            if new_stats is not None:
+                new_stats.append(st)
+            _put(loss, idx, a, b, l_c)
+            if ce is not None:
+                _put(ce, idx, a, b, ce_c)
+        if not grads:
+            continue
+        _gem_grad_inplace(impl, z, y, st, row_grad[a:b], opts)
+        if need_gx:
+            if idx is None:
+                torch.mm(z, weight, out=gx[a:b])
+            else:
+                gx.index_copy_(0, idx, torch.mm(z, weight, out=gbuf[:c]))
+        acc.add(z, x)
+    if new_stats is not None:
+        stats_v = torch.cat(new_stats)
+    return loss, ce, stats_v, gx, acc
+
+
+def _put(dst: torch.Tensor, idx: Optional[torch.Tensor], a: int, b: int, src: torch.Tensor) -> None:
+    if idx is None:
+        dst[a:b] = src
+    else:
+        dst.index_copy_(0, idx, src.to(dst.dtype))
+
+
+class FusedLinearGEMFunction(torch.autograd.Function):
+    """(hidden2d [N, H], weight [V, H], bias [V] | None, labels [N], opts, impl, chunk_size,
+    token_scale) -> (per-token loss [N], per-token CE [N] or empty), fp32 (fp64 for fp64 input).
+
+    ``token_scale`` is d(reduced loss)/d(per-token loss) (a float or 0-d tensor: 1/count for
+    "mean", 1 for "sum"): the gradients are then computed in forward with that factor and backward
+    rescales them by upstream/token_scale. ``token_scale=None`` (reduction "none") defers all
+    gradient work to backward (see the module docstring). impl is "triton" or "torch".
+    """
+
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, labels, opts: GEMOptions, impl: str,
+                chunk_size: Optional[int], token_scale: Union[None, float, torch.Tensor]):
+        need_gx, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_gb = bias is not None and ctx.needs_input_grad[2]
+        any_grad = need_gx or need_gw or need_gb
+        N, H = hidden2d.shape
+        V = weight.shape[0]
+        valid = labels != opts.ignore_index
+        n_valid = int(valid.sum())
+        rows = None if n_valid == N else valid.nonzero().squeeze(1)
+        labels_v = labels if rows is None else labels.index_select(0, rows)
+        chunk_rows = chunk_size if chunk_size is not None else default_chunk_rows(n_valid, H, V)
+        ctx.opts, ctx.impl, ctx.chunk_rows = opts, impl, chunk_rows
+        ctx.flags = (need_gx, need_gw, need_gb)
+        ctx.eager = any_grad and token_scale is not None
+        row_grad = None
+        if ctx.eager:
+            cdt = torch.float64 if hidden2d.dtype == torch.float64 else torch.float32
+            ts = torch.as_tensor(token_scale, dtype=cdt, device=hidden2d.device)
+            row_grad = ts.reshape(()).expand(n_valid)
+        loss, ce, stats_v, gx, acc = _chunk_loop(
+            hidden2d, weight, bias, rows, labels_v, opts, impl, chunk_rows, row_grad=row_grad,
+            need_gx=need_gx, need_gw=need_gw, need_gb=need_gb, keep_stats=any_grad and not ctx.eager)
+        if ctx.eager:
+            gw, gb = acc.result()
+            ctx.grads = (gx, gw, gb)
+            ctx.token_scale = token_scale
+            ctx.rows = rows
+        elif any_grad:
+            # Deferred: keep what a recomputation needs (references, plus O(tokens) statistics).
+            ctx.save_for_backward(hidden2d, weight, bias, rows, labels_v, stats_v)
+        if ce is None:
+            ce = loss.new_empty(0)
+        ctx.mark_non_differentiable(ce)
+        return loss, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce):
+        need_gx, need_gw, need_gb = ctx.flags
+        none = (None,) * 5
+        if ctx.eager:
+            grads = ctx.grads
+            if grads is _CONSUMED:
+                raise RuntimeError(
+                    "fused_linear_gem_loss scales its precomputed gradients in place and supports one "
+                    "backward per forward; run the forward again instead of retain_graph=True")
+            ctx.grads = _CONSUMED
+            gx, gw, gb = grads
+            scale = 0.0
+            if grad_loss is not None:
+                # One host read per backward (a sync on GPU): a Python float multiplies low-precision
+                # gradients in fp32 opmath, where a low-precision 0-d tensor would round the factor.
+                scale = float(_uniform_upstream(grad_loss, ctx.rows) / ctx.token_scale)
+            for g in (gx, gw, gb):
+                if g is not None and scale != 1.0:
+                    g.mul_(scale)
+            return (gx, gw, gb, None) + none[:4]
+        hidden2d, weight, bias, rows, labels_v, stats_v = ctx.saved_tensors
+        if grad_loss is None:
+            grad_loss = torch.zeros(hidden2d.shape[0], dtype=torch.float32, device=hidden2d.device)
+        row_grad = grad_loss if rows is None else grad_loss.index_select(0, rows)
+        _, _, _, gx, acc = _chunk_loop(
+            hidden2d, weight, bias, rows, labels_v, ctx.opts, ctx.impl, ctx.chunk_rows,
+            row_grad=row_grad, stats_v=stats_v, need_gx=need_gx, need_gw=need_gw, need_gb=need_gb)
+        gw, gb = acc.result()
+        return (gx, gw, gb, None) + none[:4]
+
+
+def _uniform_upstream(grad_loss: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """The single upstream value of a reduced loss (0-d). The functional layer reduces right after
+    the Function, so grad_loss is an expanded scalar; anything else is refused, never mis-scaled."""
+    if grad_loss.numel() == 0:
+        return grad_loss.new_zeros(())
+    if grad_loss.stride(0) == 0:
+        return grad_loss[0]
+    g = grad_loss if rows is None else grad_loss.index_select(0, rows)
+    if g.numel() and not bool((g == g[0]).all()):
+        raise RuntimeError("fused_linear_gem_loss: per-token upstream gradients need reduction='none' "
+                           "(the gradients of a reduced loss are precomputed for one scalar)")
+    return g[0] if g.numel() else grad_loss.new_zeros(())
+
+
+_CONSUMED = object()

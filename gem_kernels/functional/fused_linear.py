@@ -1,0 +1,141 @@
+"""fused_linear_gem_loss: GEM over ``hidden @ weight.T + bias`` without materialising the logits."""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Union
+
+import torch
+
+from ..autograd import FusedLinearGEMFunction
+from ..options import GEMOptions
+from ..reference import gem_loss_reference
+from ._checks import check_float_tensor, check_labels, check_options, resolve_impl
+from ._reduce import reduce_tokens
+
+
+def apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts: GEMOptions, impl: str, chunk_size, token_scale):
+    """The one place FusedLinearGEMFunction is applied: (per-token loss [N], per-token CE [N] or empty)."""
+    return FusedLinearGEMFunction.apply(hidden2d, weight, bias, labels1d, opts, impl, chunk_size, token_scale)
+
+
+def _check_linear(hidden, weight, bias):
+    check_float_tensor(hidden, "hidden")
+    check_float_tensor(weight, "weight")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least one dimension (the hidden size H), got a scalar")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, H] (the lm_head weight), got shape {tuple(weight.shape)}")
+    H = hidden.shape[-1]
+    V = weight.shape[0]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {H}, "
+                         f"got {tuple(weight.shape)}")
+    if V < 1:
+        raise ValueError("weight must have at least one row (vocabulary size V >= 1), got 0")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight must be on the device of hidden ({hidden.device}), got {weight.device}")
+    if bias is not None:
+        check_float_tensor(bias, "bias")
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"bias must have shape ({V},) (V = weight.shape[0]), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias must be on the device of hidden ({hidden.device}), got {bias.device}")
+    return H, V
+
+
+def _check_chunk_size(chunk_size):
+    if chunk_size is None:
+        return None
+    if not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or an int >= 1 (valid tokens per chunk), got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def fused_linear_gem_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    beta: float = 0.7,
+    h: str = "linear",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: Optional[Union[int, float, torch.Tensor]] = None,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    z_loss_scale: float = 0.0,
+    return_ce: bool = False,
+    process_group=None,
+    chunk_size: Optional[int] = None,
+    impl: str = "auto",
+):
+    """GEM loss of the logits ``hidden @ weight.T + bias`` against ``labels``, computed in chunks of
+    valid tokens so that no [tokens, V] tensor ever exists.
+
+    The math and the options are those of :func:`gem_kernels.gem_loss` (see there and SPEC.md).
+
+    Args:
+        hidden: [..., H] float32 / bfloat16 / float16 (float64 with impl="torch"/"reference").
+        weight: [V, H], the lm_head weight, same dtype and device as ``hidden``. May be tied to the
+            input embeddings: its gradient is returned to autograd, which adds it to the others.
+        labels: [...] integer (the leading shape of ``hidden``), values in [0, V) or ``ignore_index``;
+            aligned with ``hidden`` (no causal shift here).
+        bias: optional [V], same dtype and device.
+        chunk_size: valid tokens per chunk. None: about ``valid_tokens * H / V`` rows (rounded up
+            to a multiple of 64), so a chunk of logits costs about as much as the valid hidden
+            states. Raise it for throughput on large GPUs when memory allows.
+        impl: "triton" (Triton GEM kernels on each chunk), "torch" (the same chunking in PyTorch),
+            "reference" (materialises ``hidden @ weight.T + bias``; for tests), "auto" as gem_loss.
+
+    Gradients for hidden, weight and bias are computed only when required; with a reduced loss they
+    are computed during the forward and backward only rescales them (one backward per forward).
+    With ``reduction="none"`` they are computed in backward, which recomputes each chunk's logits
+    (8 instead of 6 x valid_tokens x H x V matmul FLOPs) so per-token upstream gradients are exact.
+
+    Returns:
+        float32 loss (scalar for "mean"/"sum", [...] for "none"), or ``(loss, ce)`` when ``return_ce``.
+    """
+    check_options(beta=beta, h=h, ignore_index=ignore_index, reduction=reduction,
+                  num_items_in_batch=num_items_in_batch, logit_scale=logit_scale, softcap=softcap,
+                  z_loss_scale=z_loss_scale, return_ce=return_ce, impl=impl)
+    H, V = _check_linear(hidden, weight, bias)
+    chunk_size = _check_chunk_size(chunk_size)
+    if process_group is not None:
+        raise NotImplementedError("fused_linear_gem_loss: process_group (vocabulary-parallel lm_head) "
+                                  "is not supported yet")
+    check_labels(labels, "hidden", hidden.shape[:-1], hidden.device, V, ignore_index)
+    impl = resolve_impl(impl, hidden)
+    if impl == "reference":
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        return gem_loss_reference(logits, labels, beta=beta, h=h, ignore_index=ignore_index,
+                                  reduction=reduction, num_items_in_batch=num_items_in_batch,
+                                  logit_scale=logit_scale, softcap=softcap, z_loss_scale=z_loss_scale,
+                                  return_ce=return_ce)
+    opts = GEMOptions(beta=float(beta), h=h, ignore_index=int(ignore_index), logit_scale=float(logit_scale),
+                      softcap=None if softcap is None else float(softcap), z_loss_scale=float(z_loss_scale),
+                      return_ce=return_ce)
+    hidden2d = hidden.reshape(-1, H)
+    labels1d = labels.reshape(-1)
+    valid = labels1d != ignore_index
+    # d(reduced loss)/d(per-token loss): lets the Function compute the gradients in the forward.
+    if reduction == "none":
+        token_scale = None
+    elif reduction == "sum":
+        token_scale = 1.0
+    elif num_items_in_batch is None:
+        token_scale = 1.0 / valid.sum().clamp(min=1).double()
+    elif isinstance(num_items_in_batch, torch.Tensor):
+        token_scale = 1.0 / num_items_in_batch.detach().to(device=hidden.device, dtype=torch.float64).reshape(())
+    else:
+        token_scale = 1.0 / float(num_items_in_batch)
+    per_token, per_token_ce = apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts, impl,
+                                                     chunk_size, token_scale)
+    loss = reduce_tokens(per_token, valid, reduction, num_items_in_batch, labels.shape)
+    if return_ce:
+        return loss, reduce_tokens(per_token_ce, valid, reduction, num_items_in_batch, labels.shape)
+    return loss

@@ -1,0 +1,238 @@
+"""gem_loss (triton and torch paths) against the float64 reference, for every option and dtype."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gem_kernels import GEMLoss, gem_loss
+from gem_kernels.reference import gem_loss_reference
+from helpers import assert_close, fresh, make_inputs
+
+IMPLS = ["triton", "torch"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+OPTION_SETS = {
+    "plain": {},
+    "beta0.3": {"beta": 0.3},
+    "beta1.7": {"beta": 1.7},
+    "scale": {"logit_scale": 0.37},
+    "softcap": {"softcap": 4.0},
+    "scale+softcap": {"logit_scale": 1.5, "softcap": 6.0},
+    "zloss": {"z_loss_scale": 1e-3},
+    "ce": {"return_ce": True},
+    "everything": {"beta": 0.5, "logit_scale": 1.2, "softcap": 5.0, "z_loss_scale": 1e-2, "return_ce": True},
+}
+
+
+def _scalar_loss(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _run(logits, labels, **kw):
+    """(outputs tuple, grad of logits) for one call; the loss is reduced to a scalar for backward
+    with a random per-token weight when reduction='none' so that the upstream gradient is per token."""
+    x = fresh(logits)
+    out = gem_loss(x, labels, **kw) if kw.get("impl") != "reference" else gem_loss_reference(
+        x, labels, **{k: v for k, v in kw.items() if k not in ("impl", "inplace_backward")})
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = outs[0]
+    if loss.dim() > 0:
+        w = torch.linspace(-1.0, 2.0, loss.numel(), dtype=loss.dtype).view(loss.shape)
+        loss = (loss * w).sum()
+    loss.backward()
+    return outs, x.grad
+
+
+def _check_against_reference(logits, labels, impl, **kw):
+    """Compare outputs and gradient with the float64 truth, holding the error to the same-dtype
+    PyTorch (reference-in-that-dtype) error plus a margin."""
+    dtype = logits.dtype
+    outs, grad = _run(logits, labels, impl=impl, **kw)
+    truth_outs, truth_grad = _run(fresh(logits, torch.float64), labels, impl="reference", **kw)
+    base_outs, base_grad = _run(logits, labels, impl="reference", **kw)
+    for i, (a, t, b) in enumerate(zip(outs, truth_outs, base_outs)):
+        assert a.dtype == torch.float32, f"output {i} dtype {a.dtype}"
+        assert_close(a, t, what=f"output {i} ({impl}, {dtype}, {kw})", dtype=dtype, baseline=b)
+    assert grad.dtype == dtype
+    assert_close(grad, truth_grad, what=f"grad ({impl}, {dtype}, {kw})", dtype=dtype, baseline=base_grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("h", ["linear", "logsigmoid"])
+@pytest.mark.parametrize("options", list(OPTION_SETS), ids=list(OPTION_SETS))
+def test_matches_reference(impl, dtype, h, options):
+    logits, labels = make_inputs(n=19, vocab=1001, dtype=dtype, seed=hash(options) % 1000)
+    _check_against_reference(logits, labels, impl, h=h, **OPTION_SETS[options])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction,num_items", [("mean", None), ("mean", 7), ("mean", "tensor"), ("sum", None),
+                                                 ("none", None)])
+def test_reductions(impl, reduction, num_items):
+    if num_items == "tensor":
+        num_items = torch.tensor(11)
+    logits, labels = make_inputs(lead=(3, 7), vocab=517, dtype=torch.float32)
+    _check_against_reference(logits, labels, impl, reduction=reduction, num_items_in_batch=num_items,
+                             return_ce=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("vocab", [1, 2, 17, 4095, 4097, 12289])
+def test_odd_vocab_sizes(impl, vocab):
+    """Sizes around and across the 4096-element block, and degenerate ones."""
+    logits, labels = make_inputs(n=5, vocab=vocab, ignore_frac=0.2)
+    _check_against_reference(logits, labels, impl, h="logsigmoid", return_ce=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_large_vocab_262144(impl):
+    logits, labels = make_inputs(n=2, vocab=262_147, ignore_frac=0.0, scale=2.0)
+    _check_against_reference(logits, labels, impl, return_ce=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", ["row_stride", "shifted_3d", "int32_labels"])
+def test_layouts(impl, layout):
+    """Logits that are views (padded rows, a causal shift) and int32 labels."""
+    base, labels = make_inputs(lead=(2, 9), vocab=300, requires_grad=False)
+    if layout == "row_stride":
+        wide = torch.randn(2, 9, 333)
+        wide[..., :300] = base
+        logits = wide[..., :300]
+    elif layout == "shifted_3d":
+        logits = base[:, :-1, :]
+        labels = labels[:, 1:]
+    else:
+        logits = base
+        labels = labels.to(torch.int32)
+    _check_against_reference(logits.detach().requires_grad_(), labels, impl, reduction="none")
+
+
+def test_beta_one_linear_gives_the_cross_entropy_gradient():
+    logits, labels = make_inputs(n=16, vocab=333)
+    for impl in IMPLS:
+        _, grad = _run(logits, labels, impl=impl, beta=1.0, reduction="sum")
+        x = fresh(logits)
+        F.cross_entropy(x, labels, ignore_index=-100, reduction="sum").backward()
+        assert_close(grad, x.grad, what=f"GEM(beta=1) grad vs CE grad ({impl})", atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_batch_is_zero_not_nan(impl, reduction):
+    logits, labels = make_inputs(n=6, vocab=100)
+    labels = torch.full_like(labels, -100)
+    outs, grad = _run(logits, labels, impl=impl, reduction=reduction, return_ce=True, z_loss_scale=1e-3)
+    for o in outs:
+        assert torch.equal(o, torch.zeros_like(o)), f"{impl}/{reduction}: {o}"
+    assert torch.equal(grad, torch.zeros_like(grad)), f"{impl}/{reduction}: non-zero gradient"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inplace_backward_overwrites_logits_with_the_gradient(impl, dtype):
+    logits, labels = make_inputs(n=10, vocab=257, dtype=dtype, requires_grad=False)
+    expected_outs, expected_grad = _run(logits.requires_grad_(), labels, impl=impl)
+    x = logits.detach().clone()
+    storage = x.data_ptr()
+    leaf = x.requires_grad_()
+    loss = gem_loss(leaf, labels, impl=impl, inplace_backward=True)
+    loss.backward()
+    assert leaf.grad.data_ptr() == storage, "the gradient does not live in the logits' storage"
+    assert torch.equal(leaf.detach(), leaf.grad), "logits were not overwritten by the gradient"
+    assert_close(leaf.grad, expected_grad, what="in-place gradient", dtype=dtype)
+    assert_close(loss, expected_outs[0], what="loss with in-place backward")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_default_does_not_mutate_inputs(impl):
+    logits, labels = make_inputs(n=8, vocab=129)
+    before, labels_before = logits.detach().clone(), labels.clone()
+    _run(logits, labels, impl=impl)
+    x = logits.detach().clone().requires_grad_()
+    gem_loss(x, labels, impl=impl, h="logsigmoid", softcap=3.0, return_ce=True)[0].backward()
+    assert torch.equal(x.detach(), before) and torch.equal(labels, labels_before)
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["reference"])
+def test_extreme_bf16_logits_stay_finite(impl):
+    logits, labels = make_inputs(n=8, vocab=1000, dtype=torch.bfloat16, ignore_frac=0.0, requires_grad=False)
+    logits = torch.where(torch.rand(logits.shape) < 0.5, 1e4, -1e4).to(torch.bfloat16)
+    logits[:, 0] = -1e4  # labels on both extremes
+    labels[:4] = 0
+    outs, grad = _run(logits.requires_grad_(), labels, impl=impl, return_ce=True, h="logsigmoid")
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert torch.isfinite(grad).all()
+    if impl != "reference":
+        _check_against_reference(logits, labels, impl, return_ce=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_masked_vocabulary_minus_inf(impl):
+    """-inf logits (masked vocabulary entries) contribute nothing and give no NaN."""
+    logits, labels = make_inputs(n=6, vocab=5000, ignore_frac=0.0, requires_grad=False)
+    logits[:, 4100:] = float("-inf")
+    labels = labels % 4100
+    outs, grad = _run(logits.requires_grad_(), labels, impl=impl, return_ce=True, z_loss_scale=1e-3)
+    ref_outs, ref_grad = _run(fresh(logits[:, :4100], torch.float64), labels, impl="reference", return_ce=True,
+                              z_loss_scale=1e-3)
+    for a, t in zip(outs, ref_outs):
+        assert_close(a, t, what="loss with -inf logits")
+    assert_close(grad[:, :4100], ref_grad, what="grad with -inf logits")
+    assert torch.equal(grad[:, 4100:], torch.zeros_like(grad[:, 4100:]))
+
+
+def test_torch_path_second_backward_is_a_clear_error():
+    logits, labels = make_inputs(n=4, vocab=50)
+    loss = gem_loss(logits, labels, impl="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
+
+
+def test_triton_path_supports_retain_graph():
+    logits, labels = make_inputs(n=4, vocab=50)
+    loss = gem_loss(logits, labels, impl="triton")
+    loss.backward(retain_graph=True)
+    first = logits.grad.clone()
+    loss.backward()
+    assert_close(logits.grad, 2 * first, what="accumulated second backward")
+
+
+def test_module_matches_functional():
+    logits, labels = make_inputs(n=9, vocab=211)
+    m = GEMLoss(beta=0.5, h="logsigmoid", reduction="sum")
+    assert "beta=0.5" in repr(m)
+    assert_close(m(logits, labels), gem_loss(logits, labels, beta=0.5, h="logsigmoid", reduction="sum"),
+                 what="GEMLoss vs gem_loss", atol=0, rtol=0)
+    mean = GEMLoss(beta=0.5, h="logsigmoid")
+    assert_close(mean(logits, labels, num_items_in_batch=3) * 3, m(logits, labels), what="sum vs items", rtol=1e-6)
+    with pytest.raises(TypeError, match="unknown option"):
+        GEMLoss(bta=0.5)
+    with pytest.raises(ValueError, match="beta"):
+        GEMLoss(beta=0)
+
+
+def test_auto_impl_choice(monkeypatch):
+    from gem_kernels.functional._checks import resolve_impl
+
+    x = torch.zeros(2, 3)
+    assert resolve_impl("auto", x) == "triton"  # TRITON_INTERPRET=1 in tests
+    assert resolve_impl("auto", x.double()) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert resolve_impl("auto", x) == "torch"
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
+        resolve_impl("triton", x)
+
+
+def test_loss_can_be_negative_and_equals_expected_logit_gap():
+    """For linear h the loss is E_q[z] - z_y: negative when the label beats the q-average."""
+    logits = torch.tensor([[5.0, 0.0, 0.0]])
+    labels = torch.tensor([0])
+    q = torch.softmax(logits / 0.7, -1)
+    expected = (q * logits).sum() - 5.0
+    for impl in IMPLS:
+        got = gem_loss(logits, labels, impl=impl)
+        assert got.item() < 0
+        assert math.isclose(got.item(), expected.item(), rel_tol=1e-5, abs_tol=1e-6)

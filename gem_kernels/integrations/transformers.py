@@ -1,0 +1,390 @@
+"""GEM for Hugging Face transformers: a ``compute_loss_func``, a patched model forward and a Trainer.
+
+Three ways in, from least to most memory-efficient:
+
+* ``Trainer(..., compute_loss_func=gem_compute_loss_func(beta=0.7))``: the model computes its
+  full logits ``[batch, seq, V]`` as usual and GEM is computed from them (the "logits path").
+* ``apply_gem(model, beta=0.7)``: ``model(**batch, labels=labels)`` in training mode returns the
+  GEM loss computed by :func:`gem_kernels.fused_linear_gem_loss` from the last hidden states and
+  the LM-head weight, so no ``[batch, seq, V]`` tensor is ever built (the "fused path").
+* ``GEMTrainer(..., gem_options=dict(beta=0.7))``: a ``Trainer`` that applies ``apply_gem`` to
+  its model, keeps gradient accumulation exact and logs the plain CE beside GEM.
+
+Labels follow the Hugging Face causal-LM convention: ``labels[b, t]`` is the token at position t
+and the prediction made at position t is scored against ``labels[b, t + 1]``. This module does the
+shift; a pre-shifted ``shift_labels`` (padding-free / context-parallel collators) is used as is.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import types
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from ..functional import gem_loss
+from ..functional._checks import check_options
+
+# Options shared by gem_loss and fused_linear_gem_loss that a user may set once for a model.
+_COMMON_OPTIONS = ("beta", "h", "ignore_index", "logit_scale", "softcap", "z_loss_scale", "return_ce", "impl")
+_FUSED_ONLY = ("chunk_size",)
+_LOGITS_ONLY = ("inplace_backward",)
+# Attribute under which apply_gem keeps its state on the patched model.
+_STATE_ATTR = "_gem_kernels_state"
+
+
+def _check_gem_options(options: dict, allowed) -> dict:
+    """Validate keyword options once, up front, with the same messages as gem_loss."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"unknown GEM option(s) {unknown}; allowed: {sorted(allowed)}")
+    checked = set(inspect.signature(check_options).parameters) - {"num_items_in_batch"}
+    merged = {k: v for k, v in {**gem_loss.__kwdefaults__, **options}.items() if k in checked}
+    check_options(num_items_in_batch=None, **merged)
+    chunk = options.get("chunk_size")
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk!r}")
+    return dict(options)
+
+
+def shift_causal_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """``labels [..., T] -> targets [..., T]`` with ``targets[..., t] = labels[..., t + 1]`` and
+    ``ignore_index`` at the last position, so the targets line up with the logits / hidden states
+    of every position without slicing (and copying) those."""
+    return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+
+
+def _aligned_targets(labels, shift_labels, ignore_index: int) -> torch.Tensor:
+    if shift_labels is not None:
+        return shift_labels
+    return shift_causal_labels(labels, ignore_index)
+
+
+def _get_logits(outputs) -> torch.Tensor:
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, dict):
+        if outputs.get("logits") is None:
+            raise ValueError("compute_loss_func: the model outputs hold no 'logits' (was the model patched by "
+                             "apply_gem? then drop compute_loss_func: the model already returns the GEM loss)")
+        return outputs["logits"]
+    return outputs[0]
+
+
+class GEMComputeLoss:
+    """``Trainer(compute_loss_func=...)`` callable: GEM from the model's full logits.
+
+    Called by ``Trainer.compute_loss`` as ``fn(outputs, labels, num_items_in_batch=...)``. The
+    logits ``[B, T, V]`` are taken from ``outputs``; ``labels [B, T]`` are shifted here (or
+    ``shift_labels [B, T]`` is used as is). The summed per-token loss is divided by
+    ``num_items_in_batch`` (Trainer's count of target tokens over the whole accumulated batch), so
+    Trainer, which skips its own division by the accumulation steps whenever ``compute_loss_func``
+    is set, gets exactly the loss of one big batch. Without ``num_items_in_batch`` it is the mean
+    over this micro-batch's valid tokens.
+
+    The model's own logit transforms (Gemma-2 softcapping, Cohere's logit_scale) are already
+    applied to ``outputs.logits``, so none are applied again unless passed explicitly.
+    """
+
+    def __init__(self, **options):
+        self.options = _check_gem_options(options, _COMMON_OPTIONS + _LOGITS_ONLY)
+        self.ignore_index = self.options.get("ignore_index", -100)
+        self.last_ce: Optional[torch.Tensor] = None
+
+    def __call__(self, outputs, labels, num_items_in_batch=None, shift_labels=None, **unused):
+        if labels is None and shift_labels is None:
+            raise ValueError("GEM compute_loss_func needs labels; the batch has no 'labels'")
+        logits = _get_logits(outputs)
+        targets = _aligned_targets(labels, shift_labels, self.ignore_index).to(logits.device)
+        out = gem_loss(logits, targets, num_items_in_batch=num_items_in_batch, **self.options)
+        if self.options.get("return_ce", False):
+            out, self.last_ce = out
+        return out
+
+    def __repr__(self) -> str:
+        return f"GEMComputeLoss({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
+
+
+def gem_compute_loss_func(*, beta: float = 0.7, h: str = "linear", **options) -> GEMComputeLoss:
+    """A ``compute_loss_func`` for ``transformers.Trainer`` (and TRL trainers) computing GEM from the
+    model's logits: ``Trainer(..., compute_loss_func=gem_compute_loss_func(beta=0.7))``.
+
+    Options are those of :func:`gem_kernels.gem_loss` (``ignore_index``, ``z_loss_scale``,
+    ``return_ce``, ``inplace_backward``, ``impl``, ...). With ``return_ce=True`` the callable
+    still returns only the loss and keeps the detached CE in ``.last_ce``. This path builds the
+    full ``[batch, seq, V]`` logits in the model; :func:`apply_gem` / :class:`GEMTrainer` do not.
+    """
+    return GEMComputeLoss(beta=beta, h=h, **options)
+
+
+def logit_transform_from_config(config) -> tuple:
+    """``(logit_scale, softcap)`` that the model's forward applies to ``lm_head(hidden)``.
+
+    Reads ``final_logit_softcapping`` (Gemma-2/3), ``logit_scale`` (Cohere), ``logits_scaling``
+    (Granite divides by it) and ``output_multiplier``. A model applying any other transform
+    between its LM head and its logits is not detected: pass ``logit_scale`` / ``softcap`` to
+    :func:`apply_gem` yourself.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(text, "logit_scale", None)
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scale = 1.0 / float(text.logits_scaling)
+    if scale is None:
+        scale = getattr(text, "output_multiplier", None)
+    return (1.0 if scale is None else float(scale)), (None if not softcap else float(softcap))
+
+
+@contextlib.contextmanager
+def _intercept_head(head: torch.nn.Module, compute):
+    """While active, ``head(hidden)`` runs ``compute(head, hidden)`` instead of the projection and
+    returns an empty ``[..., 0]`` tensor in place of the logits.
+
+    The head is still called through ``nn.Module.__call__``, so DeepSpeed ZeRO-3 / FSDP pre-forward
+    hooks on it gather its weight before ``compute`` reads it, and whatever the model does to its
+    logits afterwards (softcapping, scaling) runs on an empty tensor for free.
+    """
+    box = {}
+
+    def forward(hidden, *args, **kwargs):
+        if "result" in box:
+            raise RuntimeError("apply_gem: the output embedding was called twice in one forward; this model "
+                               "is not supported by the fused path (use gem_compute_loss_func instead)")
+        box["result"] = compute(head, hidden)
+        return hidden.new_empty(*hidden.shape[:-1], 0)
+
+    previous = head.__dict__.get("forward")
+    head.forward = forward
+    try:
+        yield box
+    finally:
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
+
+
+def _full(t):
+    """A DTensor (FSDP2 / tensor parallel) as a regular tensor; gradients flow back to the shards."""
+    return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
+
+
+class _GEMState:
+    """What apply_gem stores on a model: its original forward and the GEM options."""
+
+    def __init__(self, original_forward, own_forward: bool, options: dict, logit_scale: float, softcap):
+        self.original_forward = original_forward
+        self.own_forward = own_forward  # True when forward was an instance attribute before patching
+        self.options = options
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+
+    def fused_options(self) -> dict:
+        opts = {k: v for k, v in self.options.items() if k in _COMMON_OPTIONS + _FUSED_ONLY}
+        opts.setdefault("logit_scale", self.logit_scale)
+        opts.setdefault("softcap", self.softcap)
+        return opts
+
+    def logits_options(self) -> dict:
+        # The model's forward already applied its own transforms to the logits it returns.
+        opts = {k: v for k, v in self.options.items()
+                if k in _COMMON_OPTIONS and k not in ("logit_scale", "softcap")}
+        if opts.get("impl") == "reference":
+            opts["impl"] = "auto"
+        return opts
+
+
+def _rebuild(out, loss, ce, keep_logits: bool):
+    """A copy of the model output with ``loss`` set (and ``logits`` dropped unless ``keep_logits``)."""
+    fields = {k: v for k, v in out.items() if k != "loss" and (keep_logits or k != "logits")}
+    new = type(out)(loss=loss, **fields)
+    if ce is not None:
+        new["ce"] = ce
+    return new
+
+
+def _add_aux_loss(model, out, loss):
+    # MoE models add router_aux_loss_coef * aux_loss to their loss when labels are given; the
+    # original forward ran without labels, so add it here the same way.
+    aux = out.get("aux_loss") if hasattr(out, "get") else None
+    coef = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
+                   "router_aux_loss_coef", 0.0)
+    if aux is not None and coef:
+        loss = loss + coef * aux.to(loss.device)
+    return loss
+
+
+def _gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+    """Replacement forward installed by :func:`apply_gem` (see there)."""
+    state: _GEMState = getattr(self, _STATE_ATTR)
+    if labels is None and shift_labels is None:
+        return state.original_forward(*args, **kwargs)
+    ignore_index = state.options.get("ignore_index", -100)
+    targets = _aligned_targets(labels, shift_labels, ignore_index)
+    return_tuple = kwargs.pop("return_dict", None) is False
+    return_ce = bool(state.options.get("return_ce", False))
+
+    if self.training:
+        from .. import fused_linear_gem_loss  # written by the fused-kernel issue; imported late on purpose
+
+        opts = state.fused_options()
+
+        def compute(head, hidden):
+            weight, bias = _full(head.weight), _full(getattr(head, "bias", None))
+            if not isinstance(head, torch.nn.Linear):
+                raise TypeError(f"apply_gem: the output embedding must be a torch.nn.Linear (got "
+                                f"{type(head).__name__}); adapters or quantised heads on the LM head are not "
+                                f"supported by the fused path")
+            return fused_linear_gem_loss(hidden, weight, targets.to(hidden.device), bias=bias,
+                                         num_items_in_batch=num_items_in_batch, **opts)
+
+        head = self.get_output_embeddings()
+        if head is None:
+            raise TypeError(f"apply_gem: {type(self).__name__}.get_output_embeddings() returned None")
+        with _intercept_head(head, compute) as box:
+            out = state.original_forward(*args, return_dict=True, **kwargs)
+        if "result" not in box:
+            raise RuntimeError(f"apply_gem: {type(self).__name__}'s forward never called its output embedding")
+        loss, ce = box["result"] if return_ce else (box["result"], None)
+        keep_logits = False
+    else:
+        # Evaluation with labels: the logits are wanted anyway, so GEM is computed from them.
+        out = state.original_forward(*args, return_dict=True, **kwargs)
+        opts = state.logits_options()
+        opts.pop("return_ce", None)  # a scalar "ce" among the outputs would be gathered as a prediction
+        loss = gem_loss(out.logits, targets.to(out.logits.device), num_items_in_batch=num_items_in_batch, **opts)
+        ce, keep_logits = None, True
+    out = _rebuild(out, _add_aux_loss(self, out, loss), ce, keep_logits)
+    return out.to_tuple() if return_tuple else out
+
+
+def _target_model(model):
+    # A PEFT model forwards to its base model's forward, which is the one to patch.
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def apply_gem(model, *, beta: float = 0.7, h: str = "linear", **options):
+    """Make ``model(**batch, labels=labels)`` return the GEM loss without building the logits.
+
+    Works on any Hugging Face causal LM whose forward projects the final hidden states with
+    ``model.get_output_embeddings()`` (an ``nn.Linear``). The instance's ``forward`` is replaced:
+
+    * labels (or ``shift_labels``) given and ``model.training``: the model's own forward runs with
+      its output embedding intercepted; at the head call, ``fused_linear_gem_loss(hidden [B, T, H],
+      lm_head.weight [V, H], shifted labels [B, T], bias=lm_head.bias)`` computes the loss, and the
+      output holds ``loss`` (float32 scalar: summed loss / ``num_items_in_batch``, or the mean over
+      target tokens), ``ce`` when ``return_ce=True``, and no ``logits``.
+    * labels given, eval mode: the original forward builds the logits, the loss is GEM on them,
+      and the output keeps its ``logits``.
+    * no labels (generation, plain inference): the original forward, untouched.
+
+    The config's ``final_logit_softcapping`` / ``logit_scale`` / ``logits_scaling`` are honoured
+    (see :func:`logit_transform_from_config`); explicit ``logit_scale`` / ``softcap`` options win.
+    Other options: ``ignore_index``, ``z_loss_scale``, ``return_ce``, ``chunk_size``, ``impl``.
+    Calling it again replaces the options. Returns the same model, patched in place.
+    """
+    options = _check_gem_options({"beta": beta, "h": h, **options}, _COMMON_OPTIONS + _FUSED_ONLY)
+    target = _target_model(model)
+    previous: Optional[_GEMState] = getattr(target, _STATE_ATTR, None)
+    if previous is not None:
+        original, own = previous.original_forward, previous.own_forward
+    else:
+        original, own = target.forward, "forward" in target.__dict__
+    scale, softcap = logit_transform_from_config(target.config)
+    setattr(target, _STATE_ATTR, _GEMState(original, own, options, scale, softcap))
+    # Keep the class's signature visible: generate() and Trainer inspect it.
+    patched = functools.wraps(type(target).forward)(_gem_forward)
+    target.forward = types.MethodType(patched, target)
+    # Trainer passes num_items_in_batch to forward only when the model says it accepts loss kwargs.
+    target.accepts_loss_kwargs = True
+    return model
+
+
+def remove_gem(model):
+    """Undo :func:`apply_gem`: restore the model's original forward. Returns the model."""
+    target = _target_model(model)
+    state = getattr(target, _STATE_ATTR, None)
+    if state is not None:
+        if state.own_forward:
+            target.forward = state.original_forward
+        else:
+            del target.forward  # back to the class's forward
+        delattr(target, _STATE_ATTR)
+        target.__dict__.pop("accepts_loss_kwargs", None)
+    return model
+
+
+def is_gem_applied(model) -> bool:
+    return getattr(_target_model(model), _STATE_ATTR, None) is not None
+
+
+class _GEMTrainerMixin:
+    """Shared by GEMTrainer and GEMSFTTrainer: patch the model, count target tokens over the shifted
+    labels, and log the plain CE beside GEM."""
+
+    def _gem_setup(self, gem_options: Optional[dict], log_ce: bool):
+        if getattr(self, "compute_loss_func", None) is not None:
+            raise ValueError(f"{type(self).__name__} computes GEM itself; do not pass compute_loss_func")
+        if getattr(self, "label_smoother", None) is not None:
+            raise ValueError(f"{type(self).__name__} does not support label_smoothing_factor")
+        if self.args.n_gpu > 1:
+            raise ValueError(f"{type(self).__name__} does not support nn.DataParallel (several GPUs in one "
+                             f"process); launch with torchrun / accelerate launch instead")
+        options = dict(gem_options or {})
+        if log_ce:
+            options.setdefault("return_ce", True)
+        apply_gem(self.model, **options)
+        # The patched forward takes num_items_in_batch, and the loss shifts the labels, so Trainer
+        # must count the targets over labels[..., 1:] (or shift_labels).
+        self.model_accepts_loss_kwargs = True
+        if hasattr(self, "_loss_shifts_labels"):
+            self._loss_shifts_labels = True
+        self._gem_ce_sum = None
+        self._gem_ce_step = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Trainer.compute_loss passes num_items_in_batch to the model and applies the
+        # average_tokens_across_devices scaling; the CE gets the same scaling below.
+        loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        ce = outputs.get("ce") if hasattr(outputs, "get") else None
+        if ce is not None and model.training:
+            ce = ce.detach()
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+                ce = ce * (self.accelerator.num_processes // tp)
+            self._gem_ce_sum = ce if self._gem_ce_sum is None else self._gem_ce_sum + ce
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        if self._gem_ce_sum is not None and "loss" in logs:
+            steps = max(self.state.global_step - self._gem_ce_step, 1)
+            total = self.accelerator.gather(self._gem_ce_sum.reshape(1)).mean().item()
+            logs["ce"] = total / steps
+            self._gem_ce_sum = None
+            self._gem_ce_step = self.state.global_step
+        return super().log(logs, *args, **kwargs)
+
+
+class GEMTrainer(_GEMTrainerMixin, Trainer):
+    """``transformers.Trainer`` training with GEM through the fused path (no logits in training).
+
+    ``GEMTrainer(model=..., args=..., train_dataset=..., gem_options=dict(beta=0.7))`` takes every
+    ``Trainer`` argument plus ``gem_options`` (options of :func:`apply_gem`) and ``log_ce`` (default
+    True: the plain CE, a by-product of the same pass, is logged as ``ce`` beside ``loss``).
+    Gradient accumulation is exact: each micro-batch's summed loss is divided by Trainer's
+    ``num_items_in_batch`` (target tokens of the whole accumulated batch, across devices with
+    ``average_tokens_across_devices``). Evaluation computes GEM from the logits and returns them.
+    """
+
+    def __init__(self, *args, gem_options: Optional[dict] = None, log_ce: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._gem_setup(gem_options, log_ce)
+
+
+__all__ = ["GEMComputeLoss", "GEMTrainer", "apply_gem", "gem_compute_loss_func", "is_gem_applied",
+           "logit_transform_from_config", "remove_gem", "shift_causal_labels"]

@@ -1,0 +1,304 @@
+"""GEM in Hugging Face transformers: the logits path (compute_loss_func), the fused path
+(apply_gem / GEMTrainer), gradient accumulation and memory. Tiny models built from configs."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import (  # noqa: E402
+    CohereConfig, Gemma2Config, Gemma2ForCausalLM, GraniteConfig, LlamaConfig, LlamaForCausalLM,
+    Trainer, TrainingArguments,
+)
+
+import gem_kernels  # noqa: E402
+from gem_kernels.integrations.transformers import (  # noqa: E402
+    GEMTrainer, apply_gem, gem_compute_loss_func, is_gem_applied, logit_transform_from_config, remove_gem,
+    shift_causal_labels,
+)
+from gem_kernels.reference import gem_loss_reference  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
+
+VOCAB, HIDDEN = 257, 32
+BETA = 0.7
+
+
+def tiny_model(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
+    else:
+        # A small cap so that the softcapping visibly changes the loss.
+        model = Gemma2ForCausalLM(Gemma2Config(**common, final_logit_softcapping=3.0, attn_logit_softcapping=50.0))
+    with torch.no_grad():  # random init gives near-uniform logits; spread them so GEM is not trivial
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model
+
+
+def make_batch(n: int = 4, seq: int = 12, seed: int = 0):
+    """input_ids, attention_mask (right padding of varying length) and labels (-100 on a varying
+    prompt and on padding), so micro-batches hold different numbers of target tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (n, seq), generator=g)
+    mask = torch.ones(n, seq, dtype=torch.long)
+    labels = ids.clone()
+    for i in range(n):
+        pad = (3 * i) % 7
+        if pad:
+            mask[i, seq - pad:] = 0
+            ids[i, seq - pad:] = 0
+        labels[i, : 1 + (2 * i) % 5] = -100
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def n_targets(labels):
+    return int((shift_causal_labels(labels) != -100).sum())
+
+
+def truth(model, batch, num_items=None, **opts):
+    """Loss and parameter gradients from gem_loss_reference on the full logits, in float64."""
+    m = copy.deepcopy(model).double()
+    if is_gem_applied(m):
+        remove_gem(m)
+    logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss = gem_loss_reference(logits, shift_causal_labels(batch["labels"]), beta=BETA,
+                              num_items_in_batch=num_items, **opts)
+    loss.backward()
+    return loss.detach(), {k: p.grad.detach().clone() for k, p in m.named_parameters() if p.grad is not None}
+
+
+def same_dtype_baseline(model, batch, num_items=None, **opts):
+    """The same computation by plain PyTorch in float32: the error budget for the paths under test."""
+    m = copy.deepcopy(model)
+    if is_gem_applied(m):
+        remove_gem(m)
+    logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss = gem_loss_reference(logits, shift_causal_labels(batch["labels"]), beta=BETA,
+                              num_items_in_batch=num_items, **opts)
+    loss.backward()
+    return loss.detach(), {k: p.grad.detach().clone() for k, p in m.named_parameters() if p.grad is not None}
+
+
+def check_against_truth(model, loss, batch, num_items=None, what=""):
+    loss.backward()
+    t_loss, t_grads = truth(model, batch, num_items)
+    b_loss, b_grads = same_dtype_baseline(model, batch, num_items)
+    assert_close(loss.reshape(()), t_loss.reshape(()), what=f"{what} loss", baseline=b_loss, dtype=torch.float32)
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{what}: no gradient reached {name}"
+        assert_close(p.grad, t_grads[name], what=f"{what} grad {name}", baseline=b_grads[name],
+                     dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Direct calls: both paths equal the reference on the full logits.
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_logits_path_matches_reference(kind):
+    model, batch = tiny_model(kind), make_batch()
+    fn = gem_compute_loss_func(beta=BETA, impl="torch")
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    num_items = torch.tensor(n_targets(batch["labels"]) + 5)  # as if part of a bigger accumulated batch
+    loss = fn(outputs, batch["labels"], num_items_in_batch=num_items)
+    check_against_truth(model, loss, batch, num_items, what=f"{kind} logits path")
+
+
+@pytest.mark.parametrize("kind,impl", [("llama", "torch"), ("gemma2", "torch"), ("gemma2", "triton")])
+def test_fused_path_matches_reference(kind, impl):
+    model, batch = tiny_model(kind), make_batch(n=2, seq=8)
+    apply_gem(model, beta=BETA, impl=impl)
+    model.train()
+    num_items = torch.tensor(n_targets(batch["labels"]) + 3)
+    out = model(**batch, num_items_in_batch=num_items)
+    assert "logits" not in out.keys() and out.get("logits") is None
+    check_against_truth(model, out.loss, batch, num_items, what=f"{kind} fused path ({impl})")
+
+
+def test_fused_path_honours_shift_labels_and_return_ce():
+    model, batch = tiny_model("llama"), make_batch(n=2, seq=8)
+    apply_gem(model, beta=BETA, impl="torch", return_ce=True)
+    model.train()
+    out = model(**batch)
+    shifted = shift_causal_labels(batch["labels"])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out_shift = model(**inputs, shift_labels=shifted)
+    assert_close(out_shift.loss, out.loss, what="shift_labels vs labels", atol=0, rtol=0)
+    with torch.no_grad():
+        logits = copy.deepcopy(model).eval()(**inputs).logits
+        expected_ce = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB).double(), shifted.reshape(-1))
+    assert_close(out.ce, expected_ce, what="CE logged beside GEM", dtype=torch.float32)
+
+
+def test_eval_and_generate_unchanged():
+    model, batch = tiny_model("gemma2"), make_batch(n=2, seq=8)
+    prompt = batch["input_ids"][:1, :5]
+    before = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    plain_logits = model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    apply_gem(model, beta=BETA, impl="torch")
+    model.eval()
+    out = model(**batch)
+    assert torch.equal(out.logits, plain_logits), "eval with labels must still return the model's logits"
+    expected = gem_loss_reference(plain_logits.double(), shift_causal_labels(batch["labels"]), beta=BETA)
+    assert_close(out.loss, expected, what="eval GEM loss from logits", dtype=torch.float32)
+    assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), before)
+    assert model(input_ids=batch["input_ids"]).loss is None
+    remove_gem(model)
+    assert not is_gem_applied(model) and "forward" not in model.__dict__
+
+
+def test_devices_sum_to_full_batch():
+    """What average_tokens_across_devices relies on: each device divides its summed loss by the
+    global target count, so the device losses add up to the full-batch loss (DDP then averages
+    gradients and Trainer multiplies by the number of processes)."""
+    model, batch = tiny_model("llama"), make_batch(n=4)
+    apply_gem(model, beta=BETA, impl="torch")
+    model.train()
+    total = n_targets(batch["labels"])
+    full = model(**batch, num_items_in_batch=total).loss
+    halves = [model(**{k: v[i:i + 2] for k, v in batch.items()}, num_items_in_batch=total).loss for i in (0, 2)]
+    assert_close(halves[0] + halves[1], full, what="sum over devices vs full batch", dtype=torch.float32)
+
+
+def test_logit_transforms_read_from_config():
+    assert logit_transform_from_config(LlamaConfig()) == (1.0, None)
+    assert logit_transform_from_config(Gemma2Config(final_logit_softcapping=30.0)) == (1.0, 30.0)
+    assert logit_transform_from_config(CohereConfig(logit_scale=0.0625)) == (0.0625, None)
+    assert logit_transform_from_config(GraniteConfig(logits_scaling=8.0)) == (0.125, None)
+
+
+def test_bad_options_fail_early():
+    with pytest.raises(ValueError, match="beta"):
+        apply_gem(tiny_model("llama"), beta=0.0)
+    with pytest.raises(TypeError, match="unknown GEM option"):
+        gem_compute_loss_func(bta=0.5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        apply_gem(tiny_model("llama"), chunk_size=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer: a few steps, gradient accumulation exact against one big batch.
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, batch):
+        self.rows = [{k: v[i] for k, v in batch.items()} for i in range(batch["input_ids"].shape[0])]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def trainer_args(tmp_path, per_device, accum, steps=1, **kw):
+    return TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=per_device, gradient_accumulation_steps=accum,
+        max_steps=steps, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
+        max_grad_norm=0.0, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0,
+        dataloader_num_workers=0, disable_tqdm=True, **kw)
+
+
+def make_trainer(path, model, args, dataset, impl="torch"):
+    if path == "logits":
+        return Trainer(model=model, args=args, train_dataset=dataset,
+                       compute_loss_func=gem_compute_loss_func(beta=BETA, impl=impl))
+    if path == "apply_gem":
+        return Trainer(model=apply_gem(model, beta=BETA, impl=impl), args=args, train_dataset=dataset)
+    return GEMTrainer(model=model, args=args, train_dataset=dataset, gem_options=dict(beta=BETA, impl=impl))
+
+
+@pytest.mark.parametrize("path", ["logits", "apply_gem", "gem_trainer"])
+@pytest.mark.parametrize("accum", [1, 2])
+def test_trainer_step_equals_one_big_batch(tmp_path, path, accum):
+    """One optimizer step of plain SGD (lr 1) with accumulation k over micro-batches of 4/k rows
+    moves the parameters by exactly -grad of the GEM loss of the whole 4-row batch."""
+    model, batch = tiny_model("llama"), make_batch(n=4)
+    start = {k: p.detach().clone() for k, p in model.named_parameters()}
+    t_loss, t_grads = truth(model, batch)
+    b_loss, b_grads = same_dtype_baseline(model, batch)
+    trainer = make_trainer(path, model, trainer_args(tmp_path, 4 // accum, accum), ListDataset(batch))
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert_close(torch.tensor(logged[0]), t_loss.float(), what=f"{path} k={accum} logged loss",
+                 baseline=b_loss, dtype=torch.float32, atol=1e-5)
+    for name, p in model.named_parameters():
+        assert_close(start[name] - p.detach(), t_grads[name], what=f"{path} k={accum} step of {name}",
+                     baseline=b_grads[name], dtype=torch.float32)
+    if path == "gem_trainer":
+        assert "ce" in trainer.state.log_history[0], "GEMTrainer logs the plain CE beside GEM"
+
+
+def test_gem_trainer_triton_end_to_end(tmp_path):
+    """A few GEMTrainer steps on Gemma-2 (softcapping) with the Triton kernels (interpreter): the
+    loss is finite and the evaluation loss equals GEM on the logits."""
+    model, batch = tiny_model("gemma2"), make_batch(n=4, seq=8)
+    args = trainer_args(tmp_path, 2, 2, steps=2, per_device_eval_batch_size=4)
+    args.learning_rate = 1e-2
+    trainer = GEMTrainer(model=model, args=args, train_dataset=ListDataset(batch), eval_dataset=ListDataset(batch),
+                         gem_options=dict(beta=BETA, impl="triton"))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    metrics = trainer.evaluate()
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = gem_loss_reference(logits.double(), shift_causal_labels(batch["labels"]), beta=BETA)
+    assert abs(metrics["eval_loss"] - expected.item()) < 1e-4
+
+
+def test_trainer_rejects_conflicting_setup(tmp_path):
+    model, batch = tiny_model("llama"), make_batch(n=2)
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        GEMTrainer(model=model, args=trainer_args(tmp_path, 2, 1), train_dataset=ListDataset(batch),
+                   compute_loss_func=gem_compute_loss_func())
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: the fused training step never holds a [batch, seq, V] tensor.
+
+
+def test_fused_training_step_holds_no_logits():
+    measure = pytest.importorskip("benchmarks.measure")
+    n, seq = 4, 64
+    batch = make_batch(n=n, seq=seq)
+    logits_bytes = n * seq * VOCAB * 4
+
+    def step(model, fused):
+        model.train()
+        if fused:
+            loss = model(**batch).loss
+        else:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            loss = gem_compute_loss_func(beta=BETA, impl="torch")(out, batch["labels"])
+        loss.backward()
+        return loss.detach()
+
+    plain = measure.peak_memory(step, tiny_model("llama"), False)
+    fused_model = apply_gem(tiny_model("llama"), beta=BETA, impl="torch", chunk_size=32)
+    fused = measure.peak_memory(step, fused_model, True)
+    # The logits path does allocate the logits (so this measurement can see them) ...
+    assert plain.largest_alloc_bytes >= logits_bytes, plain.mib()
+    # ... and the fused path allocates nothing that large.
+    assert fused.largest_alloc_bytes < logits_bytes // 2, fused.mib()
+    assert fused.peak_bytes < plain.peak_bytes, (fused.mib(), plain.mib())
+
+
+def test_import_gem_kernels_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, gem_kernels, gem_kernels.integrations; print('transformers' in sys.modules, 'trl' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr

@@ -234,13 +234,23 @@ def _gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch
         opts = state.fused_options()
 
         def compute(head, hidden):
-            weight, bias = _full(head.weight), _full(getattr(head, "bias", None))
             if not isinstance(head, torch.nn.Linear):
                 raise TypeError(f"apply_gem: the output embedding must be a torch.nn.Linear (got "
                                 f"{type(head).__name__}); adapters or quantised heads on the LM head are not "
                                 f"supported by the fused path")
-            return fused_linear_gem_loss(hidden, weight, targets.to(hidden.device), bias=bias,
-                                         num_items_in_batch=num_items_in_batch, **opts)
+            weight, bias = _full(head.weight), _full(head.bias)
+            device = hidden.device.type
+            if torch.is_autocast_enabled(device):
+                # What autocast would do to lm_head(hidden); the kernel itself then runs without
+                # autocast so its fp32 accumulations stay fp32.
+                dtype = torch.get_autocast_dtype(device)
+                hidden, weight = hidden.to(dtype), weight.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
+            elif hidden.dtype != weight.dtype:
+                hidden = hidden.to(weight.dtype)
+            with torch.autocast(device, enabled=False):
+                return fused_linear_gem_loss(hidden, weight, targets.to(hidden.device), bias=bias,
+                                             num_items_in_batch=num_items_in_batch, **opts)
 
         head = self.get_output_embeddings()
         if head is None:
@@ -349,6 +359,7 @@ class _GEMTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Trainer.compute_loss passes num_items_in_batch to the model and applies the
         # average_tokens_across_devices scaling; the CE gets the same scaling below.
+        inputs = {**inputs, "use_cache": False}  # no KV cache while training or scoring
         loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         ce = outputs.get("ce") if hasattr(outputs, "get") else None

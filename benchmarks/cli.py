@@ -1,0 +1,120 @@
+"""Command line of ``python -m benchmarks``.
+
+Runs providers x shapes x {forward, backward, forward+backward} sized for the machine: real
+Llama-3 / Qwen2.5 / Gemma-2 lm_head shapes on a GPU, the same shapes divided by 32 on a CPU (where
+Triton kernels run in the interpreter, so they get memory and traffic figures but no timings).
+Prints Markdown tables and writes a CSV and two PNG plots to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _csv(text: str):
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when available, else cpu with the Triton interpreter")
+    p.add_argument("--providers", type=_csv, default=None,
+                   help="comma-separated provider names (default: all on GPU, the CPU set on CPU; see --list)")
+    p.add_argument("--models", type=_csv, default=None, help="comma-separated: llama3,qwen2.5,gemma2")
+    p.add_argument("--tokens", type=lambda s: [int(t) for t in _csv(s)], default=None,
+                   help="comma-separated token counts (every chosen model at each)")
+    p.add_argument("--grid", choices=("default", "all"), default="default",
+                   help="default: each model at the middle token count + a token sweep of the first; all: every pair")
+    p.add_argument("--shape", action="append", default=None, metavar="T,V,H[,softcap]",
+                   help="a custom shape (repeatable); replaces the model grid")
+    p.add_argument("--quick", action="store_true",
+                   help="one small shape and fewer timing repetitions (well under a minute on CPU)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--no-timing", action="store_true", help="memory, traffic and FLOPs only")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    p.add_argument("--list", action="store_true", help="list the providers and exit")
+    return p.parse_args(argv)
+
+
+def choose_device(requested: str) -> str:
+    """Decide the device and, for CPU, switch the Triton interpreter on before triton is imported.
+
+    Importing torch does not import triton, so this is still early enough as long as no kernel
+    module (gem_kernels, liger_kernel, cut_cross_entropy) was imported yet.
+    """
+    import torch
+
+    device = requested
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if device == "cpu":
+        already = [m for m in ("gem_kernels.ops", "liger_kernel.ops", "cut_cross_entropy") if m in sys.modules]
+        if already and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            print(f"warning: {already} imported before the interpreter was switched on; "
+                  f"their Triton providers will be skipped", file=sys.stderr)
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's default-change warning
+    return device
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = choose_device(args.device)
+
+    import torch
+
+    from . import providers as prov
+    from . import report, runner, shapes
+
+    if args.list:
+        for p in prov.PROVIDERS:
+            note = p.unavailable(device)
+            print(f"{p.name:20s} {p.kind:6s} {p.description}" + (f"  [{note}]" if note else ""))
+        return 0
+    chosen = prov.select(args.providers, device)
+    if args.shape:
+        shape_list = [shapes.parse_shape(s) for s in args.shape]
+    else:
+        shape_list = shapes.grid(device, which="quick" if args.quick else args.grid, models=args.models,
+                                 tokens=args.tokens)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    settings = runner.Settings(device=device, dtype=dtype,
+                               cpu_reps=5 if args.quick else 10, cpu_budget_s=0.3 if args.quick else 1.0)
+    command = "python -m benchmarks" + "".join(" " + shlex.quote(a) for a in (argv if argv is not None
+                                                                               else sys.argv[1:]))
+    meta = report.machine_info(device, command)
+
+    start = time.perf_counter()
+    records = []
+    bar = report.progress(len(shape_list) * len(chosen))
+    for shape in shape_list:
+        for p in chosen:
+            bar.set_description(f"{shape.label} | {p.name}")
+            records += runner.run(p, shape, settings, timing=not args.no_timing)
+            bar.update(1)
+    bar.close()
+    elapsed = time.perf_counter() - start
+
+    os.makedirs(args.out, exist_ok=True)
+    meta["wall_time_s"] = f"{elapsed:.0f}"
+    text = report.markdown(records, meta) + f"\nWall time of the run: {elapsed:.0f} s.\n"
+    print(text)
+    with open(os.path.join(args.out, "benchmark.md"), "w") as f:
+        f.write(text)
+    report.write_csv(records, meta, os.path.join(args.out, "benchmark.csv"))
+    written = [os.path.join(args.out, n) for n in ("benchmark.md", "benchmark.csv")]
+    if not args.no_plots:
+        written += report.plots(records, meta, args.out)
+    print("wrote " + ", ".join(written), file=sys.stderr)
+    return 0

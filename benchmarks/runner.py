@@ -1,0 +1,274 @@
+"""Measuring one provider at one shape: memory, time, global-memory traffic and matmul FLOPs.
+
+Per (provider, shape) the forward is run once under every instrument (memory, traffic when the
+Triton interpreter is on, FLOPs), then the backward of that loss once, and the forward+backward
+figures are derived from the two (see ``combine``). Timings are separate repeated runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .measure import count_flops, peak_memory
+from .providers import Provider
+from .shapes import Shape
+from .traffic import count_traffic, interpreter_active
+
+PHASES = ("forward", "backward", "forward+backward")
+QUANTILES = (0.2, 0.5, 0.8)
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: str  # "cpu" or "cuda"
+    dtype: torch.dtype
+    cpu_reps: int = 10  # at most this many timed repetitions on CPU ...
+    cpu_budget_s: float = 1.0  # ... or fewer once this much time was spent (at least 3)
+    seed: int = 0
+
+    @property
+    def interpreter(self) -> bool:
+        return interpreter_active()
+
+
+def make_inputs(shape: Shape, settings: Settings):
+    """hidden [T, H] ~ N(0, 1), weight [V, H] ~ N(0, 4/H) (logits of std ~2), labels [T] uniform in [0, V)."""
+    g = torch.Generator(device=settings.device).manual_seed(settings.seed)
+    kw = dict(device=settings.device, generator=g)
+    hidden = torch.randn(shape.tokens, shape.hidden, **kw).to(settings.dtype).requires_grad_()
+    weight = (torch.randn(shape.vocab, shape.hidden, **kw) * (2.0 / math.sqrt(shape.hidden)))
+    weight = weight.to(settings.dtype).requires_grad_()
+    labels = torch.randint(0, shape.vocab, (shape.tokens,), **kw)
+    return hidden, weight, labels
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's C++ start/stop lines on fd 2 (Python exceptions still propagate)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # pytest capture etc.
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _clean(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def instrumented(fn: Callable, settings: Settings, traffic: bool, flops: bool = True) -> Dict:
+    """Run ``fn()`` once under the memory tracker (+ traffic counter, + FLOP counter when ``flops``).
+
+    Returns peak/end/largest bytes, traffic bytes (or None), matmul FLOPs and fn's result.
+    """
+    box = {}
+
+    def with_flops():
+        def inner():
+            box["result"] = fn()
+        if flops:
+            box["flops"] = count_flops(inner)
+        else:
+            inner()
+
+    def with_traffic():
+        if traffic:
+            box["traffic"] = count_traffic(with_flops)
+        else:
+            with_flops()
+
+    _clean(settings.device)
+    with _quiet_stderr():
+        mem = peak_memory(with_traffic, device=settings.device)
+    tr = box.get("traffic")
+    return {
+        "peak_bytes": mem.peak_bytes,
+        "end_bytes": mem.end_bytes,
+        "largest_alloc_bytes": mem.largest_alloc_bytes,
+        "loaded_bytes": tr.loaded_bytes if tr else None,
+        "stored_bytes": tr.stored_bytes if tr else None,
+        "flops": box.get("flops"),
+        "result": box.get("result"),
+    }
+
+
+def combine(fwd: Dict, bwd: Dict) -> Dict:
+    """Forward+backward figures from the forward and the backward measured back to back.
+
+    The backward's baseline is the state the forward left (its ``end_bytes``), so the peak of the
+    two run as one call is max(peak_fwd, end_fwd + peak_bwd) exactly; bytes and FLOPs add up.
+    (tests/test_benchmarks_smoke.py checks this against a direct measurement.)
+    """
+    def add(key):
+        a, b = fwd[key], bwd[key]
+        return None if a is None or b is None else a + b
+
+    return {
+        "peak_bytes": max(fwd["peak_bytes"], fwd["end_bytes"] + bwd["peak_bytes"]),
+        "end_bytes": fwd["end_bytes"] + bwd["end_bytes"],
+        "largest_alloc_bytes": max(fwd["largest_alloc_bytes"], bwd["largest_alloc_bytes"]),
+        "loaded_bytes": add("loaded_bytes"),
+        "stored_bytes": add("stored_bytes"),
+        "flops": add("flops"),
+    }
+
+
+def _quantiles(samples_ms: List[float]):
+    if len(samples_ms) == 1:
+        return (samples_ms[0],) * 3
+    qs = statistics.quantiles(samples_ms, n=10, method="inclusive")  # deciles: qs[1]=p20, qs[4]=p50, qs[7]=p80
+    return qs[1], statistics.median(samples_ms), qs[7]
+
+
+def time_calls(fn: Callable, settings: Settings, grads: List[torch.Tensor], setup: Optional[Callable] = None):
+    """(p20, p50, p80) milliseconds of ``fn(setup())`` (setup untimed; grads reset before each call).
+
+    GPU without setup: triton.testing.do_bench (which also flushes L2 between calls). Otherwise a
+    loop: on CPU up to ``cpu_reps`` perf_counter timings within ``cpu_budget_s`` (at least 3);
+    on GPU 20 CUDA-event timings after 3 warm-up calls.
+    """
+    def reset():
+        for g in grads:
+            g.grad = None
+
+    if settings.device == "cuda" and setup is None:
+        import triton.testing
+
+        return tuple(triton.testing.do_bench(lambda: fn(None), quantiles=list(QUANTILES), grad_to_none=grads))
+    samples = []
+    if settings.device == "cuda":
+        for i in range(23):
+            reset()
+            arg = setup() if setup else None
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(arg)
+            end.record()
+            torch.cuda.synchronize()
+            if i >= 3:
+                samples.append(start.elapsed_time(end))
+        return _quantiles(samples)
+    reset()
+    fn(setup() if setup else None)  # warm-up
+    spent = 0.0
+    while len(samples) < settings.cpu_reps and (len(samples) < 3 or spent < settings.cpu_budget_s):
+        reset()
+        arg = setup() if setup else None
+        t0 = time.perf_counter()
+        fn(arg)
+        dt = time.perf_counter() - t0
+        spent += dt
+        samples.append(dt * 1e3)
+    return _quantiles(samples)
+
+
+def _base_record(provider: Provider, shape: Shape, settings: Settings, phase: str) -> Dict:
+    return {
+        "provider": provider.name, "kind": provider.kind, "model": shape.model, "tokens": shape.tokens,
+        "vocab": shape.vocab, "hidden": shape.hidden, "softcap": shape.softcap or "",
+        "dtype": str(settings.dtype).replace("torch.", ""), "device": settings.device, "phase": phase,
+        "status": "ok", "note": "", "peak_bytes": None, "largest_alloc_bytes": None,
+        "time_ms_p20": None, "time_ms_p50": None, "time_ms_p80": None, "time_note": "",
+        "loaded_bytes": None, "stored_bytes": None, "traffic_bytes": None, "traffic_bytes_per_token": None,
+        "logits_passes": None, "traffic_note": "", "matmul_flops": None, "loss": None,
+    }
+
+
+def run(provider: Provider, shape: Shape, settings: Settings, timing: bool = True) -> List[Dict]:
+    """The three phase records of one provider at one shape (status skipped/failed/oom with a note)."""
+    records = [_base_record(provider, shape, settings, p) for p in PHASES]
+
+    def mark(status, note):
+        for r in records:
+            r["status"], r["note"] = status, note
+        return records
+
+    note = provider.unavailable(settings.device, shape)
+    if note:
+        return mark("skipped", note)
+    interp = settings.interpreter
+    if provider.triton and settings.device == "cpu" and not interp:
+        return mark("skipped", "Triton on CPU needs TRITON_INTERPRET=1 before triton is imported")
+    try:
+        step = provider.step(shape)
+        hidden, weight, labels = make_inputs(shape, settings)
+        args = (hidden, weight, labels)
+        if settings.device == "cuda":  # compile / autotune outside every measurement
+            step(*args).backward()
+            hidden.grad = weight.grad = None
+            _sync(settings.device)
+        traffic = provider.triton and interp
+        fwd = instrumented(lambda: step(*args), settings, traffic, provider.count_flops)
+        loss = fwd.pop("result")
+        bwd = instrumented(lambda: loss.backward(), settings, traffic, provider.count_flops)
+        bwd.pop("result")
+        loss_value = float(loss.detach().float())
+        del loss
+        hidden.grad = weight.grad = None
+        phases = {"forward": fwd, "backward": bwd, "forward+backward": combine(fwd, bwd)}
+        times = {}
+        timed = settings.device == "cuda" or not provider.triton
+        if timing and timed:
+            grads = [hidden, weight]
+            times["forward"] = time_calls(lambda _: step(*args), settings, grads)
+            times["backward"] = time_calls(lambda loss: loss.backward(), settings, grads,
+                                           setup=lambda: step(*args))
+            times["forward+backward"] = time_calls(lambda _: step(*args).backward(), settings, grads)
+    except Exception as exc:  # one provider failing must not end the run
+        status = "oom" if _is_oom(exc) else "failed"
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        _clean(settings.device)
+        return mark(status, f"{type(exc).__name__}: {first}")
+    finally:
+        _clean(settings.device)
+
+    logits_bytes = shape.tokens * shape.vocab * hidden.element_size()
+    for r in records:
+        m = phases[r["phase"]]
+        r["peak_bytes"], r["largest_alloc_bytes"] = m["peak_bytes"], m["largest_alloc_bytes"]
+        r["matmul_flops"], r["loss"] = m["flops"], loss_value
+        if m["loaded_bytes"] is not None:
+            total = m["loaded_bytes"] + m["stored_bytes"]
+            r.update(loaded_bytes=m["loaded_bytes"], stored_bytes=m["stored_bytes"], traffic_bytes=total,
+                     traffic_bytes_per_token=total / shape.tokens, logits_passes=total / logits_bytes)
+        elif provider.triton:
+            r["traffic_note"] = "n/a (needs the interpreter: run with --device cpu)"
+        else:
+            r["traffic_note"] = "n/a (no Triton kernels)"
+        if r["phase"] in times:
+            r["time_ms_p20"], r["time_ms_p50"], r["time_ms_p80"] = times[r["phase"]]
+        elif not timing:
+            r["time_note"] = "not timed (--no-timing)"
+        else:
+            r["time_note"] = "n/a (interpreter)"
+    return records

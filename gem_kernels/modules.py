@@ -21,6 +21,7 @@ class GEMLoss(torch.nn.Module):
             raise TypeError(f"GEMLoss got unknown option(s) {unknown}; allowed: {sorted(allowed)}")
         merged = {**gem_loss.__kwdefaults__, **options}
         merged.pop("process_group")
+        merged.pop("vocab_start")
         merged.pop("num_items_in_batch")
         check_options(num_items_in_batch=None, **merged)
         self.options = dict(options)

@@ -10,6 +10,7 @@ from ..options import GEMOptions
 from ..reference import gem_loss_reference
 from ._checks import check_float_tensor, check_labels, check_options, resolve_impl
 from ._reduce import reduce_tokens
+from ._vocab_parallel import resolve_vocab_shard
 
 _FUNCTIONS = {"triton": GEMTritonFunction, "torch": GEMTorchFunction}
 
@@ -34,6 +35,7 @@ def gem_loss(
     return_ce: bool = False,
     inplace_backward: bool = False,
     process_group=None,
+    vocab_start: Optional[int] = None,
     impl: str = "auto",
 ):
     """GEM loss (Li et al., ICLR 2025) of ``logits [..., V]`` against ``labels [...]``.
@@ -57,7 +59,14 @@ def gem_loss(
             like the loss, for logging.
         inplace_backward: write the gradient into the storage of ``logits`` during backward, so no
             second [tokens, V] buffer exists. The caller's logits are overwritten.
-        process_group: vocabulary-parallel group; ``logits`` is then this rank's vocabulary shard.
+        process_group: vocabulary-parallel (tensor-parallel) torch.distributed group; ``logits`` is
+            then this rank's vocabulary shard [..., V_local] (shards may be uneven) and ``labels``
+            are replicated on every rank with global vocabulary ids. Every rank gets the same loss
+            and the gradient of its own shard. See docs/vocab_parallel.md.
+        vocab_start: global id of this shard's first column. By default it is derived from the
+            shard sizes in group rank order with one all-gather (which also checks token counts,
+            replicated labels and the global label range); given explicitly, that all-gather is
+            skipped and labels are checked in the forward's t_y all-reduce instead.
         impl: "triton", "torch" (chunked PyTorch), "reference" (materialised oracle) or "auto"
             (triton for CUDA tensors or under TRITON_INTERPRET=1, else torch).
 
@@ -71,11 +80,13 @@ def gem_loss(
     if logits.dim() < 1:
         raise ValueError("logits must have at least one dimension (the vocabulary), got a scalar")
     V = logits.shape[-1]
-    if V < 1:
+    if V < 1 and process_group is None:  # a group checks every shard's size on every rank alike
         raise ValueError("logits must have a vocabulary dimension of size >= 1, got 0")
-    if process_group is not None:
-        raise NotImplementedError("process_group is not supported yet")
-    check_labels(labels, "logits", logits.shape[:-1], logits.device, V, ignore_index)
+    shard, offset = None, 0
+    if process_group is not None or vocab_start is not None:
+        shard, offset = resolve_vocab_shard(process_group, vocab_start, logits, labels, ignore_index, impl)
+    else:
+        check_labels(labels, "logits", logits.shape[:-1], logits.device, V, ignore_index)
     impl = resolve_impl(impl, logits)
     if impl == "reference":
         return gem_loss_reference(logits, labels, beta=beta, h=h, ignore_index=ignore_index,
@@ -84,13 +95,13 @@ def gem_loss(
                                   return_ce=return_ce)
     opts = GEMOptions(beta=float(beta), h=h, ignore_index=int(ignore_index), logit_scale=float(logit_scale),
                       softcap=None if softcap is None else float(softcap), z_loss_scale=float(z_loss_scale),
-                      return_ce=return_ce, inplace_backward=inplace_backward)
+                      return_ce=return_ce, inplace_backward=inplace_backward, vocab_start=offset)
     logits2d = logits.reshape(-1, V)
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
     labels1d = labels.reshape(-1)
     valid = labels1d != ignore_index
-    per_token, per_token_ce = apply_gem(logits2d, labels1d, opts, impl)
+    per_token, per_token_ce = apply_gem(logits2d, labels1d, opts, impl, shard)
     loss = reduce_tokens(per_token, valid, reduction, num_items_in_batch, labels.shape)
     if return_ce:
         return loss, reduce_tokens(per_token_ce, valid, reduction, num_items_in_batch, labels.shape)

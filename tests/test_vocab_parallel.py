@@ -1,0 +1,260 @@
+"""Vocabulary-parallel gem_loss with real torch.distributed (gloo, CPU, 127.0.0.1 only).
+
+Each launch spawns `world` processes that run every case in a fixed order (so the collectives line
+up), compare each rank's loss and gradient shard with single-process gem_loss on the concatenated
+logits and with the float64 reference, and write their failures to a file the parent reads.
+Spawning is slow, so there is one launch per world size and many cases per launch.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported in the children too
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from helpers import assert_close, make_inputs  # noqa: E402
+
+# Uneven shard sizes per world size; their sum is the global vocabulary.
+SHARDS = {2: [13, 24], 3: [5, 20, 12]}
+
+# (name, options): each runs with both impls and reduction="none" under a random upstream gradient
+# (per-token losses and gradients); the reductions are local and run on top of ZLOSS_CE below.
+OPTION_CASES = [
+    ("linear", dict()),
+    ("logsigmoid", dict(h="logsigmoid", beta=0.5)),
+    ("softcap_scale_logsig", dict(h="logsigmoid", softcap=4.0, logit_scale=1.3)),
+    ("zloss_ce", dict(z_loss_scale=0.05, return_ce=True, logit_scale=0.7)),
+    ("ce_softcap_beta1", dict(return_ce=True, softcap=6.0, beta=1.0)),
+    ("inplace", dict(inplace_backward=True, h="logsigmoid", z_loss_scale=0.01)),
+    ("ignore_index_0", dict(ignore_index=0, return_ce=True)),
+]
+ZLOSS_CE = dict(z_loss_scale=0.05, return_ce=True, h="logsigmoid")
+REDUCTIONS = [dict(reduction="mean"), dict(reduction="sum"), dict(reduction="none"),
+              dict(reduction="mean", num_items_in_batch=7),
+              dict(reduction="mean", num_items_in_batch=torch.tensor(5.0))]
+IMPLS = ("torch", "triton")
+# The interpreter is slow: with 3 ranks the grid runs the Triton path only for these cases (the
+# per-shard math is the same as with 2 ranks; what 3 ranks add is the 3-way combine).
+TRITON_GRID_WORLD3 = ("softcap_scale_logsig", "zloss_ce", "reduction {'reduction': 'mean'}")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shard(full: torch.Tensor, sizes, rank: int) -> torch.Tensor:
+    start = sum(sizes[:rank])
+    return full.detach()[..., start:start + sizes[rank]].clone().requires_grad_(True)
+
+
+def _upstream(loss: torch.Tensor, seed: int) -> torch.Tensor:
+    """A non-trivial upstream gradient for per-token losses (the same on every rank)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype) + 0.5
+
+
+def _run_case(rank, sizes, group, full, labels, opts, seed):
+    """Compare the sharded call on this rank with the single-process call (same impl) and the
+    float64 reference. Returns nothing; raises AssertionError on mismatch."""
+    from gem_kernels import gem_loss
+    from gem_kernels.reference import gem_loss_reference
+
+    local = _shard(full, sizes, rank)
+    out = gem_loss(local, labels, process_group=group, **opts)
+    single_in = full.detach().clone().requires_grad_(True)
+    single = gem_loss(single_in, labels, **opts)
+    ref_opts = {k: v for k, v in opts.items() if k not in ("impl", "inplace_backward", "return_ce")}
+    # The reference has no -inf handling (0 * inf); a huge finite negative is the same logit for it.
+    ref_in = full.detach().double().nan_to_num(neginf=-1e30).requires_grad_(True)
+    ref = gem_loss_reference(ref_in, labels, **ref_opts)
+    loss, single_loss = (out[0], single[0]) if opts.get("return_ce") else (out, single)
+    if opts.get("return_ce"):
+        assert_close(out[1], single[1], what="ce vs single process", dtype=full.dtype)
+    assert_close(loss, single_loss, what="loss vs single process", dtype=full.dtype)
+    assert_close(loss, ref, what="loss vs float64 reference", dtype=full.dtype)
+    up = _upstream(loss, seed)
+    (loss * up).sum().backward()
+    (single_loss * up).sum().backward()
+    (ref * up.double()).sum().backward()
+    start = sum(sizes[:rank])
+    # With inplace_backward the gradient overwrote the caller's logits: read it from .grad anyway.
+    sl = slice(start, start + sizes[rank])
+    assert_close(local.grad, single_in.grad[..., sl], what="grad shard vs single process", dtype=full.dtype)
+    assert_close(local.grad, ref_in.grad[..., sl], what="grad shard vs float64 reference", dtype=full.dtype)
+
+
+def _expect_error(fn, exc, match):
+    try:
+        fn()
+    except exc as e:
+        assert match in str(e), f"expected {match!r} in error, got: {e}"
+        return
+    raise AssertionError(f"expected {exc.__name__} containing {match!r}, nothing raised")
+
+
+def _cases(rank, world, group):
+    """Yield (name, thunk). Every rank yields the same cases in the same order."""
+    from gem_kernels import gem_loss
+
+    sizes = SHARDS[world]
+    V = sum(sizes)
+    seed = 0
+    grid = [(name, dict(options, reduction="none")) for name, options in OPTION_CASES]
+    grid += [(f"reduction {red}", dict(ZLOSS_CE, **red)) for red in REDUCTIONS if red["reduction"] != "none"]
+    for name, options in grid:
+        for impl in IMPLS if world == 2 or name in TRITON_GRID_WORLD3 else ("torch",):
+            seed += 1
+            ignore = options.get("ignore_index", -100)
+            full, labels = make_inputs(10, V, seed=seed, ignore_index=ignore, requires_grad=False)
+            opts = dict(options, impl=impl)
+            yield (f"{name}/{impl}", lambda full=full, labels=labels, opts=opts, seed=seed:
+                   _run_case(rank, sizes, group, full, labels, opts, seed))
+
+    for impl in IMPLS:
+        # Rank 0's shard holds no label; logits with a leading batch shape [2, 5].
+        full, labels = make_inputs(vocab=V, lead=(2, 5), seed=100, requires_grad=False)
+        labels = torch.where(labels == -100, labels, labels.clamp(min=sizes[0]))
+        yield (f"no_label_on_rank0/{impl}", lambda full=full, labels=labels, impl=impl:
+               _run_case(rank, sizes, group, full, labels, dict(impl=impl, h="logsigmoid", return_ce=True), 3))
+        # Every label ignored: zero loss and gradient, no NaN, for every reduction.
+        full, labels = make_inputs(6, V, seed=101, ignore_frac=1.0, requires_grad=False)
+        for red in REDUCTIONS:
+            yield (f"all_ignored/{impl}/{red}", lambda full=full, labels=labels, impl=impl, red=red:
+                   _run_case(rank, sizes, group, full, labels, dict(impl=impl, return_ce=True, **red), 4))
+        # The last rank's shard is -inf in some rows (masked padded vocabulary) and another rank's
+        # shard is -inf in one row: those shards contribute nothing, never NaN.
+        full, labels = make_inputs(8, V, seed=102, ignore_frac=0.0, requires_grad=False)
+        full[:4, V - sizes[-1]:] = float("-inf")
+        full[5, :sizes[0]] = float("-inf")
+        labels[:4] %= V - sizes[-1]  # the label logit itself stays finite
+        labels[5] = V - 1
+        yield (f"neg_inf_shard/{impl}", lambda full=full, labels=labels, impl=impl:
+               _run_case(rank, sizes, group, full, labels, dict(impl=impl, h="logsigmoid", z_loss_scale=0.01,
+                                                                return_ce=True), 5))
+        # bfloat16 logits.
+        full, labels = make_inputs(8, V, seed=103, dtype=torch.bfloat16, requires_grad=False)
+        yield (f"bf16/{impl}", lambda full=full, labels=labels, impl=impl:
+               _run_case(rank, sizes, group, full, labels, dict(impl=impl, softcap=5.0, return_ce=True), 6))
+
+    # Explicit vocab_start equal to the derived one gives the same result (no layout all-gather).
+    full, labels = make_inputs(10, V, seed=104, requires_grad=False)
+    start = sum(sizes[:rank])
+
+    def explicit():
+        local = _shard(full, sizes, rank)
+        a = gem_loss(local, labels, process_group=group, vocab_start=start, impl="torch", return_ce=True)
+        b = gem_loss(full, labels, impl="torch", return_ce=True)
+        assert_close(a[0], b[0], what="explicit vocab_start loss")
+        assert_close(a[1], b[1], what="explicit vocab_start ce")
+    yield "explicit_vocab_start", explicit
+
+    # Errors that every rank detects together (nobody is left waiting in a collective).
+    def tokens_mismatch():
+        x = full[: 10 - rank] if rank == world - 1 else full
+        y = labels[: 10 - rank] if rank == world - 1 else labels
+        _expect_error(lambda: gem_loss(_shard(x, sizes, rank), y, process_group=group, impl="torch"),
+                      ValueError, "same tokens")
+    yield "error_token_count_mismatch", tokens_mismatch
+
+    def labels_differ():
+        y = labels.clone()
+        if rank == 1:
+            y[0] = (int(y[0]) + 1) % V if int(y[0]) >= 0 else 3
+        _expect_error(lambda: gem_loss(_shard(full, sizes, rank), y, process_group=group, impl="torch"),
+                      ValueError, "labels differ between ranks")
+    yield "error_labels_differ", labels_differ
+
+    def label_out_of_range():
+        y = labels.clone()
+        y[1] = V  # valid for no shard: the global V is the sum of shard sizes
+        _expect_error(lambda: gem_loss(_shard(full, sizes, rank), y, process_group=group, impl="torch"),
+                      ValueError, f"[0, {V})")
+    yield "error_label_out_of_global_range", label_out_of_range
+
+    def bad_labels_shape_on_one_rank():
+        y = labels[:-1] if rank == 0 else labels
+        match = "labels must have shape" if rank == 0 else "rank(s) [0]"
+        _expect_error(lambda: gem_loss(_shard(full, sizes, rank), y, process_group=group, impl="torch"),
+                      ValueError, match)
+    yield "error_labels_shape_one_rank", bad_labels_shape_on_one_rank
+
+    def empty_shard():
+        local = full[:, :0] if rank == 0 else _shard(full, sizes, rank)
+        _expect_error(lambda: gem_loss(local, labels, process_group=group, impl="torch"),
+                      ValueError, "at least 1 column")
+    yield "error_empty_shard", empty_shard
+
+    def explicit_gap():
+        # Rank 0 claims to start at 1: label 0 (and the last id) lie in no shard.
+        y = labels.clone()
+        y[2] = 0
+        _expect_error(lambda: gem_loss(_shard(full, sizes, rank), y, process_group=group,
+                                       vocab_start=start + 1 if rank == 0 else start, impl="triton"),
+                      ValueError, "vocabulary shards of the process group")
+    yield "error_explicit_vocab_start_gap", explicit_gap
+
+    def explicit_out_of_range():
+        y = labels.clone()
+        y[3] = V + 5
+        _expect_error(lambda: gem_loss(_shard(full, sizes, rank), y, process_group=group,
+                                       vocab_start=start, impl="torch"), ValueError, "expected exactly 1")
+    yield "error_explicit_vocab_start_label_range", explicit_out_of_range
+
+    def reference_impl():
+        _expect_error(lambda: gem_loss(_shard(full, sizes, rank), labels, process_group=group, impl="reference"),
+                      ValueError, "impl='reference'")
+    yield "error_reference_impl", reference_impl
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    failures, names = [], []
+    try:
+        group = dist.new_group(list(range(world)))  # a non-default group, as tensor parallelism uses
+        for name, thunk in _cases(rank, world, group):
+            names.append(name)
+            try:
+                thunk()
+            except AssertionError as e:
+                failures.append(f"[rank {rank}] {name}: {e}")
+            except Exception:
+                failures.append(f"[rank {rank}] {name}: {traceback.format_exc()}")
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(f"{len(names)} cases\n" + "\n".join(failures))
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_matches_single_process(world, tmp_path):
+    """Losses (every reduction, num_items_in_batch, return_ce) and gradient shards equal
+    single-process gem_loss on the concatenated logits, for both impls and every option; plus
+    uneven shards, a rank without labels, all-ignored batches, -inf shards, bf16, explicit
+    vocab_start, and clear errors raised on every rank for inconsistent inputs."""
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    reports = [(tmp_path / f"rank{r}.txt").read_text() for r in range(world)]
+    counts = {rep.splitlines()[0] for rep in reports}
+    assert len(counts) == 1 and int(counts.pop().split()[0]) > 30, reports
+    failures = [line for rep in reports for line in rep.splitlines()[1:] if line.strip()]
+    assert not failures, "\n".join(failures)
+
+
+def test_vocab_start_without_group_is_an_error():
+    from gem_kernels import gem_loss
+
+    logits, labels = make_inputs(4, 11)
+    with pytest.raises(ValueError, match="vocab_start is only meaningful with process_group"):
+        gem_loss(logits, labels, vocab_start=3, impl="torch")

@@ -336,7 +336,18 @@ class _GEMTrainerMixin:
     """Shared by GEMTrainer and GEMSFTTrainer: patch the model, count target tokens over the shifted
     labels, and log the plain CE beside GEM."""
 
-    def _gem_setup(self, gem_options: Optional[dict], log_ce: bool):
+    def _gem_prepare(self, gem_options: Optional[dict], log_ce: bool):
+        """Before Trainer.__init__ (which may already call model_init): validate and keep the options."""
+        options = dict(gem_options or {})
+        if log_ce:
+            options.setdefault("return_ce", True)
+        _check_gem_options({"beta": 0.7, "h": "linear", **options}, _COMMON_OPTIONS + _FUSED_ONLY)
+        self._gem_options = options
+        self._gem_ce_sum = None
+        self._gem_ce_step = 0
+
+    def _gem_setup(self):
+        """After Trainer.__init__: refuse conflicting settings and patch the model."""
         if getattr(self, "compute_loss_func", None) is not None:
             raise ValueError(f"{type(self).__name__} computes GEM itself; do not pass compute_loss_func")
         if getattr(self, "label_smoother", None) is not None:
@@ -344,17 +355,17 @@ class _GEMTrainerMixin:
         if self.args.n_gpu > 1:
             raise ValueError(f"{type(self).__name__} does not support nn.DataParallel (several GPUs in one "
                              f"process); launch with torchrun / accelerate launch instead")
-        options = dict(gem_options or {})
-        if log_ce:
-            options.setdefault("return_ce", True)
-        apply_gem(self.model, **options)
+        if self.model is not None:
+            apply_gem(self.model, **self._gem_options)
         # The patched forward takes num_items_in_batch, and the loss shifts the labels, so Trainer
         # must count the targets over labels[..., 1:] (or shift_labels).
         self.model_accepts_loss_kwargs = True
         if hasattr(self, "_loss_shifts_labels"):
             self._loss_shifts_labels = True
-        self._gem_ce_sum = None
-        self._gem_ce_step = 0
+
+    def call_model_init(self, trial=None):
+        # Trainer(model_init=...) builds a fresh model per train() call: patch each one.
+        return apply_gem(super().call_model_init(trial), **self._gem_options)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Trainer.compute_loss passes num_items_in_batch to the model and applies the
@@ -393,8 +404,9 @@ class GEMTrainer(_GEMTrainerMixin, Trainer):
     """
 
     def __init__(self, *args, gem_options: Optional[dict] = None, log_ce: bool = True, **kwargs):
+        self._gem_prepare(gem_options, log_ce)
         super().__init__(*args, **kwargs)
-        self._gem_setup(gem_options, log_ce)
+        self._gem_setup()
 
 
 __all__ = ["GEMComputeLoss", "GEMTrainer", "apply_gem", "gem_compute_loss_func", "is_gem_applied",

@@ -27,8 +27,9 @@ class GEMSFTTrainer(_GEMTrainerMixin, SFTTrainer):
     """
 
     def __init__(self, *args, gem_options: Optional[dict] = None, log_ce: bool = True, **kwargs):
+        self._gem_prepare(gem_options, log_ce)
         super().__init__(*args, **kwargs)
-        self._gem_setup(gem_options, log_ce)
+        self._gem_setup()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"

@@ -152,6 +152,9 @@ def test_eval_and_generate_unchanged():
     assert_close(out.loss, expected, what="eval GEM loss from logits", dtype=torch.float32)
     assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), before)
     assert model(input_ids=batch["input_ids"]).loss is None
+    other = apply_gem(tiny_model("llama"))  # patching another class must not touch this model's forward
+    assert model.forward.__wrapped__ is Gemma2ForCausalLM.forward
+    assert other.forward.__wrapped__ is LlamaForCausalLM.forward
     remove_gem(model)
     assert not is_gem_applied(model) and "forward" not in model.__dict__
 

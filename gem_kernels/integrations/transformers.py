@@ -191,11 +191,8 @@ class _GEMState:
 
     def logits_options(self) -> dict:
         # The model's forward already applied its own transforms to the logits it returns.
-        opts = {k: v for k, v in self.options.items()
+        return {k: v for k, v in self.options.items()
                 if k in _COMMON_OPTIONS and k not in ("logit_scale", "softcap")}
-        if opts.get("impl") == "reference":
-            opts["impl"] = "auto"
-        return opts
 
 
 def _rebuild(out, loss, ce, keep_logits: bool):
@@ -306,9 +303,12 @@ def apply_gem(model, *, beta: float = 0.7, h: str = "linear", **options):
         original, own = target.forward, "forward" in target.__dict__
     scale, softcap = logit_transform_from_config(target.config)
     setattr(target, _STATE_ATTR, _GEMState(original, own, options, scale, softcap))
-    # Keep the class's signature visible: generate() and Trainer inspect it.
-    patched = functools.wraps(type(target).forward)(_gem_forward)
-    target.forward = types.MethodType(patched, target)
+    # A fresh function per model, carrying its class's signature (generate() and Trainer inspect it).
+    @functools.wraps(type(target).forward)
+    def forward(self, *args, **kwargs):
+        return _gem_forward(self, *args, **kwargs)
+
+    target.forward = types.MethodType(forward, target)
     # Trainer passes num_items_in_batch to forward only when the model says it accepts loss kwargs.
     target.accepts_loss_kwargs = True
     return model

@@ -51,7 +51,7 @@ class FusedLinearGEMLoss(torch.nn.Module):
         if unknown:
             raise TypeError(f"FusedLinearGEMLoss got unknown option(s) {unknown}; allowed: {sorted(allowed)}")
         merged = {**defaults, **options}
-        for name in ("process_group", "num_items_in_batch", "chunk_size"):
+        for name in ("process_group", "vocab_start", "num_items_in_batch", "chunk_size"):
             merged.pop(name)
         check_options(num_items_in_batch=None, **merged)
         self.options = dict(options)

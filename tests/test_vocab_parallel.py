@@ -64,15 +64,16 @@ def _upstream(loss: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def _run_case(rank, sizes, group, full, labels, opts, seed):
-    """Compare the sharded call on this rank with the single-process call (same impl) and the
-    float64 reference. Returns nothing; raises AssertionError on mismatch."""
+    """Compare the sharded call on this rank with the single-process call and the float64
+    reference. Returns nothing; raises AssertionError on mismatch. The single-process call uses
+    impl="torch" (the Triton interpreter is slow; single-device Triton = torch is tested elsewhere)."""
     from gem_kernels import gem_loss
     from gem_kernels.reference import gem_loss_reference
 
     local = _shard(full, sizes, rank)
     out = gem_loss(local, labels, process_group=group, **opts)
     single_in = full.detach().clone().requires_grad_(True)
-    single = gem_loss(single_in, labels, **opts)
+    single = gem_loss(single_in, labels, **dict(opts, impl="torch"))
     ref_opts = {k: v for k, v in opts.items() if k not in ("impl", "inplace_backward", "return_ce")}
     # The reference has no -inf handling (0 * inf); a huge finite negative is the same logit for it.
     ref_in = full.detach().double().nan_to_num(neginf=-1e30).requires_grad_(True)
@@ -91,6 +92,53 @@ def _run_case(rank, sizes, group, full, labels, opts, seed):
     sl = slice(start, start + sizes[rank])
     assert_close(local.grad, single_in.grad[..., sl], what="grad shard vs single process", dtype=full.dtype)
     assert_close(local.grad, ref_in.grad[..., sl], what="grad shard vs float64 reference", dtype=full.dtype)
+
+
+def _run_fused_case(rank, sizes, group, seed, opts, n=9, H=6, bias=True, ignore_frac=0.25):
+    """fused_linear_gem_loss with this rank's weight rows [V_local, H] (and bias slice) against the
+    single-process call on the full weight and the float64 reference on hidden @ W.T + b: loss, the
+    full hidden gradient (all-reduced) and this rank's weight/bias gradient rows."""
+    from gem_kernels import fused_linear_gem_loss
+    from gem_kernels.reference import gem_loss_reference
+
+    V = sum(sizes)
+    g = torch.Generator().manual_seed(seed)
+    hid = torch.randn(n, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.8
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    _, labels = make_inputs(n, V, seed=seed, ignore_frac=ignore_frac, requires_grad=False)
+    start = sum(sizes[:rank])
+    sl = slice(start, start + sizes[rank])
+
+    def leaves(dtype, part):
+        x = hid.to(dtype).requires_grad_(True)
+        ww = (w[sl] if part else w).to(dtype).requires_grad_(True)
+        bb = None if b is None else (b[sl] if part else b).to(dtype).requires_grad_(True)
+        return x, ww, bb
+
+    x, ww, bb = leaves(torch.float32, True)
+    out = fused_linear_gem_loss(x, ww, labels, bb, process_group=group, **opts)
+    xs, wws, bbs = leaves(torch.float32, False)
+    single_opts = {k: v for k, v in opts.items() if k != "vocab_start"}
+    single = fused_linear_gem_loss(xs, wws, labels, bbs, **dict(single_opts, impl="torch"))
+    xr, wwr, bbr = leaves(torch.float64, False)
+    ref_opts = {k: v for k, v in opts.items() if k not in ("impl", "return_ce", "chunk_size", "vocab_start")}
+    ref = gem_loss_reference(torch.nn.functional.linear(xr, wwr, bbr), labels, **ref_opts)
+    loss, single_loss = (out[0], single[0]) if opts.get("return_ce") else (out, single)
+    if opts.get("return_ce"):
+        assert_close(out[1], single[1], what="fused ce vs single process")
+    assert_close(loss, single_loss, what="fused loss vs single process")
+    assert_close(loss, ref, what="fused loss vs float64 reference")
+    up = _upstream(loss, seed)
+    (loss * up).sum().backward()
+    (single_loss * up).sum().backward()
+    (ref * up.double()).sum().backward()
+    assert_close(x.grad, xs.grad, what="fused grad_hidden vs single process")
+    assert_close(x.grad, xr.grad, what="fused grad_hidden vs float64 reference")
+    assert_close(ww.grad, wws.grad[sl], what="fused grad_weight shard vs single process")
+    assert_close(ww.grad, wwr.grad[sl], what="fused grad_weight shard vs float64 reference")
+    if b is not None:
+        assert_close(bb.grad, bbr.grad[sl], what="fused grad_bias shard vs float64 reference")
 
 
 def _expect_error(fn, exc, match):
@@ -145,6 +193,22 @@ def _cases(rank, world, group):
         full, labels = make_inputs(8, V, seed=103, dtype=torch.bfloat16, requires_grad=False)
         yield (f"bf16/{impl}", lambda full=full, labels=labels, impl=impl:
                _run_case(rank, sizes, group, full, labels, dict(impl=impl, softcap=5.0, return_ce=True), 6))
+
+    # Fused lm_head + GEM with a vocabulary-sharded weight: eager gradients (mean/sum), deferred
+    # gradients (none), several chunks (chunk_size=4) and the default chunking, explicit vocab_start.
+    fused_grid = [
+        ("mean_chunks", dict(h="logsigmoid", softcap=4.0, return_ce=True, chunk_size=4)),
+        ("none_zloss", dict(reduction="none", z_loss_scale=0.02, return_ce=True, chunk_size=4)),
+        ("sum_default_chunks", dict(reduction="sum", logit_scale=1.2)),
+        ("mean_num_items_explicit_start", dict(num_items_in_batch=11, vocab_start=sum(sizes[:rank]))),
+    ]
+    for name, options in fused_grid:
+        for impl in IMPLS if world == 2 or name == "mean_chunks" else ("torch",):
+            seed += 1
+            yield (f"fused_{name}/{impl}", lambda options=options, impl=impl, seed=seed:
+                   _run_fused_case(rank, sizes, group, seed, dict(options, impl=impl)))
+    yield ("fused_all_ignored_no_bias", lambda: _run_fused_case(rank, sizes, group, 200, dict(impl="torch"),
+                                                                 bias=False, ignore_frac=1.0))
 
     # Explicit vocab_start equal to the derived one gives the same result (no layout all-gather).
     full, labels = make_inputs(10, V, seed=104, requires_grad=False)

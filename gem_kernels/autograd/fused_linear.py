@@ -29,6 +29,7 @@ import torch
 
 from ..options import GEMOptions
 from ..torch_ops import finalize, gem_grad_chunked
+from . import vocab_parallel
 from .gem import torch_partials, triton_grad, triton_partials
 
 # Default chunk policy: a chunk's logits hold about as many elements as the valid hidden states
@@ -128,13 +129,16 @@ def _gem_grad_inplace(impl: str, z, labels, stats, row_grad, opts: GEMOptions) -
 
 def _chunk_loop(hidden2d, weight, bias, rows, labels_v, opts: GEMOptions, impl: str, chunk_rows: int, *,
                 row_grad=None, stats_v=None, need_gx=False, need_gw=False, need_gb=False,
-                keep_stats=False):
+                keep_stats=False, group=None):
     """The chunked pass over the valid rows.
 
     hidden2d [N, H]; rows [n_valid] int64 (indices of the valid rows) or None when all N are valid;
     labels_v [n_valid]; row_grad [n_valid] fp32 (per-token upstream factor) or None for no
     gradients; stats_v [n_valid, 5] given: skip the GEM forward and the loss (backward
     recomputation); keep_stats: also return the row statistics of the GEM forward.
+    group: vocabulary-parallel group (weight is a vocabulary shard): each chunk's partials are
+    combined across ranks before its gradients; grad_hidden is then only this shard's contribution
+    (the Function all-reduces it).
     Returns (loss [N] or None, ce [N] or None, stats_v, grad_hidden [N, H] or None, accumulator).
     """
     N, H = hidden2d.shape
@@ -175,7 +179,7 @@ def _chunk_loop(hidden2d, weight, bias, rows, labels_v, opts: GEMOptions, impl: 
         if not want_loss:
             st = stats_v[a:b]
         else:
-            partials = partials_fn(z, y, opts)
+            partials = vocab_parallel.combined_partials(partials_fn, z, y, opts, group)
             l_c, ce_c, st = finalize(partials, y != opts.ignore_index, opts)
             if new_stats is not None:
                 new_stats.append(st)
@@ -215,7 +219,7 @@ class FusedLinearGEMFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, labels, opts: GEMOptions, impl: str,
-                chunk_size: Optional[int], token_scale: Union[None, float, torch.Tensor]):
+                chunk_size: Optional[int], token_scale: Union[None, float, torch.Tensor], group=None):
         need_gx, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_gb = bias is not None and ctx.needs_input_grad[2]
         any_grad = need_gx or need_gw or need_gb
@@ -228,6 +232,7 @@ class FusedLinearGEMFunction(torch.autograd.Function):
         chunk_rows = chunk_size if chunk_size is not None else default_chunk_rows(n_valid, H, V)
         ctx.opts, ctx.impl, ctx.chunk_rows = opts, impl, chunk_rows
         ctx.flags = (need_gx, need_gw, need_gb)
+        ctx.group = group
         ctx.eager = any_grad and token_scale is not None
         row_grad = None
         if ctx.eager:
@@ -236,8 +241,10 @@ class FusedLinearGEMFunction(torch.autograd.Function):
             row_grad = ts.reshape(()).expand(n_valid)
         loss, ce, stats_v, gx, acc = _chunk_loop(
             hidden2d, weight, bias, rows, labels_v, opts, impl, chunk_rows, row_grad=row_grad,
-            need_gx=need_gx, need_gw=need_gw, need_gb=need_gb, keep_stats=any_grad and not ctx.eager)
+            need_gx=need_gx, need_gw=need_gw, need_gb=need_gb, keep_stats=any_grad and not ctx.eager,
+            group=group)
         if ctx.eager:
+            _sum_over_shards(gx, group)
             gw, gb = acc.result()
             ctx.grads = (gx, gw, gb)
             ctx.token_scale = token_scale
@@ -270,7 +277,7 @@ class FusedLinearGEMFunction(torch.autograd.Function):
             for g in (gx, gw, gb):
                 if g is not None and scale != 1.0:
                     g.mul_(scale)
-            return (gx, gw, gb, None) + none[:4]
+            return (gx, gw, gb, None) + none[:5]
         hidden2d, weight, bias, rows, labels_v, stats_v = ctx.saved_tensors
         if grad_loss is None:
             grad_loss = torch.zeros(hidden2d.shape[0], dtype=torch.float32, device=hidden2d.device)
@@ -278,8 +285,19 @@ class FusedLinearGEMFunction(torch.autograd.Function):
         _, _, _, gx, acc = _chunk_loop(
             hidden2d, weight, bias, rows, labels_v, ctx.opts, ctx.impl, ctx.chunk_rows,
             row_grad=row_grad, stats_v=stats_v, need_gx=need_gx, need_gw=need_gw, need_gb=need_gb)
+        _sum_over_shards(gx, ctx.group)
         gw, gb = acc.result()
-        return (gx, gw, gb, None) + none[:4]
+        return (gx, gw, gb, None) + none[:5]
+
+
+def _sum_over_shards(gx: Optional[torch.Tensor], group) -> None:
+    """Vocabulary parallel: each rank's grad_hidden holds only its vocabulary slice's contribution
+    (dZ_shard @ W_shard); the full gradient is their sum, one all-reduce of [N, H]."""
+    if gx is None or group is None:
+        return
+    import torch.distributed as dist
+
+    dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=getattr(group, "group", group))
 
 
 def _uniform_upstream(grad_loss: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:

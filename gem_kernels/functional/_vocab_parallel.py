@@ -13,7 +13,7 @@ counting in the existing t_y all-reduce how many shards hold each label (must be
 from __future__ import annotations
 
 import numbers
-from typing import Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -32,12 +32,18 @@ def _label_checksums(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return flat.sum(), (flat * weights).sum()
 
 
-def resolve_vocab_shard(process_group, vocab_start, logits: torch.Tensor, labels: torch.Tensor,
-                        ignore_index: int, impl: str, who: str = "gem_loss"):
+class ShardLayout(NamedTuple):
+    shard: VocabShard  # what the autograd Functions receive as ``group``
+    vocab_start: int  # global id of this rank's first column
+    vocab_size: Optional[int]  # global V (None when vocab_start was given: not known without a collective)
+
+
+def resolve_vocab_shard(process_group, vocab_start, lead: torch.Size, v_local: int, device, labels: torch.Tensor,
+                        ignore_index: int, impl: str, who: str = "gem_loss", name: str = "logits") -> ShardLayout:
     """Validate the vocabulary-parallel arguments and this rank's labels.
 
-    Returns (VocabShard passed to the autograd Functions, this rank's vocab_start). ``logits`` is
-    the rank's shard [..., V_local] (only its shape, device and leading dims are used).
+    ``lead`` is the token shape of ``name`` (logits [..., V_local] or hidden [..., H]), ``v_local``
+    this rank's number of vocabulary columns.
     """
     if process_group is None:
         raise ValueError(f"{who}: vocab_start is only meaningful with process_group (a vocabulary shard)")
@@ -49,30 +55,28 @@ def resolve_vocab_shard(process_group, vocab_start, logits: torch.Tensor, labels
     if impl == "reference":
         raise ValueError(f"{who}: impl='reference' materialises full rows and does not support "
                          f"process_group; use impl='torch' or 'triton'")
-    lead = logits.shape[:-1]
-    v_local = logits.shape[-1]
     if vocab_start is not None:
         if not isinstance(vocab_start, numbers.Integral) or isinstance(vocab_start, bool) or vocab_start < 0:
             raise ValueError(f"{who}: vocab_start must be an int >= 0 (global id of this shard's first "
                              f"column), got {vocab_start!r}")
         if v_local < 1:
             raise ValueError(f"{who}: this rank's vocabulary shard must have at least 1 column, got 0")
-        check_labels(labels, "logits", lead, logits.device, None, ignore_index)
-        return VocabShard(process_group, verify_labels=True), int(vocab_start)
+        check_labels(labels, name, lead, device, None, ignore_index)
+        return ShardLayout(VocabShard(process_group, verify_labels=True), int(vocab_start), None)
 
     rank = dist.get_rank(process_group)
     world = dist.get_world_size(process_group)
-    info = torch.zeros(5, dtype=torch.long, device=logits.device)
+    info = torch.zeros(5, dtype=torch.long, device=_collective_device(process_group))
     info[_V_LOCAL] = v_local
     info[_N_TOKENS] = lead.numel()
     local_error = None
     try:
-        check_labels(labels, "logits", lead, logits.device, None, ignore_index)
+        check_labels(labels, name, lead, device, None, ignore_index)
     except (TypeError, ValueError) as e:
         local_error = e
         info[_FAILED] = 1
     else:
-        info[_LABEL_SUM], info[_LABEL_WSUM] = _label_checksums(labels)
+        info[_LABEL_SUM:] = torch.stack(_label_checksums(labels)).to(info.device)
     gathered = [torch.empty_like(info) for _ in range(world)]
     dist.all_gather(gathered, info, group=process_group)
     table = torch.stack(gathered).tolist()
@@ -94,5 +98,33 @@ def resolve_vocab_shard(process_group, vocab_start, logits: torch.Tensor, labels
         raise ValueError(f"{who}: labels differ between ranks of the process group; every rank must pass "
                          f"the same (replicated) labels with global vocabulary ids")
     # Labels are replicated (checked above), so this range check fails on every rank alike.
-    check_labels(labels, "logits", lead, logits.device, sum(sizes), ignore_index)
-    return VocabShard(process_group), sum(sizes[:rank])
+    check_labels(labels, name, lead, device, sum(sizes), ignore_index)
+    return ShardLayout(VocabShard(process_group), sum(sizes[:rank]), sum(sizes))
+
+
+def shard_chunk_rows(layout: ShardLayout, n_valid: int, hidden_size: int, v_local: int) -> int:
+    """Default rows per chunk of the fused path under a process group. Every chunk runs collectives,
+    so all ranks must use the same chunking: it is derived from replicated quantities (valid tokens,
+    H, the global V over the world size), never from the local shard size. With an explicit
+    vocab_start the global V costs one all-reduce of one integer (pass chunk_size to avoid it)."""
+    import torch.distributed as dist
+
+    from ..autograd.fused_linear import default_chunk_rows
+
+    group = layout.shard.group
+    vocab = layout.vocab_size
+    if vocab is None:
+        total = torch.tensor([v_local], dtype=torch.long, device=_collective_device(group))
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        vocab = int(total.item())
+    world = dist.get_world_size(group)
+    return default_chunk_rows(n_valid, hidden_size, -(-vocab // world))
+
+
+def _collective_device(group) -> torch.device:
+    """NCCL needs CUDA tensors; every other backend here takes CPU ones."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

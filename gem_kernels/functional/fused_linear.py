@@ -11,11 +11,14 @@ from ..options import GEMOptions
 from ..reference import gem_loss_reference
 from ._checks import check_float_tensor, check_labels, check_options, resolve_impl
 from ._reduce import reduce_tokens
+from ._vocab_parallel import resolve_vocab_shard, shard_chunk_rows
 
 
-def apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts: GEMOptions, impl: str, chunk_size, token_scale):
+def apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts: GEMOptions, impl: str, chunk_size, token_scale,
+                           group=None):
     """The one place FusedLinearGEMFunction is applied: (per-token loss [N], per-token CE [N] or empty)."""
-    return FusedLinearGEMFunction.apply(hidden2d, weight, bias, labels1d, opts, impl, chunk_size, token_scale)
+    return FusedLinearGEMFunction.apply(hidden2d, weight, bias, labels1d, opts, impl, chunk_size, token_scale,
+                                        group)
 
 
 def _check_linear(hidden, weight, bias):
@@ -71,6 +74,7 @@ def fused_linear_gem_loss(
     z_loss_scale: float = 0.0,
     return_ce: bool = False,
     process_group=None,
+    vocab_start: Optional[int] = None,
     chunk_size: Optional[int] = None,
     impl: str = "auto",
 ):
@@ -89,6 +93,11 @@ def fused_linear_gem_loss(
         chunk_size: valid tokens per chunk. None: about ``valid_tokens * H / V`` rows (rounded up
             to a multiple of 64), so a chunk of logits costs about as much as the valid hidden
             states. Raise it for throughput on large GPUs when memory allows.
+        process_group, vocab_start: vocabulary-parallel lm_head, as in gem_loss: ``weight`` [V_local, H]
+            (and ``bias`` [V_local]) is this rank's vocabulary shard, ``hidden`` and ``labels`` are
+            replicated. The returned hidden gradient is the full one (all-reduced over the group), so
+            do not all-reduce it again (e.g. no Megatron copy-to-tensor-parallel region before this
+            call). ``chunk_size`` must then be the same on every rank. See docs/vocab_parallel.md.
         impl: "triton" (Triton GEM kernels on each chunk), "torch" (the same chunking in PyTorch),
             "reference" (materialises ``hidden @ weight.T + bias``; for tests), "auto" as gem_loss.
 
@@ -105,10 +114,12 @@ def fused_linear_gem_loss(
                   z_loss_scale=z_loss_scale, return_ce=return_ce, impl=impl)
     H, V = _check_linear(hidden, weight, bias)
     chunk_size = _check_chunk_size(chunk_size)
-    if process_group is not None:
-        raise NotImplementedError("fused_linear_gem_loss: process_group (vocabulary-parallel lm_head) "
-                                  "is not supported yet")
-    check_labels(labels, "hidden", hidden.shape[:-1], hidden.device, V, ignore_index)
+    layout = None
+    if process_group is not None or vocab_start is not None:
+        layout = resolve_vocab_shard(process_group, vocab_start, hidden.shape[:-1], V, hidden.device, labels,
+                                     ignore_index, impl, who="fused_linear_gem_loss", name="hidden")
+    else:
+        check_labels(labels, "hidden", hidden.shape[:-1], hidden.device, V, ignore_index)
     impl = resolve_impl(impl, hidden)
     if impl == "reference":
         logits = torch.nn.functional.linear(hidden, weight, bias)
@@ -118,10 +129,12 @@ def fused_linear_gem_loss(
                                   return_ce=return_ce)
     opts = GEMOptions(beta=float(beta), h=h, ignore_index=int(ignore_index), logit_scale=float(logit_scale),
                       softcap=None if softcap is None else float(softcap), z_loss_scale=float(z_loss_scale),
-                      return_ce=return_ce)
+                      return_ce=return_ce, vocab_start=layout.vocab_start if layout else 0)
     hidden2d = hidden.reshape(-1, H)
     labels1d = labels.reshape(-1)
     valid = labels1d != ignore_index
+    if layout is not None and chunk_size is None:  # every rank must cut the same chunks
+        chunk_size = shard_chunk_rows(layout, int(valid.sum()), H, V)
     # d(reduced loss)/d(per-token loss): lets the Function compute the gradients in the forward.
     if reduction == "none":
         token_scale = None
@@ -134,7 +147,7 @@ def fused_linear_gem_loss(
     else:
         token_scale = 1.0 / float(num_items_in_batch)
     per_token, per_token_ce = apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts, impl,
-                                                     chunk_size, token_scale)
+                                                     chunk_size, token_scale, layout.shard if layout else None)
     loss = reduce_tokens(per_token, valid, reduction, num_items_in_batch, labels.shape)
     if return_ce:
         return loss, reduce_tokens(per_token_ce, valid, reduction, num_items_in_batch, labels.shape)

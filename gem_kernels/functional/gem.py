@@ -84,7 +84,8 @@ def gem_loss(
         raise ValueError("logits must have a vocabulary dimension of size >= 1, got 0")
     shard, offset = None, 0
     if process_group is not None or vocab_start is not None:
-        shard, offset = resolve_vocab_shard(process_group, vocab_start, logits, labels, ignore_index, impl)
+        shard, offset, _ = resolve_vocab_shard(process_group, vocab_start, logits.shape[:-1], V, logits.device,
+                                               labels, ignore_index, impl)
     else:
         check_labels(labels, "logits", logits.shape[:-1], logits.device, V, ignore_index)
     impl = resolve_impl(impl, logits)

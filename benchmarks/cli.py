@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--no-timing", action="store_true", help="memory, traffic and FLOPs only")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads for a CPU run (default 1: repeatable timings on a shared machine)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--list", action="store_true", help="list the providers and exit")
@@ -89,11 +91,14 @@ def main(argv=None) -> int:
         shape_list = shapes.grid(device, which="quick" if args.quick else args.grid, models=args.models,
                                  tokens=args.tokens)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    if device == "cpu":
+        torch.set_num_threads(args.threads)
     settings = runner.Settings(device=device, dtype=dtype,
-                               cpu_reps=5 if args.quick else 10, cpu_budget_s=0.3 if args.quick else 1.0)
+                               cpu_reps=10 if args.quick else 30, cpu_budget_s=0.3 if args.quick else 1.0)
     command = "python -m benchmarks" + "".join(" " + shlex.quote(a) for a in (argv if argv is not None
                                                                                else sys.argv[1:]))
     meta = report.machine_info(device, command)
+    meta["torch_threads"] = str(torch.get_num_threads()) if device == "cpu" else ""
 
     start = time.perf_counter()
     records = []

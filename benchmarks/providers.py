@@ -36,7 +36,6 @@ class Provider:
     build: Callable[[Shape], Callable]  # shape -> step(hidden, weight, labels) -> scalar loss
     requires: tuple = ()  # "module" or "module:attribute" that must import
     gpu_only: Optional[str] = None  # reason it cannot run on CPU, if so
-    cpu_default: bool = True  # in the default CPU run (the GPU run takes every provider)
     softcap_needs_gpu: bool = False
     computes: str = "ce"  # the loss it computes: "gem" or "ce" (the smoke test checks the value)
     count_flops: bool = True  # False where a FLOP-counting dispatch mode could disturb the code path
@@ -136,8 +135,7 @@ PROVIDERS: List[Provider] = [
     Provider("gem-triton", "GEM, gem_kernels Triton kernels (gem_loss impl='triton')", "logits", True,
              _gem("triton"), ("gem_kernels", "triton"), computes="gem"),
     Provider("gem-triton-inplace", "GEM, Triton, gradient written over the logits (inplace_backward=True)",
-             "logits", True, _gem("triton", inplace=True), ("gem_kernels", "triton"), cpu_default=False,
-             computes="gem"),
+             "logits", True, _gem("triton", inplace=True), ("gem_kernels", "triton"), computes="gem"),
     Provider("gem-torch", "GEM, gem_kernels chunked PyTorch path (impl='torch')", "logits", False,
              _gem("torch"), ("gem_kernels",), computes="gem"),
     Provider("gem-fused", "GEM fused with the lm_head (fused_linear_gem_loss impl='triton')", "fused", True,
@@ -168,6 +166,4 @@ def select(names: Optional[List[str]], device: str) -> List[Provider]:
         if unknown:
             raise ValueError(f"unknown provider(s) {unknown}; choose from {list(BY_NAME)}")
         return [BY_NAME[n] for n in names]
-    if device == "cuda":
-        return list(PROVIDERS)
-    return [p for p in PROVIDERS if p.cpu_default]
+    return list(PROVIDERS)

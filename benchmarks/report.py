@@ -85,7 +85,8 @@ def _shape_key(r: Dict):
 
 def markdown(records: Sequence[Dict], meta: Dict[str, str]) -> str:
     """One table per shape: a row per provider, columns per phase."""
-    hw = meta["gpu"] if meta["device"] == "cuda" else f"{meta['cpu']} ({meta['cpu_cores']} cores)"
+    hw = meta["gpu"] if meta["device"] == "cuda" else (f"{meta['cpu']} ({meta['cpu_cores']} cores, "
+                                                        f"{meta.get('torch_threads', '?')} torch thread(s))")
     lines = [f"# GEM / cross-entropy benchmark ({meta['date_utc']} UTC)", "",
              f"{hw}; torch {meta['torch']}, triton {meta['triton']}, gem_kernels {meta['gem_kernels']}, "
              f"liger-kernel {meta['liger_kernel']}, cut-cross-entropy {meta['cut_cross_entropy']}"
@@ -162,9 +163,13 @@ def plots(records: Sequence[Dict], meta: Dict[str, str], outdir: str) -> List[st
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, pts in series.items():
+        kinds = {r["provider"]: r["kind"] for r in records}
+        markers = "osD^vPX*<>"
+        for i, (name, pts) in enumerate(series.items()):
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", label=name)
+            # fused providers dashed; distinct markers so coinciding lines stay visible
+            ax.plot(xs, ys, marker=markers[i % len(markers)], linestyle="--" if kinds[name] == "fused" else "-",
+                    label=name, alpha=0.85)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("peak memory, forward+backward (MiB)")
         ax.set_title(f"Peak memory vs {xlabel} ({fixed} = {best}; {hw}, {records[0]['dtype']})", fontsize=10)

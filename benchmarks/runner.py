@@ -31,7 +31,7 @@ QUANTILES = (0.2, 0.5, 0.8)
 class Settings:
     device: str  # "cpu" or "cuda"
     dtype: torch.dtype
-    cpu_reps: int = 10  # at most this many timed repetitions on CPU ...
+    cpu_reps: int = 30  # at most this many timed repetitions on CPU ...
     cpu_budget_s: float = 1.0  # ... or fewer once this much time was spent (at least 3)
     seed: int = 0
 

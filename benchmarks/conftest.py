@@ -7,3 +7,9 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+
+# One intra-op thread, as python -m benchmarks uses on CPU: on a shared machine, more threads than
+# free cores turn every parallel op's barrier into scheduler noise.
+torch.set_num_threads(1)

@@ -88,6 +88,12 @@ def same_dtype_baseline(model, batch, num_items=None, **opts):
     return loss.detach(), {k: p.grad.detach().clone() for k, p in m.named_parameters() if p.grad is not None}
 
 
+def full_batch_ce(model, batch):
+    with torch.no_grad():
+        logits = copy.deepcopy(model).double()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), shift_causal_labels(batch["labels"]).reshape(-1))
+
+
 def check_against_truth(model, loss, batch, num_items=None, what=""):
     loss.backward()
     t_loss, t_grads = truth(model, batch, num_items)
@@ -133,10 +139,7 @@ def test_fused_path_honours_shift_labels_and_return_ce():
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     out_shift = model(**inputs, shift_labels=shifted)
     assert_close(out_shift.loss, out.loss, what="shift_labels vs labels", atol=0, rtol=0)
-    with torch.no_grad():
-        logits = copy.deepcopy(model).eval()(**inputs).logits
-        expected_ce = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB).double(), shifted.reshape(-1))
-    assert_close(out.ce, expected_ce, what="CE logged beside GEM", dtype=torch.float32)
+    assert_close(out.ce, full_batch_ce(model, batch), what="CE logged beside GEM", dtype=torch.float32)
 
 
 def test_eval_and_generate_unchanged():
@@ -226,6 +229,7 @@ def test_trainer_step_equals_one_big_batch(tmp_path, path, accum):
     """One optimizer step of plain SGD (lr 1) with accumulation k over micro-batches of 4/k rows
     moves the parameters by exactly -grad of the GEM loss of the whole 4-row batch."""
     model, batch = tiny_model("llama"), make_batch(n=4)
+    model_before = copy.deepcopy(model)
     start = {k: p.detach().clone() for k, p in model.named_parameters()}
     t_loss, t_grads = truth(model, batch)
     b_loss, b_grads = same_dtype_baseline(model, batch)
@@ -237,8 +241,9 @@ def test_trainer_step_equals_one_big_batch(tmp_path, path, accum):
     for name, p in model.named_parameters():
         assert_close(start[name] - p.detach(), t_grads[name], what=f"{path} k={accum} step of {name}",
                      baseline=b_grads[name], dtype=torch.float32)
-    if path == "gem_trainer":
-        assert "ce" in trainer.state.log_history[0], "GEMTrainer logs the plain CE beside GEM"
+    if path == "gem_trainer":  # the CE logged beside GEM is the big batch's mean CE
+        assert_close(torch.tensor(trainer.state.log_history[0]["ce"]), full_batch_ce(model_before, batch),
+                     what=f"k={accum} logged CE", dtype=torch.float32, atol=1e-5)
 
 
 def test_gem_trainer_triton_end_to_end(tmp_path):
@@ -310,3 +315,52 @@ def test_import_gem_kernels_does_not_import_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Two real processes (DDP over gloo on CPU): average_tokens_across_devices with GEM. Opt-in
+# (GEM_DDP_TEST=1), since starting two interpreters takes longer than the rest of this file.
+
+
+def _ddp_worker(out_dir: str, path: str):
+    """Run by torchrun: one SGD step of a 4-row batch split over the processes."""
+    model, batch = tiny_model("llama"), make_batch(n=4)
+    start = {k: p.detach().clone() for k, p in model.named_parameters()}
+    args = trainer_args(out_dir, 1, 2, average_tokens_across_devices=True)
+    trainer = make_trainer(path, model, args, ListDataset(batch))
+    trainer.train()
+    if trainer.args.process_index == 0:
+        torch.save({"world": trainer.args.world_size, "log": trainer.state.log_history[0],
+                    "steps": {k: start[k] - p.detach() for k, p in model.named_parameters()}},
+                   os.path.join(out_dir, f"{path}.pt"))
+
+
+@pytest.mark.skipif(os.environ.get("GEM_DDP_TEST") != "1", reason="set GEM_DDP_TEST=1 (starts 2 processes)")
+@pytest.mark.parametrize("path", ["logits", "gem_trainer"])
+def test_two_process_ddp_step_equals_one_big_batch(tmp_path, path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    "29533", os.path.abspath(__file__), str(tmp_path), path], check=True, env=env, cwd=root)
+    result = torch.load(tmp_path / f"{path}.pt")
+    assert result["world"] == 2
+    model, batch = tiny_model("llama"), make_batch(n=4)
+    t_loss, t_grads = truth(model, batch)
+    b_loss, b_grads = same_dtype_baseline(model, batch)
+    assert_close(torch.tensor(result["log"]["loss"]), t_loss.float(), what=f"2-process {path} logged loss",
+                 baseline=b_loss, dtype=torch.float32, atol=1e-5)
+    if path == "gem_trainer":
+        assert_close(torch.tensor(result["log"]["ce"]), full_batch_ce(model, batch), what="2-process logged CE",
+                     dtype=torch.float32, atol=1e-5)
+    for name, step in result["steps"].items():
+        assert_close(step, t_grads[name], what=f"2-process {path} step of {name}", baseline=b_grads[name],
+                     dtype=torch.float32)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _ddp_worker(sys.argv[1], sys.argv[2])

@@ -17,6 +17,7 @@ shift; a pre-shifted ``shift_labels`` (padding-free / context-parallel collators
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import types
@@ -195,13 +196,22 @@ class _GEMState:
                 if k in _COMMON_OPTIONS and k not in ("logit_scale", "softcap")}
 
 
+@functools.lru_cache(maxsize=None)
+def _with_ce_field(cls):
+    """``cls`` (a ModelOutput dataclass) plus a ``ce`` field. A real field, not an extra key: DDP
+    and torch.compile flatten outputs as pytrees and rebuild them with ``cls(**fields)``."""
+    if "ce" in {f.name for f in dataclasses.fields(cls)}:
+        return cls
+    return dataclasses.make_dataclass(f"{cls.__name__}WithCE", [("ce", Optional[torch.Tensor], None)],
+                                      bases=(cls,), namespace={"__module__": __name__})
+
+
 def _rebuild(out, loss, ce, keep_logits: bool):
-    """A copy of the model output with ``loss`` set (and ``logits`` dropped unless ``keep_logits``)."""
+    """A copy of the model output with ``loss`` (and ``ce``) set, ``logits`` dropped unless ``keep_logits``."""
     fields = {k: v for k, v in out.items() if k != "loss" and (keep_logits or k != "logits")}
-    new = type(out)(loss=loss, **fields)
-    if ce is not None:
-        new["ce"] = ce
-    return new
+    if ce is None:
+        return type(out)(loss=loss, **fields)
+    return _with_ce_field(type(out))(loss=loss, ce=ce, **fields)
 
 
 def _add_aux_loss(model, out, loss):

@@ -222,6 +222,70 @@ def _cases(rank, world, group):
         assert_close(a[1], b[1], what="explicit vocab_start ce")
     yield "explicit_vocab_start", explicit
 
+    def communication():
+        # gem_loss: one layout all-gather, three O(tokens) all-reduces in forward, none in backward;
+        # explicit vocab_start: no all-gather. Fused: three per chunk + one for grad_hidden.
+        from gem_kernels import fused_linear_gem_loss
+
+        calls = []
+        real = {n: getattr(dist, n) for n in ("all_reduce", "all_gather", "broadcast", "all_gather_into_tensor")}
+
+        def spy(name):
+            def f(tensor, *args, **kwargs):
+                t = tensor[0] if isinstance(tensor, list) else tensor
+                calls.append((name, tuple(t.shape) if name != "all_gather" else (len(tensor),)))
+                return real[name](tensor, *args, **kwargs)
+            return f
+        for n in real:
+            setattr(dist, n, spy(n))
+        try:
+            local = _shard(full, sizes, rank)
+            loss = gem_loss(local, labels, process_group=group, impl="torch", h="logsigmoid", return_ce=True)[0]
+            fwd = list(calls)
+            loss.backward()
+            assert calls == fwd, f"backward communicated: {calls[len(fwd):]}"
+            assert [c[0] for c in fwd] == ["all_gather", "all_reduce", "all_reduce", "all_reduce"], fwd
+            assert [c[1] for c in fwd[1:]] == [(10,), (10,), (10, 4)], fwd  # t_y, max, [s0 s1 s2 sce]
+            calls.clear()
+            gem_loss(_shard(full, sizes, rank), labels, process_group=group, vocab_start=start, impl="torch")
+            assert [c[1] for c in calls] == [(10, 2), (10,), (10, 2)], calls  # [t_y hits], max, [s0 s2]
+            calls.clear()
+            x = torch.randn(10, 6, requires_grad=True)
+            w = torch.randn(sizes[rank], 6, requires_grad=True)
+            fused_linear_gem_loss(x, w, labels, process_group=group, chunk_size=3, impl="torch").backward()
+            n_chunks = -(-int((labels != -100).sum()) // 3)
+            assert [c[0] for c in calls] == ["all_gather"] + ["all_reduce"] * (3 * n_chunks + 1), calls
+            assert calls[-1][1] == (10, 6), calls  # grad_hidden
+        finally:
+            for n, f in real.items():
+                setattr(dist, n, f)
+    yield "communication_count", communication
+
+    def dtensor():
+        # Shard(-1) splits like torch.chunk (37 -> 19 + 18 or 13 + 13 + 11), not like SHARDS.
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        from gem_kernels.integrations.dtensor import dtensor_gem_loss
+
+        mesh = init_device_mesh("cpu", (world,))
+        dt = distribute_tensor(full.detach().clone().requires_grad_(True), mesh, [Shard(-1)])
+        dlabels = distribute_tensor(labels, mesh, [Replicate()])
+        loss, ce = dtensor_gem_loss(dt, dlabels, h="logsigmoid", return_ce=True, impl="torch", reduction="sum")
+        single_in = full.detach().clone().requires_grad_(True)
+        s_loss, s_ce = gem_loss(single_in, labels, h="logsigmoid", return_ce=True, impl="torch", reduction="sum")
+        assert_close(loss, s_loss, what="DTensor loss")
+        assert_close(ce, s_ce, what="DTensor ce")
+        loss.backward()
+        s_loss.backward()
+        step = -(-V // world)
+        assert dt.grad is not None and tuple(dt.grad.placements) == (Shard(1),), dt.grad
+        assert_close(dt.grad.to_local(), single_in.grad[:, rank * step:(rank + 1) * step], what="DTensor grad shard")
+        _expect_error(lambda: dtensor_gem_loss(distribute_tensor(full, mesh, [Replicate()]), labels),
+                      ValueError, "Shard(-1)")
+    if world == 2:  # importing torch.distributed.tensor costs seconds per process: once is enough
+        yield "dtensor_shard_last_dim", dtensor
+
     # Errors that every rank detects together (nobody is left waiting in a collective).
     def tokens_mismatch():
         x = full[: 10 - rank] if rank == world - 1 else full

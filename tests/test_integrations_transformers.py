@@ -335,17 +335,25 @@ def _ddp_worker(out_dir: str, path: str):
                    os.path.join(out_dir, f"{path}.pt"))
 
 
-@pytest.mark.skipif(os.environ.get("GEM_DDP_TEST") != "1", reason="set GEM_DDP_TEST=1 (starts 2 processes)")
-@pytest.mark.parametrize("path", ["logits", "gem_trainer"])
-def test_two_process_ddp_step_equals_one_big_batch(tmp_path, path):
+def _run_two_processes(tmp_path, mode):
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    "29533", os.path.abspath(__file__), str(tmp_path), path], check=True, env=env, cwd=root)
-    result = torch.load(tmp_path / f"{path}.pt")
+                    "29533", os.path.abspath(__file__), str(tmp_path), mode], check=True, env=env, cwd=root)
+    return torch.load(tmp_path / f"{mode}.pt")
+
+
+multiprocess = pytest.mark.skipif(os.environ.get("GEM_DDP_TEST") != "1",
+                                  reason="set GEM_DDP_TEST=1 (starts 2 processes)")
+
+
+@multiprocess
+@pytest.mark.parametrize("path", ["logits", "gem_trainer"])
+def test_two_process_ddp_step_equals_one_big_batch(tmp_path, path):
+    result = _run_two_processes(tmp_path, path)
     assert result["world"] == 2
     model, batch = tiny_model("llama"), make_batch(n=4)
     t_loss, t_grads = truth(model, batch)
@@ -360,7 +368,56 @@ def test_two_process_ddp_step_equals_one_big_batch(tmp_path, path):
                      dtype=torch.float32)
 
 
+@multiprocess
+@pytest.mark.parametrize("mode", ["fsdp2-root", "fsdp2-head"])
+def test_two_process_fsdp2_fused_path_matches_reference(tmp_path, mode):
+    """The fused path under FSDP2 (CPU, gloo): the loss runs inside the LM head's call, where
+    fully_shard has gathered the weight, also when the head is its own resharded unit."""
+    result = _run_two_processes(tmp_path, mode)
+    assert result["world"] == 2
+    model, batch = tiny_model("llama"), make_batch(n=4)
+    num_items = n_targets(batch["labels"])
+    t_loss, t_grads = truth(model, batch, num_items)
+    b_loss, b_grads = same_dtype_baseline(model, batch, num_items)
+    assert_close(result["loss"], t_loss.float(), what=f"{mode} loss", baseline=b_loss, dtype=torch.float32)
+    for name, g in result["grads"].items():
+        assert_close(g, t_grads[name], what=f"{mode} grad {name}", baseline=b_grads[name], dtype=torch.float32)
+
+
+def _fsdp2_worker(out_dir: str, mode: str):
+    """Run by torchrun: FSDP2 (fully_shard) over the processes, each taking half of a 4-row batch;
+    ``mode`` "fsdp2-head" also shards the LM head as its own unit (resharded after forward)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    model, batch = tiny_model("llama"), make_batch(n=4)
+    apply_gem(model, beta=BETA, impl="torch")
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    if mode == "fsdp2-head":
+        fully_shard(model.lm_head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.train()
+    rows = 4 // world
+    local = {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
+    out = model(**local, num_items_in_batch=n_targets(batch["labels"]))
+    (out.loss * world).backward()  # FSDP averages gradients over the processes, as DDP does
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}
+    if rank == 0:
+        torch.save({"world": world, "loss": loss, "grads": grads}, os.path.join(out_dir, f"{mode}.pt"))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     import sys
 
-    _ddp_worker(sys.argv[1], sys.argv[2])
+    if sys.argv[2].startswith("fsdp2"):
+        _fsdp2_worker(sys.argv[1], sys.argv[2])
+    else:
+        _ddp_worker(sys.argv[1], sys.argv[2])

@@ -74,6 +74,11 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -168,6 +173,7 @@ def time_calls(fn: Callable, settings: Settings, grads: List[torch.Tensor], setu
     if settings.device == "cuda":
         for i in range(23):
             reset()
+            arg = None  # drop the previous call's graph before building the next
             arg = setup() if setup else None
             torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -183,6 +189,7 @@ def time_calls(fn: Callable, settings: Settings, grads: List[torch.Tensor], setu
     spent = 0.0
     while len(samples) < settings.cpu_reps and (len(samples) < 3 or spent < settings.cpu_budget_s):
         reset()
+        arg = None
         arg = setup() if setup else None
         t0 = time.perf_counter()
         fn(arg)
@@ -236,21 +243,24 @@ def run(provider: Provider, shape: Shape, settings: Settings, timing: bool = Tru
         del loss
         hidden.grad = weight.grad = None
         phases = {"forward": fwd, "backward": bwd, "forward+backward": combine(fwd, bwd)}
-        times = {}
-        timed = settings.device == "cuda" or not provider.triton
-        if timing and timed:
-            grads = [hidden, weight]
+    except Exception as exc:  # one provider failing must not end the run
+        _clean(settings.device)
+        return mark("oom" if _is_oom(exc) else "failed", _describe(exc))
+    finally:
+        _clean(settings.device)
+
+    times, time_failure = {}, ""
+    if timing and (settings.device == "cuda" or not provider.triton):
+        grads = [hidden, weight]
+        try:  # a failure here (e.g. OOM from timing's repeated calls) keeps the memory figures
             times["forward"] = time_calls(lambda _: step(*args), settings, grads)
             times["backward"] = time_calls(lambda loss: loss.backward(), settings, grads,
                                            setup=lambda: step(*args))
             times["forward+backward"] = time_calls(lambda _: step(*args).backward(), settings, grads)
-    except Exception as exc:  # one provider failing must not end the run
-        status = "oom" if _is_oom(exc) else "failed"
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        _clean(settings.device)
-        return mark(status, f"{type(exc).__name__}: {first}")
-    finally:
-        _clean(settings.device)
+        except Exception as exc:
+            time_failure = ("OOM while timing: " if _is_oom(exc) else "timing failed: ") + _describe(exc)
+        finally:
+            _clean(settings.device)
 
     logits_bytes = shape.tokens * shape.vocab * hidden.element_size()
     for r in records:
@@ -267,6 +277,8 @@ def run(provider: Provider, shape: Shape, settings: Settings, timing: bool = Tru
             r["traffic_note"] = "n/a (no Triton kernels)"
         if r["phase"] in times:
             r["time_ms_p20"], r["time_ms_p50"], r["time_ms_p80"] = times[r["phase"]]
+        elif time_failure:
+            r["time_note"] = time_failure
         elif not timing:
             r["time_note"] = "not timed (--no-timing)"
         else:

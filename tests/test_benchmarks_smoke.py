@@ -106,3 +106,15 @@ def test_main_writes_table_csv_and_plots(tmp_path, capsys):
 def test_unknown_provider_is_an_error():
     with pytest.raises(ValueError, match="unknown provider"):
         main(["--providers", "nope", "--shape", "8,64,16"])
+
+
+def test_failing_provider_is_reported_not_raised():
+    def build(shape):
+        def step(hidden, weight, labels):
+            raise ZeroDivisionError("boom")
+        return step
+
+    bad = providers.Provider("bad", "always raises", "fused", False, build)
+    records = runner.run(bad, Shape("tiny", 8, 64, 16), SETTINGS)
+    assert [r["status"] for r in records] == ["failed"] * 3
+    assert all(r["note"] == "ZeroDivisionError: boom" for r in records)

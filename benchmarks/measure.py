@@ -19,6 +19,7 @@ Used by the fused-linear tests and the benchmark scripts; the API (``peak_memory
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 from typing import Any, Callable, List
 
@@ -90,6 +91,7 @@ def peak_memory(fn: Callable, *args, device: str = "cpu", **kwargs) -> MemoryRep
     before the call are the baseline and are not counted.
     """
     dev = torch.device(device).type
+    gc.collect()  # garbage of earlier calls must not be freed inside the measured window
     if dev == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

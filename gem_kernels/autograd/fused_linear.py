@@ -35,13 +35,14 @@ from .gem import torch_partials, triton_grad, triton_partials
 # Default chunk policy: a chunk's logits hold about as many elements as the valid hidden states
 # (valid_tokens * H), the same budget Liger-Kernel uses, so the transient logits cost about what the
 # activations feeding the lm_head already cost. Rows are rounded up to a multiple of CHUNK_ROW_MULTIPLE
-# (a matmul-friendly tile; also the minimum, since a thinner chunk re-reads W for little work).
-CHUNK_ROW_MULTIPLE = 64
+# (a tensor-core tile height; also the minimum). On a GPU with a small H / V ratio the chunks are then
+# thin and each one re-reads W: pass a larger chunk_size there when memory allows.
+CHUNK_ROW_MULTIPLE = 16
 
 
 def default_chunk_rows(n_valid: int, hidden_size: int, vocab_size: int) -> int:
     """Rows per chunk when ``chunk_size`` is None: ceil(n_valid * H / V) rounded up to a multiple
-    of 64, at most n_valid (and at least 1)."""
+    of 16, at most n_valid (and at least 1)."""
     rows = -(-n_valid * hidden_size // max(vocab_size, 1))
     rows = -(-rows // CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE
     return max(1, min(rows, n_valid))

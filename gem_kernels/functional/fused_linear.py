@@ -91,7 +91,7 @@ def fused_linear_gem_loss(
             aligned with ``hidden`` (no causal shift here).
         bias: optional [V], same dtype and device.
         chunk_size: valid tokens per chunk. None: about ``valid_tokens * H / V`` rows (rounded up
-            to a multiple of 64), so a chunk of logits costs about as much as the valid hidden
+            to a multiple of 16), so a chunk of logits costs about as much as the valid hidden
             states. Raise it for throughput on large GPUs when memory allows.
         process_group, vocab_start: vocabulary-parallel lm_head, as in gem_loss: ``weight`` [V_local, H]
             (and ``bias`` [V_local]) is this rank's vocabulary shard, ``hidden`` and ``labels`` are

@@ -49,6 +49,11 @@ class MemoryReport:
     device: str = "cpu"
     num_allocs: int = 0
     end_bytes: int = 0
+    alloc_sizes: List[int] = field(repr=False, default_factory=list)  # every allocation, in order
+
+    def count_allocs_at_least(self, nbytes: int) -> int:
+        """How many single allocations were at least ``nbytes`` (e.g. one [N, V] tensor)."""
+        return sum(1 for n in self.alloc_sizes if n >= nbytes)
 
     def mib(self) -> str:
         return (f"peak {self.peak_bytes / 2**20:.2f} MiB, largest allocation "
@@ -101,12 +106,12 @@ def peak_memory(fn: Callable, *args, device: str = "cpu", **kwargs) -> MemoryRep
         peak = torch.cuda.max_memory_allocated() - base
         end = torch.cuda.memory_allocated() - base
         _, largest, count, _ = _replay(sizes)
-        return MemoryReport(max(peak, 0), largest, result, "cuda", count, end)
+        return MemoryReport(max(peak, 0), largest, result, "cuda", count, end, [n for n in sizes if n > 0])
     if dev != "cpu":
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     result, sizes = _profile(fn, args, kwargs, "cpu")
     peak, largest, count, end = _replay(sizes)
-    return MemoryReport(peak, largest, result, "cpu", count, end)
+    return MemoryReport(peak, largest, result, "cpu", count, end, [n for n in sizes if n > 0])
 
 
 def _inplace_addmm_flop(self_shape, a_shape, b_shape, *args, **kwargs) -> int:

@@ -1,0 +1,17 @@
+"""The core kernels' measured figures hold: forward + backward move at most 3.05 passes over the
+logits, and allocate exactly one [N, V] tensor (none with inplace_backward). Not timed."""
+import pytest
+import torch
+
+from benchmarks.core_figures import TRAFFIC_BUDGET, measure
+from gem_kernels.torch_ops.gem import _rows_per_chunk
+
+
+@pytest.mark.parametrize("impl,n", [("triton", 12), ("torch", 3 * _rows_per_chunk(5003))])
+def test_traffic_and_allocation_figures(impl, n):
+    figures = measure(n=n, v=5003, dtype=torch.bfloat16, impls=(impl,))
+    assert {f.inplace for f in figures} == {False, True}
+    for f in figures:
+        if impl == "triton":
+            assert 3.0 <= f.passes <= TRAFFIC_BUDGET, f
+        assert f.nv_allocs == (0 if f.inplace else 1), f

@@ -199,6 +199,21 @@ def time_calls(fn: Callable, settings: Settings, grads: List[torch.Tensor], setu
     return _quantiles(samples)
 
 
+def _separate_flops(step: Callable, args):
+    """(forward, backward) matmul FLOPs of one extra step, or (None, None) if counting fails."""
+    box = {}
+    try:
+        fwd = count_flops(lambda: box.__setitem__("loss", step(*args)))
+        bwd = count_flops(lambda: box["loss"].backward())
+        return fwd, bwd
+    except Exception:
+        return None, None
+    finally:
+        box.clear()
+        for t in args:
+            t.grad = None
+
+
 def _base_record(provider: Provider, shape: Shape, settings: Settings, phase: str) -> Dict:
     return {
         "provider": provider.name, "kind": provider.kind, "model": shape.model, "tokens": shape.tokens,
@@ -235,13 +250,18 @@ def run(provider: Provider, shape: Shape, settings: Settings, timing: bool = Tru
             hidden.grad = weight.grad = None
             _sync(settings.device)
         traffic = provider.triton and interp
-        fwd = instrumented(lambda: step(*args), settings, traffic, provider.count_flops)
+        # On CPU the FLOP counter rides along in the measured (interpreted, slow) run; on GPU it
+        # gets its own run below, so a clash of its dispatch mode with a provider costs only FLOPs.
+        nested_flops = provider.count_flops and settings.device != "cuda"
+        fwd = instrumented(lambda: step(*args), settings, traffic, nested_flops)
         loss = fwd.pop("result")
-        bwd = instrumented(lambda: loss.backward(), settings, traffic, provider.count_flops)
+        bwd = instrumented(lambda: loss.backward(), settings, traffic, nested_flops)
         bwd.pop("result")
         loss_value = float(loss.detach().float())
         del loss
         hidden.grad = weight.grad = None
+        if provider.count_flops and not nested_flops:
+            fwd["flops"], bwd["flops"] = _separate_flops(step, args)
         phases = {"forward": fwd, "backward": bwd, "forward+backward": combine(fwd, bwd)}
     except Exception as exc:  # one provider failing must not end the run
         _clean(settings.device)

@@ -118,3 +118,15 @@ def test_failing_provider_is_reported_not_raised():
     records = runner.run(bad, Shape("tiny", 8, 64, 16), SETTINGS)
     assert [r["status"] for r in records] == ["failed"] * 3
     assert all(r["note"] == "ZeroDivisionError: boom" for r in records)
+
+
+@pytest.mark.parametrize("name", ["torch-ce", "liger-flce"])
+def test_gpu_flop_count_matches_nested_count(name):
+    """The GPU path counts FLOPs in a run of its own (runner._separate_flops); same numbers."""
+    shape = Shape("tiny", 8, 64, 16)
+    provider = providers.BY_NAME[name]
+    if provider.unavailable("cpu", shape):
+        pytest.skip(provider.unavailable("cpu", shape))
+    fwd, bwd, _ = runner.run(provider, shape, SETTINGS, timing=False)
+    separate = runner._separate_flops(provider.step(shape), runner.make_inputs(shape, SETTINGS))
+    assert separate == (fwd["matmul_flops"], bwd["matmul_flops"])

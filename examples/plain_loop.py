@@ -2,7 +2,7 @@
 
     python examples/plain_loop.py                  # plain PyTorch, CPU or one GPU
     python examples/plain_loop.py --accelerate     # the same loop driven by accelerate.Accelerator
-    accelerate launch examples/plain_loop.py --accelerate   # several processes (DDP)
+    torchrun --nproc_per_node 2 examples/plain_loop.py --accelerate   # two processes (DDP; gloo on CPU)
 
 A tiny Llama is built from a config (no download) and trained on toy arithmetic sequences, so the
 numbers only show that the loop runs and learns; swap in your model, tokenizer and data. The one GEM-specific
@@ -64,7 +64,7 @@ def main():
     if args.accelerate:
         from accelerate import Accelerator
 
-        accelerator = Accelerator()
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
         model, optimizer = accelerator.prepare(model, optimizer)
         device = accelerator.device
     else:
@@ -80,7 +80,7 @@ def main():
         num_items = sum((shift_causal_labels(b["labels"]) != -100).sum() for b in micro)
         if accelerator is not None:
             num_items = accelerator.reduce(num_items, reduction="sum")
-        step_loss = step_ce = 0.0
+        step_loss = torch.zeros(2, device=device)  # this process's share of (GEM, CE)
         for i, batch in enumerate(micro):
             sync = accelerator.no_sync(model) if accelerator is not None and i < args.accum - 1 else _null()
             with sync:
@@ -92,12 +92,14 @@ def main():
                     accelerator.backward(loss)
                 else:
                     loss.backward()
-            step_loss += out.loss.item()
-            step_ce += out.ce.item()
+            step_loss += torch.stack([out.loss.detach(), out.ce])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if accelerator is not None:  # the shares of all processes add up to the global batch's means
+            step_loss = accelerator.reduce(step_loss, reduction="sum")
         if rank == 0:
-            print(f"step {step + 1}: gem {step_loss:.4f}  ce {step_ce:.4f}  (target tokens {int(num_items)})")
+            gem, ce = step_loss.tolist()
+            print(f"step {step + 1}: gem {gem:.4f}  ce {ce:.4f}  (target tokens {int(num_items)})")
 
     # Evaluation and generation are the model's own: logits are returned as usual.
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model

@@ -16,7 +16,6 @@ from transformers import (  # noqa: E402
     Trainer, TrainingArguments,
 )
 
-import gem_kernels  # noqa: E402
 from gem_kernels.integrations.transformers import (  # noqa: E402
     GEMTrainer, apply_gem, gem_compute_loss_func, is_gem_applied, logit_transform_from_config, remove_gem,
     shift_causal_labels,
@@ -90,8 +89,10 @@ def same_dtype_baseline(model, batch, num_items=None, **opts):
 
 def full_batch_ce(model, batch):
     with torch.no_grad():
-        logits = copy.deepcopy(model).double()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), shift_causal_labels(batch["labels"]).reshape(-1))
+        m = copy.deepcopy(model).double()
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = shift_causal_labels(batch["labels"]).reshape(-1)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets)
 
 
 def check_against_truth(model, loss, batch, num_items=None, what=""):
@@ -311,7 +312,8 @@ def test_import_gem_kernels_does_not_import_transformers():
     import subprocess
     import sys
 
-    code = "import sys, gem_kernels, gem_kernels.integrations; print('transformers' in sys.modules, 'trl' in sys.modules)"
+    code = ("import sys, gem_kernels, gem_kernels.integrations; "
+            "print('transformers' in sys.modules, 'trl' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr

@@ -150,8 +150,11 @@ def _series(records: Sequence[Dict], vary: str, fixed: str):
 
 def plots(records: Sequence[Dict], meta: Dict[str, str], outdir: str) -> List[str]:
     """memory_vs_vocab.png and memory_vs_tokens.png: forward+backward peak, one line per provider."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -98,6 +98,7 @@ def test_main_writes_table_csv_and_plots(tmp_path, capsys):
     assert rows[0]["torch"] == torch.__version__ and rows[0]["cpu_cores"] == str(os.cpu_count())
     cce = [r for r in rows if r["provider"] == "cce"]
     assert all(r["status"] == "skipped" and r["note"] for r in cce)
+    pytest.importorskip("matplotlib")
     for png in ("memory_vs_vocab.png", "memory_vs_tokens.png"):
         with open(os.path.join(out, png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

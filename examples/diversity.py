@@ -1,37 +1,41 @@
 """Does GEM keep a fine-tuned model's outputs diverse where cross-entropy collapses them?
 
-A CPU-sized experiment, rerunnable in minutes, that trains a tiny causal LM (built from a config, no
-downloads) through the Hugging Face Trainer twice or more: once with plain cross-entropy (the
-stock Trainer) and once per GEM beta (through ``gem_kernels.integrations.transformers``).
+A CPU-sized experiment, rerunnable in minutes. A tiny Llama (built from a config, no downloads) is
+first trained with CE on a balanced version of the task (the "base model", which knows every valid
+answer), then fine-tuned from that same base through the Hugging Face Trainer: once with plain
+cross-entropy (the stock ``Trainer``) and once per GEM beta with the package's
+``gem_kernels.integrations.transformers.GEMTrainer`` (the fused path, ``impl="torch"`` on CPU).
+``--from-scratch`` skips the base model and fine-tunes a randomly initialised one instead.
 
 The task. A prompt is ``BOS, category, noise, noise, noise, SEP``; its answer is two "word" tokens.
-Each of the 8 categories has 4 equally valid answers, but the training data shows them unbalanced:
-60% / 25% / 10% / 5% of that category's examples. The noise tokens make every prompt unique, so the
-held-out prompts (same categories, fresh noise, never seen in training) test generalisation, and a
-model that memorises its training prompts through the noise has something to overfit to.
+Each of the 8 categories has 4 equally valid answers, but the fine-tuning data shows them
+unbalanced: 60% / 25% / 10% / 5% of that category's examples. The noise tokens make every prompt
+unique, so the held-out prompts (same categories, fresh noise, never seen in training) test
+generalisation, and a model that memorises its training prompts through the noise has something to
+overfit to.
 
-Measured at checkpoints during training, from ``--samples`` answers sampled (temperature 1, no
-top-k/top-p) for each held-out prompt:
+Measured at checkpoints during fine-tuning, from n answers sampled (temperature 1, no top-k/top-p)
+for each held-out prompt:
   * entropy  - mean entropy (nats) of the next-token distribution at the two answer positions,
                along the sampled answers;
   * distinct - number of distinct valid answers among a prompt's samples (mean over prompts, max 4);
   * accuracy - share of sampled answers that are one of the category's valid answers.
 
 Usage:
-    python examples/diversity.py            # full run, a few minutes on a laptop CPU
-    python examples/diversity.py --quick    # under a minute
-    python examples/diversity.py --out docs/img/diversity.png
+    python examples/diversity.py            # full run (CE, GEM beta 0.7 and 0.5), a few minutes
+    python examples/diversity.py --quick    # CE and GEM beta 0.7, under a minute
+    python examples/diversity.py --out docs/img/diversity.png --seed 1 --betas 0.7 0.5
 
-Reference point for reading the numbers: a model that reproduced the training distribution exactly
-would have first-token entropy H(0.6, 0.25, 0.1, 0.05) = 1.03 nats and a deterministic second token,
-so entropy 0.52 nats per answer token; printed as the "data" row.
+Reference point for reading the numbers (the "data" row): a model that reproduced the fine-tuning
+distribution exactly would have first-token entropy H(0.6, 0.25, 0.1, 0.05) = 1.03 nats and a
+deterministic second token, so 0.52 nats per answer token, and would show sum_i 1 - (1 - p_i)^n
+distinct answers in n samples.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field

@@ -335,7 +335,7 @@ def _cases(rank, world, group):
     yield "error_empty_shard", empty_shard
 
     def explicit_gap():
-        # Rank 0 claims to start at 1: label 0 (and the last id) lie in no shard.
+        # Rank 0 claims to start at 1: label 0 lies in no shard, id sizes[0] in two.
         y = labels.clone()
         y[2] = 0
         _expect_error(lambda: gem_loss(_shard(full, sizes, rank), y, process_group=group,

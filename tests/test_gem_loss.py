@@ -120,8 +120,9 @@ def test_beta_one_linear_gives_the_cross_entropy_gradient():
 
 @pytest.mark.parametrize("impl", IMPLS + ["reference"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_ignored_batch_is_zero_not_nan(impl, reduction):
-    logits, labels = make_inputs(n=6, vocab=100)
+@pytest.mark.parametrize("n", [6, 0], ids=["all_ignored", "empty"])
+def test_all_ignored_batch_is_zero_not_nan(impl, reduction, n):
+    logits, labels = make_inputs(n=n, vocab=100)
     labels = torch.full_like(labels, -100)
     outs, grad = _run(logits, labels, impl=impl, reduction=reduction, return_ce=True, z_loss_scale=1e-3)
     for o in outs:

@@ -109,7 +109,7 @@ class GEMTorchFunction(torch.autograd.Function):
             ctx.grad = _CONSUMED
             if grad_loss is None:
                 return grad.zero_(), None, None, None
-            if grad_loss.dim() == 1 and grad_loss.stride(0) == 0:
+            if grad_loss.dim() == 1 and grad_loss.stride(0) == 0 and grad_loss.numel() > 0:
                 grad.mul_(grad_loss[0].to(grad.dtype))  # expanded scalar: one multiply, no sync
             else:
                 grad.mul_(grad_loss.to(grad.dtype)[:, None])

@@ -386,3 +386,12 @@ def test_reduction_none_costs_one_extra_logits_matmul():
         fused_linear_gem_loss(x, w, labels, impl="triton", reduction="none", chunk_size=10).sum().backward()
 
     assert count_flops(step) == 8 * n_valid * w.shape[1] * w.shape[0]
+
+
+def test_double_backward_is_refused():
+    x, w, b, labels = linear_inputs()
+    xs = x.float().requires_grad_()
+    loss = fused_linear_gem_loss(xs, w.float(), labels, impl="torch", reduction="none").sum()
+    (g,) = torch.autograd.grad(loss, xs, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()

@@ -26,6 +26,7 @@ import functools
 from typing import Optional, Union
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..options import GEMOptions
 from ..torch_ops import finalize, gem_grad_chunked
@@ -259,6 +260,7 @@ class FusedLinearGEMFunction(torch.autograd.Function):
         return loss, ce
 
     @staticmethod
+    @once_differentiable  # the gradients come from kernels / no_grad code: no double backward
     def backward(ctx, grad_loss, _grad_ce):
         need_gx, need_gw, need_gb = ctx.flags
         none = (None,) * 5

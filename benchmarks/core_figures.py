@@ -8,7 +8,7 @@ lanes excluded) over forward + backward, and reported as passes over the logits
 (bytes / (N * V * element size)); the budget is 3.05. Memory is tracked allocation by allocation
 (torch.profiler); the figure is how many single allocations of >= N * V elements happen during
 forward + backward: 1 (the gradient) by default, 0 with inplace_backward=True. (The torch path's
-per-block temporaries cover min(N, 2^18 / V) rows, so this holds for it once N exceeds a block.)
+per-block temporaries cover at most N / 8 rows, so this holds for it once N >= 8.)
 """
 from __future__ import annotations
 

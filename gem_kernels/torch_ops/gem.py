@@ -1,8 +1,8 @@
 """Chunked pure-PyTorch GEM: what CPU users run, and the same math as the Triton kernels.
 
-Rows are processed in blocks whose fp32 temporaries stay around CHUNK_ELEMENTS elements each, so
-the extra memory is a few blocks (never another [N, V] tensor beyond the gradient itself) and a
-block's working set stays in the CPU's cache between the passes over it.
+Rows are processed in blocks whose fp32 temporaries hold at most CHUNK_ELEMENTS elements and at
+most an eighth of the rows each, so the extra memory is a few blocks (never another [N, V] tensor
+beyond the gradient itself).
 """
 from __future__ import annotations
 
@@ -13,17 +13,22 @@ import torch
 from ..options import LOGSIGMOID_TEMPERATURE, NUM_PARTIALS, S_LOGS0, S_LSE, S_M, S_TY, S_YCOEF, GEMOptions
 from .stats import finalize
 
-# 2^18 fp32 elements = 1 MiB per temporary: with the two or three temporaries of a block this fits
-# the 2 MiB per-core L2 of the development machine, which measured fastest (tried 2^16..2^22).
-CHUNK_ELEMENTS = 1 << 18
+# 2^21 fp32 elements = 8 MiB per temporary. Measured at N=2048, V=32,000 on the 2-core development
+# machine (python -m benchmarks.torch_path): with 1 thread the block size hardly matters (2^18 to
+# 2^21 within 5%); with 2 threads every op ends in a thread barrier, so fewer, larger ops win
+# (2^18: 1.97x the time of F.cross_entropy, 2^21: 0.95x under load).
+CHUNK_ELEMENTS = 1 << 21
+# Blocks never exceed 1/MAX_BLOCK_FRACTION of the rows, which bounds the temporaries relative to
+# [N, V] for small N.
+MAX_BLOCK_FRACTION = 8
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rows_per_chunk(V: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(V, 1))
+def _rows_per_chunk(N: int, V: int) -> int:
+    return max(1, min(CHUNK_ELEMENTS // max(V, 1), -(-N // MAX_BLOCK_FRACTION)))
 
 
 def _transform(z: torch.Tensor, opts: GEMOptions) -> torch.Tensor:
@@ -106,7 +111,7 @@ def _chunk(z, labels, opts: GEMOptions, ty_given, grad_out: Optional[torch.Tenso
 
 
 def _row_blocks(N: int, V: int):
-    step = _rows_per_chunk(V)
+    step = _rows_per_chunk(N, V)
     for start in range(0, N, step):
         yield start, min(start + step, N)
 

@@ -66,13 +66,38 @@ def _naive(x, w, b, labels):
     return gem_loss_reference(torch.nn.functional.linear(x, w, b), labels)
 
 
+def _torch_ce(x, w, b, labels):
+    return torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, w, b).float(), labels)
+
+
+# Methods that run no Triton kernel: their CPU wall time means something (--time).
+TIMEABLE = ("gem_torch", "naive_gem", "torch_ce")
+
 METHODS = {
     "gem_torch": lambda: _gem("torch"),
     "gem_triton": lambda: _gem("triton"),
     "liger_ce": lambda: _liger(),
     "liger_ce_fp32_accum": lambda: _liger(torch.float32),
     "naive_gem": lambda: _naive,
+    "torch_ce": lambda: _torch_ce,
 }
+
+
+def wall_time(method: str, x, w, b, labels, repeats: int) -> float:
+    """Best-of-``repeats`` seconds of forward + backward (after one warm-up call)."""
+    import time
+
+    loss_fn = METHODS[method]()
+    best = float("inf")
+    for i in range(repeats + 1):
+        for p in (x, w, b):
+            if p is not None:
+                p.grad = None
+        t0 = time.perf_counter()
+        loss_fn(x, w, b, labels).backward()
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def measure(method: str, x, w, b, labels, flops: bool = True) -> dict:
@@ -114,6 +139,8 @@ def main(argv=None):
     ap.add_argument("--bias", action="store_true")
     ap.add_argument("--methods", default="gem_torch,gem_triton,liger_ce,naive_gem")
     ap.add_argument("--no-flops", default="", help="comma-separated methods whose FLOPs are not counted")
+    ap.add_argument("--time", type=int, default=0, metavar="N",
+                    help=f"also report best-of-N CPU seconds of forward + backward for {TIMEABLE}")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -134,6 +161,13 @@ def main(argv=None):
         print(f"{m:22s} {r['peak_bytes'] / 2**20:10.2f} {r['largest_alloc_bytes'] / 2**20:12.2f} "
               f"{r['num_allocs']:7d} {r['flops'] / 1e9:13.3f} "
               f"{r['flops'] / (6 * n_valid * args.hidden * args.vocab):20.4f}", flush=True)
+    if args.time:
+        print(f"CPU wall time, forward + backward, best of {args.time} ({torch.get_num_threads()} threads):")
+        for m in args.methods.split(","):
+            if m in TIMEABLE:
+                secs = wall_time(m, x, w, b, labels, args.time)
+                print(f"{m:22s} {secs * 1e3:10.1f} ms", flush=True)
+                next(r for r in rows if r["method"] == m)["seconds"] = secs
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "n_valid": n_valid,

@@ -102,16 +102,14 @@ class _Accumulator:
         if self.gb is not None:
             self.gb.add_(dz.sum(0, dtype=self.gb.dtype))
 
-    def result(self, scale=None):
-        """(grad_weight, grad_bias) in the parameter dtype, multiplied by ``scale`` if given."""
+    def result(self):
+        """(grad_weight, grad_bias) in the parameter dtype (the single cast of the fp32 sums)."""
         self.tmp = None
         out = []
         for acc in (self.gw, self.gb):
             if acc is None:
                 out.append(None)
                 continue
-            if scale is not None:
-                acc.mul_(scale)
             out.append(acc if acc.dtype == self.dtype else acc.to(self.dtype))
         self.gw = self.gb = None
         return tuple(out)

@@ -72,3 +72,25 @@ def test_ignore_index_may_be_any_int():
     labels[:2] = 12345
     a = gem_loss(logits, labels, ignore_index=12345, reduction="none")
     assert torch.equal(a[:2], torch.zeros(2))
+
+
+def test_works_without_triton_installed():
+    """CPU users without triton get the torch path from impl='auto' and a clear error for 'triton'."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from gem_kernels import gem_loss, fused_linear_gem_loss\n"
+        "x = torch.randn(4, 10, requires_grad=True); y = torch.tensor([1, 2, 3, -100])\n"
+        "gem_loss(x, y).backward()\n"
+        "fused_linear_gem_loss(torch.randn(4, 3), torch.randn(10, 3), y)\n"
+        "try:\n"
+        "    gem_loss(x, y, impl='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert "refused: impl='triton' needs the triton package" in out.stdout

@@ -395,3 +395,31 @@ def test_double_backward_is_refused():
     (g,) = torch.autograd.grad(loss, xs, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_autocast_runs_the_head_in_the_autocast_dtype(impl):
+    """Under torch.autocast(bfloat16) fp32 hidden/weight are cast as F.linear would; fp32 leaves get
+    fp32 gradients; the result matches the float64 truth on bf16-rounded inputs as closely as
+    plain PyTorch under the same autocast."""
+    x, w, b, labels = linear_inputs(dtype=torch.bfloat16, seed=13)
+    grads = {}
+    for name, fn, kw, dtype, amp in [("ours", fused_linear_gem_loss, dict(impl=impl, chunk_size=5), torch.float32, True),
+                                     ("base", _reference, {}, torch.float32, True),
+                                     ("truth", _reference, {}, torch.float64, False)]:
+        xs, ws, bs = _leaf(x, dtype), _leaf(w, dtype), _leaf(b, dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = fn(xs, ws, labels, bs, **kw)
+            loss.backward()  # inside the autocast block on purpose: backward must not be autocast
+        grads[name] = (loss, xs.grad, ws.grad, bs.grad)
+    assert all(g.dtype == torch.float32 for g in grads["ours"][1:])
+    # Same numbers as calling it on bf16 tensors without autocast: the head ran in bf16, and
+    # nothing inside (e.g. the torch path's fp32 bmm) was autocast.
+    xb, wb, bb = _leaf(x, torch.bfloat16), _leaf(w, torch.bfloat16), _leaf(b, torch.bfloat16)
+    fused_linear_gem_loss(xb, wb, labels, bb, impl=impl, chunk_size=5).backward()
+    for got, want in zip(grads["ours"][1:], (xb.grad, wb.grad, bb.grad)):
+        assert torch.equal(got, want.float())
+    assert torch.equal(grads["ours"][0], fused_linear_gem_loss(xb, wb, labels, bb, impl=impl, chunk_size=5))
+    for i, what in enumerate(["loss", "grad_hidden", "grad_weight", "grad_bias"]):
+        assert_close(grads["ours"][i], grads["truth"][i], what=f"autocast {what}", dtype=torch.bfloat16,
+                     baseline=grads["base"][i])

@@ -22,6 +22,7 @@ gradient matmuls (another 6 * valid * H * V), i.e. 8 instead of 6 * valid * H * 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional, Union
 
@@ -63,6 +64,17 @@ def _fp32_out_addmm_ok(device: torch.device) -> bool:
         return bool(acc[0, 0].item() == 2.0)
     except (RuntimeError, TypeError):
         return False
+
+
+def autocast_off(device_type: str):
+    """A context that disables torch.autocast for ``device_type`` if it is on (else a no-op): the
+    fused path picks its own precisions (fp32 statistics and accumulators), and an autocast bmm
+    or mm inside it would silently run in low precision."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except (RuntimeError, ValueError, TypeError):
+        enabled = False
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 class _Accumulator:
@@ -233,6 +245,7 @@ class FusedLinearGEMFunction(torch.autograd.Function):
         ctx.opts, ctx.impl, ctx.chunk_rows = opts, impl, chunk_rows
         ctx.flags = (need_gx, need_gw, need_gb)
         ctx.group = group
+        ctx.device_type = hidden2d.device.type
         ctx.eager = any_grad and token_scale is not None
         row_grad = None
         if ctx.eager:
@@ -260,6 +273,11 @@ class FusedLinearGEMFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the gradients come from kernels / no_grad code: no double backward
     def backward(ctx, grad_loss, _grad_ce):
+        with autocast_off(ctx.device_type):  # backward may run inside the caller's autocast block
+            return FusedLinearGEMFunction._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         need_gx, need_gw, need_gb = ctx.flags
         none = (None,) * 5
         if ctx.eager:

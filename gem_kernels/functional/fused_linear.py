@@ -7,6 +7,7 @@ from typing import Optional, Union
 import torch
 
 from ..autograd import FusedLinearGEMFunction
+from ..autograd.fused_linear import autocast_off
 from ..options import GEMOptions
 from ..reference import gem_loss_reference
 from ._checks import check_float_tensor, check_labels, check_options, resolve_impl
@@ -50,6 +51,27 @@ def _check_linear(hidden, weight, bias):
     return H, V
 
 
+def _autocast_inputs(hidden, weight, bias):
+    """Under torch.autocast the lm_head matmul runs in the autocast dtype, as F.linear's would:
+    float32/float16/bfloat16 operands are cast (float64 is left alone, as autocast does). The
+    casts are differentiable, so fp32 master weights receive fp32 gradients."""
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        return hidden, weight, bias
+    device_type = hidden.device.type
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return hidden, weight, bias
+    except (RuntimeError, ValueError, TypeError):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        eligible = isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        return t.to(dtype) if eligible and t.dtype != dtype else t
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
 def _check_chunk_size(chunk_size):
     if chunk_size is None:
         return None
@@ -85,8 +107,9 @@ def fused_linear_gem_loss(
 
     Args:
         hidden: [..., H] float32 / bfloat16 / float16 (float64 with impl="torch"/"reference").
-        weight: [V, H], the lm_head weight, same dtype and device as ``hidden``. May be tied to the
-            input embeddings: its gradient is returned to autograd, which adds it to the others.
+        weight: [V, H], the lm_head weight, same dtype and device as ``hidden`` (under
+            ``torch.autocast`` both are first cast to the autocast dtype, as ``F.linear`` would). May be
+            tied to the input embeddings: its gradient is returned to autograd, which adds it to the others.
         labels: [...] integer (the leading shape of ``hidden``), values in [0, V) or ``ignore_index``;
             aligned with ``hidden`` (no causal shift here).
         bias: optional [V], same dtype and device.
@@ -112,6 +135,7 @@ def fused_linear_gem_loss(
     check_options(beta=beta, h=h, ignore_index=ignore_index, reduction=reduction,
                   num_items_in_batch=num_items_in_batch, logit_scale=logit_scale, softcap=softcap,
                   z_loss_scale=z_loss_scale, return_ce=return_ce, impl=impl)
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     H, V = _check_linear(hidden, weight, bias)
     chunk_size = _check_chunk_size(chunk_size)
     layout = None
@@ -146,8 +170,9 @@ def fused_linear_gem_loss(
         token_scale = 1.0 / num_items_in_batch.detach().to(device=hidden.device, dtype=torch.float64).reshape(())
     else:
         token_scale = 1.0 / float(num_items_in_batch)
-    per_token, per_token_ce = apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts, impl,
-                                                     chunk_size, token_scale, layout.shard if layout else None)
+    with autocast_off(hidden.device.type):
+        per_token, per_token_ce = apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts, impl, chunk_size,
+                                                         token_scale, layout.shard if layout else None)
     loss = reduce_tokens(per_token, valid, reduction, num_items_in_batch, labels.shape)
     if return_ce:
         return loss, reduce_tokens(per_token_ce, valid, reduction, num_items_in_batch, labels.shape)

@@ -19,8 +19,10 @@ from .stats import finalize
 # (2^18: 1.97x the time of F.cross_entropy, 2^21: 0.95x under load).
 CHUNK_ELEMENTS = 1 << 21
 # Blocks never exceed 1/MAX_BLOCK_FRACTION of the rows, which bounds the temporaries relative to
-# [N, V] for small N.
+# [N, V], unless that would make them smaller than MIN_BLOCK_ELEMENTS (256 KiB of fp32): below that
+# the per-op overhead of many tiny blocks costs more time than the few hundred KiB save.
 MAX_BLOCK_FRACTION = 8
+MIN_BLOCK_ELEMENTS = 1 << 16
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,7 +30,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _rows_per_chunk(N: int, V: int) -> int:
-    return max(1, min(CHUNK_ELEMENTS // max(V, 1), -(-N // MAX_BLOCK_FRACTION)))
+    V = max(V, 1)
+    rows = min(CHUNK_ELEMENTS // V, -(-N // MAX_BLOCK_FRACTION))
+    return max(1, rows, min(N, MIN_BLOCK_ELEMENTS // V))
 
 
 def _transform(z: torch.Tensor, opts: GEMOptions) -> torch.Tensor:

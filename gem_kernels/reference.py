@@ -46,6 +46,8 @@ def gem_loss_reference(
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if labels.dtype not in (torch.int32, torch.int64):
+        labels = labels.long()  # a narrow dtype would wrap a negative ignore_index in the comparison
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
 
@@ -57,7 +59,9 @@ def gem_loss_reference(
             w = torch.ones_like(t)
         else:
             w = torch.sigmoid((t - t_y) / LOGSIGMOID_TEMPERATURE)
-    per_token = (q * w * (t - t_y)).sum(-1)
+    contrib = q * w * (t - t_y)
+    # q_j = 0 exactly where t_j = -inf (masked vocabulary): that term is 0, not 0 * inf = NaN.
+    per_token = torch.where(q == 0, torch.zeros_like(contrib), contrib).sum(-1)
     lse = torch.logsumexp(t, dim=-1)
     if z_loss_scale:
         per_token = per_token + z_loss_scale * lse * lse

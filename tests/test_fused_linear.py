@@ -423,3 +423,37 @@ def test_autocast_runs_the_head_in_the_autocast_dtype(impl):
     for i, what in enumerate(["loss", "grad_hidden", "grad_weight", "grad_bias"]):
         assert_close(grads["ours"][i], grads["truth"][i], what=f"autocast {what}", dtype=torch.bfloat16,
                      baseline=grads["base"][i])
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_review_regressions_no_grad_strided_labels_fp16(impl):
+    """Under no_grad only the loss matmul runs; strided labels are read correctly; fp16 gradients
+    carry a GradScaler-sized upstream factor without underflow."""
+    from benchmarks.measure import count_flops
+
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(32, 16, generator=g)
+    weight = torch.nn.Parameter(torch.randn(300, 16, generator=g) / 4)
+    labels = torch.randint(0, 300, (32, 2), generator=g)[:, 1]
+    assert not labels.is_contiguous()
+    with torch.no_grad():
+        flops = count_flops(fused_linear_gem_loss, hidden.requires_grad_(), weight, labels, impl=impl)
+    # the logits matmul only (+ the torch path's row-dot in its GEM forward)
+    assert flops == 2 * 32 * 16 * 300 + (2 * 32 * 300 if impl == "torch" else 0)
+    hidden.requires_grad_(False)
+    loss = fused_linear_gem_loss(hidden, weight, labels, impl=impl)
+    ref = gem_loss_reference(hidden.double() @ weight.double().T, labels)
+    assert_close(loss, ref, what="fused loss with strided labels")
+
+    # fp16: 512 tokens and spread-out logits, so dZ / n_valid would underflow fp16 without the scale
+    hidden, weight = torch.randn(512, 16, generator=g), torch.randn(2000, 16, generator=g)
+    labels = torch.randint(0, 2000, (512,), generator=g)
+    h16, w16 = hidden.half().requires_grad_(), weight.half().requires_grad_()
+    (fused_linear_gem_loss(h16, w16, labels, impl=impl) * 65536.0).backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    (gem_loss_reference(h64 @ w64.T, labels) * 65536.0).backward()
+    for got, want, name in ((h16.grad, h64.grad, "hidden"), (w16.grad, w64.grad, "weight")):
+        zeroed = int(((got == 0) & (want.abs() > 1e-3)).sum())
+        assert zeroed == 0, f"fp16 {name} grad: {zeroed} entries underflowed to 0"
+        # fp16 matmuls of rounded dZ: allow fp16-sized error relative to the gradient's scale
+        assert_close(got, want, what=f"fp16 {name} grad x 65536", atol=2e-3 * float(want.abs().max()), rtol=1e-2)

@@ -178,9 +178,13 @@ def test_masked_vocabulary_minus_inf(impl):
     outs, grad = _run(logits.requires_grad_(), labels, impl=impl, return_ce=True, z_loss_scale=1e-3)
     ref_outs, ref_grad = _run(fresh(logits[:, :4100], torch.float64), labels, impl="reference", return_ce=True,
                               z_loss_scale=1e-3)
-    for a, t in zip(outs, ref_outs):
+    full_outs, full_grad = _run(fresh(logits, torch.float64), labels, impl="reference", return_ce=True,
+                                z_loss_scale=1e-3)
+    for a, t, f in zip(outs, ref_outs, full_outs):
         assert_close(a, t, what="loss with -inf logits")
+        assert_close(f, t, what="reference with -inf logits")
     assert_close(grad[:, :4100], ref_grad, what="grad with -inf logits")
+    assert torch.equal(full_grad[:, 4100:], torch.zeros_like(full_grad[:, 4100:]))
     assert torch.equal(grad[:, 4100:], torch.zeros_like(grad[:, 4100:]))
 
 
@@ -237,3 +241,67 @@ def test_loss_can_be_negative_and_equals_expected_logit_gap():
         got = gem_loss(logits, labels, impl=impl)
         assert got.item() < 0
         assert math.isclose(got.item(), expected.item(), rel_tol=1e-5, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", ["strided", "expanded", "uint8"])
+def test_label_layouts_and_dtypes(impl, layout):
+    """Labels that are strided views, 0-stride expansions or a narrow dtype (uint8, where the
+    comparison with ignore_index=-100 must not wrap to 156)."""
+    logits, labels = make_inputs(n=8, vocab=200, ignore_frac=0.0)
+    if layout == "strided":
+        labels = torch.stack([labels, labels.flip(0)], 1)[:, 1]
+    elif layout == "expanded":
+        labels = torch.tensor(7).expand(8)
+    else:
+        labels = labels.clone()
+        labels[0] = 156
+        labels = labels.to(torch.uint8)
+    assert layout == "uint8" or not labels.is_contiguous()
+    _check_against_reference(logits, labels.long() if layout == "uint8" else labels, impl, reduction="none")
+    outs, grad = _run(logits, labels, impl=impl, reduction="none")
+    ref_outs, ref_grad = _run(fresh(logits, torch.float64), labels.long(), impl="reference", reduction="none")
+    assert_close(outs[0], ref_outs[0], what=f"{layout} labels loss")
+    assert_close(grad, ref_grad, what=f"{layout} labels grad")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_ignores_rows_with_huge_logits(impl):
+    """Ignored rows get exactly zero gradient even when their logits would overflow exp()."""
+    logits, labels = make_inputs(n=8, vocab=300, ignore_frac=0.0, requires_grad=False)
+    logits[:, 7] = 95.0
+    labels[:4] = -100
+    x = logits.clone().requires_grad_()
+    gem_loss(x * 1.0, labels, beta=0.5, z_loss_scale=1e-3, impl=impl, inplace_backward=True).backward()
+    _, expected = _run(logits.requires_grad_(), labels, beta=0.5, z_loss_scale=1e-3, impl="reference")
+    assert_close(x.grad, expected, what="in-place grad with ignored huge rows")
+    assert torch.equal(x.grad[:4], torch.zeros_like(x.grad[:4]))
+
+
+def test_inplace_refuses_overlapping_rows():
+    logits = torch.randn(1, 50).expand(4, 50).requires_grad_()
+    with pytest.raises(ValueError, match="rows do not overlap"):
+        gem_loss(logits, torch.arange(4), inplace_backward=True, impl="triton")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp16_gradient_keeps_the_upstream_scale(impl):
+    """GradScaler-style upstream factors must be applied before rounding to fp16: no small entry
+    underflows to zero, every entry is within fp16 rounding of the float64 truth."""
+    logits, labels = make_inputs(n=64, vocab=4000, dtype=torch.float16, ignore_frac=0.0, scale=4.0)
+    x = fresh(logits)
+    (gem_loss(x, labels, impl=impl) * 65536.0).backward()
+    xt = fresh(logits, torch.float64)
+    (gem_loss_reference(xt, labels) * 65536.0).backward()
+    assert_close(x.grad, xt.grad, what=f"fp16 grad x 65536 ({impl})", atol=1e-7, rtol=2e-3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_grad_computes_no_gradient(impl):
+    """Under torch.no_grad() even logits that require grad cost no [N, V] gradient buffer."""
+    from benchmarks.measure import peak_memory
+
+    logits, labels = make_inputs(n=64, vocab=3000)
+    with torch.no_grad():
+        report = peak_memory(gem_loss, logits, labels, impl=impl)
+    assert report.count_allocs_at_least(64 * 3000 * 4) == 0, report

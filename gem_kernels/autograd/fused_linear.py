@@ -231,9 +231,12 @@ class FusedLinearGEMFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, labels, opts: GEMOptions, impl: str,
-                chunk_size: Optional[int], token_scale: Union[None, float, torch.Tensor], group=None):
-        need_gx, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_gb = bias is not None and ctx.needs_input_grad[2]
+                chunk_size: Optional[int], token_scale: Union[None, float, torch.Tensor], group=None,
+                grad_enabled: bool = True):
+        # Under torch.no_grad() no backward can follow: compute the loss only.
+        need_gx = grad_enabled and ctx.needs_input_grad[0]
+        need_gw = grad_enabled and ctx.needs_input_grad[1]
+        need_gb = grad_enabled and bias is not None and ctx.needs_input_grad[2]
         any_grad = need_gx or need_gw or need_gb
         N, H = hidden2d.shape
         V = weight.shape[0]
@@ -246,7 +249,9 @@ class FusedLinearGEMFunction(torch.autograd.Function):
         ctx.flags = (need_gx, need_gw, need_gb)
         ctx.group = group
         ctx.device_type = hidden2d.device.type
-        ctx.eager = any_grad and token_scale is not None
+        # fp16 defers too: dZ must carry the upstream gradient (e.g. GradScaler's 2^16) before it is
+        # rounded to fp16, or its small entries underflow; the upstream is only known in backward.
+        ctx.eager = any_grad and token_scale is not None and hidden2d.dtype != torch.float16
         row_grad = None
         if ctx.eager:
             cdt = torch.float64 if hidden2d.dtype == torch.float64 else torch.float32
@@ -279,7 +284,7 @@ class FusedLinearGEMFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_loss):
         need_gx, need_gw, need_gb = ctx.flags
-        none = (None,) * 5
+        none = (None,) * 6
         if ctx.eager:
             grads = ctx.grads
             if grads is _CONSUMED:
@@ -296,7 +301,7 @@ class FusedLinearGEMFunction(torch.autograd.Function):
             for g in (gx, gw, gb):
                 if g is not None and scale != 1.0:
                     g.mul_(scale)
-            return (gx, gw, gb, None) + none[:5]
+            return (gx, gw, gb, None) + none[:6]
         hidden2d, weight, bias, rows, labels_v, stats_v = ctx.saved_tensors
         if grad_loss is None:
             grad_loss = torch.zeros(hidden2d.shape[0], dtype=torch.float32, device=hidden2d.device)
@@ -306,7 +311,7 @@ class FusedLinearGEMFunction(torch.autograd.Function):
             row_grad=row_grad, stats_v=stats_v, need_gx=need_gx, need_gw=need_gw, need_gb=need_gb)
         _sum_over_shards(gx, ctx.group)
         gw, gb = acc.result()
-        return (gx, gw, gb, None) + none[:5]
+        return (gx, gw, gb, None) + none[:6]
 
 
 def _sum_over_shards(gx: Optional[torch.Tensor], group) -> None:

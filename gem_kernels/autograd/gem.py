@@ -58,7 +58,7 @@ class GEMTritonFunction(torch.autograd.Function):
     """Triton path: forward kernel (one read of the logits) + backward kernel (one read, one write)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, opts: GEMOptions, group):
+    def forward(ctx, logits, labels, opts: GEMOptions, group, grad_enabled: bool = True):
         valid = labels != opts.ignore_index
         partials = vocab_parallel.combined_partials(triton_partials, logits, labels, opts, group)
         loss, ce, stats = finalize(partials, valid, opts)
@@ -72,7 +72,7 @@ class GEMTritonFunction(torch.autograd.Function):
         opts: GEMOptions = ctx.opts
         grad_loss = _zeros_if_none(grad_loss, logits.shape[0], logits)
         out = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
-        return triton_grad(logits, labels, stats, grad_loss, opts, out), None, None, None
+        return triton_grad(logits, labels, stats, grad_loss, opts, out), None, None, None, None
 
 
 class GEMTorchFunction(torch.autograd.Function):
@@ -81,9 +81,12 @@ class GEMTorchFunction(torch.autograd.Function):
     otherwise backward recomputes it chunk by chunk from the saved statistics."""
 
     @staticmethod
-    def forward(ctx, logits, labels, opts: GEMOptions, group):
+    def forward(ctx, logits, labels, opts: GEMOptions, group, grad_enabled: bool = True):
         valid = labels != opts.ignore_index
-        eager_grad = ctx.needs_input_grad[0] and not opts.inplace_backward and group is None
+        # fp16 is excluded: its gradient must be scaled by the upstream gradient (e.g. GradScaler's
+        # 2^16) before it is rounded to fp16, or small entries underflow; it is recomputed in backward.
+        eager_grad = (grad_enabled and ctx.needs_input_grad[0] and not opts.inplace_backward and group is None
+                      and logits.dtype != torch.float16)
         if eager_grad:
             partials, grad = gem_forward_chunked(logits, labels, opts, compute_grad=True)
         else:
@@ -108,16 +111,16 @@ class GEMTorchFunction(torch.autograd.Function):
                 )
             ctx.grad = _CONSUMED
             if grad_loss is None:
-                return grad.zero_(), None, None, None
+                return grad.zero_(), None, None, None, None
             if grad_loss.dim() == 1 and grad_loss.stride(0) == 0 and grad_loss.numel() > 0:
                 grad.mul_(grad_loss[0].to(grad.dtype))  # expanded scalar: one multiply, no sync
             else:
                 grad.mul_(grad_loss.to(grad.dtype)[:, None])
-            return grad, None, None, None
+            return grad, None, None, None, None
         logits, labels, stats = ctx.saved_tensors
         grad_loss = _zeros_if_none(grad_loss, logits.shape[0], logits)
         out = logits if opts.inplace_backward else None
-        return gem_grad_chunked(logits, labels, stats, grad_loss, opts, out=out), None, None, None
+        return gem_grad_chunked(logits, labels, stats, grad_loss, opts, out=out), None, None, None, None
 
 
 _CONSUMED = object()

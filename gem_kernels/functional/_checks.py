@@ -51,8 +51,21 @@ def check_options(*, beta, h, ignore_index, reduction, num_items_in_batch, logit
             if num_items_in_batch.numel() != 1:
                 raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, "
                                  f"got a tensor of shape {tuple(num_items_in_batch.shape)}")
+            if num_items_in_batch.device.type == "cpu" and not bool(num_items_in_batch.reshape(()) > 0):
+                # checked where it costs no device sync (Hugging Face passes a CPU or device tensor)
+                raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch.item()}")
         elif not _is_real(num_items_in_batch) or not num_items_in_batch > 0:
             raise ValueError(f"num_items_in_batch must be a number > 0 or a tensor, got {num_items_in_batch!r}")
+
+
+def index_labels(labels):
+    """Type-check ``labels`` as an integer tensor and widen narrow integer dtypes to int64, so that
+    comparisons with a negative ignore_index (and indexing) behave; int32/int64 pass through."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    return labels if labels.dtype in (torch.int32, torch.int64) else labels.long()
 
 
 def check_labels(labels, name_shape: str, expected_shape, device, num_classes: Optional[int], ignore_index: int):

@@ -10,7 +10,7 @@ from ..autograd import FusedLinearGEMFunction
 from ..autograd.fused_linear import autocast_off
 from ..options import GEMOptions
 from ..reference import gem_loss_reference
-from ._checks import check_float_tensor, check_labels, check_options, resolve_impl
+from ._checks import check_float_tensor, check_labels, check_options, index_labels, resolve_impl
 from ._reduce import reduce_tokens
 from ._vocab_parallel import resolve_vocab_shard, shard_chunk_rows
 
@@ -19,7 +19,7 @@ def apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts: GEMOptions, i
                            group=None):
     """The one place FusedLinearGEMFunction is applied: (per-token loss [N], per-token CE [N] or empty)."""
     return FusedLinearGEMFunction.apply(hidden2d, weight, bias, labels1d, opts, impl, chunk_size, token_scale,
-                                        group)
+                                        group, torch.is_grad_enabled())
 
 
 def _check_linear(hidden, weight, bias):
@@ -126,8 +126,10 @@ def fused_linear_gem_loss(
 
     Gradients for hidden, weight and bias are computed only when required; with a reduced loss they
     are computed during the forward and backward only rescales them (one backward per forward).
-    With ``reduction="none"`` they are computed in backward, which recomputes each chunk's logits
-    (8 instead of 6 x valid_tokens x H x V matmul FLOPs) so per-token upstream gradients are exact.
+    With ``reduction="none"``, and for float16 inputs (whose gradient must include the upstream
+    gradient, e.g. a GradScaler factor, before it is rounded), they are computed in backward, which
+    recomputes each chunk's logits (8 instead of 6 x valid_tokens x H x V matmul FLOPs).
+    Under ``torch.no_grad()`` only the loss is computed.
 
     Returns:
         float32 loss (scalar for "mean"/"sum", [...] for "none"), or ``(loss, ce)`` when ``return_ce``.
@@ -137,6 +139,7 @@ def fused_linear_gem_loss(
                   z_loss_scale=z_loss_scale, return_ce=return_ce, impl=impl)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     H, V = _check_linear(hidden, weight, bias)
+    labels = index_labels(labels)
     chunk_size = _check_chunk_size(chunk_size)
     layout = None
     if process_group is not None or vocab_start is not None:
@@ -155,7 +158,7 @@ def fused_linear_gem_loss(
                       softcap=None if softcap is None else float(softcap), z_loss_scale=float(z_loss_scale),
                       return_ce=return_ce, vocab_start=layout.vocab_start if layout else 0)
     hidden2d = hidden.reshape(-1, H)
-    labels1d = labels.reshape(-1)
+    labels1d = labels.reshape(-1).contiguous()  # the kernels index labels with unit stride
     valid = labels1d != ignore_index
     if layout is not None and chunk_size is None:  # every rank must cut the same chunks
         chunk_size = shard_chunk_rows(layout, int(valid.sum()), H, V)

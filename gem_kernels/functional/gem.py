@@ -8,7 +8,7 @@ import torch
 from ..autograd import GEMTorchFunction, GEMTritonFunction
 from ..options import GEMOptions
 from ..reference import gem_loss_reference
-from ._checks import check_float_tensor, check_labels, check_options, resolve_impl
+from ._checks import check_float_tensor, check_labels, check_options, index_labels, resolve_impl
 from ._reduce import reduce_tokens
 from ._vocab_parallel import resolve_vocab_shard
 
@@ -16,8 +16,9 @@ _FUNCTIONS = {"triton": GEMTritonFunction, "torch": GEMTorchFunction}
 
 
 def apply_gem(logits2d: torch.Tensor, labels1d: torch.Tensor, opts: GEMOptions, impl: str, group=None):
-    """The one place a GEM autograd Function is applied: (per-token loss [N], per-token CE [N] or empty)."""
-    return _FUNCTIONS[impl].apply(logits2d, labels1d, opts, group)
+    """The one place a GEM autograd Function is applied: (per-token loss [N], per-token CE [N] or empty).
+    The grad mode is passed in because inside Function.forward it is always off."""
+    return _FUNCTIONS[impl].apply(logits2d, labels1d, opts, group, torch.is_grad_enabled())
 
 
 def gem_loss(
@@ -79,6 +80,7 @@ def gem_loss(
     check_float_tensor(logits, "logits")
     if logits.dim() < 1:
         raise ValueError("logits must have at least one dimension (the vocabulary), got a scalar")
+    labels = index_labels(labels)
     V = logits.shape[-1]
     if V < 1 and process_group is None:  # a group checks every shard's size on every rank alike
         raise ValueError("logits must have a vocabulary dimension of size >= 1, got 0")
@@ -98,9 +100,12 @@ def gem_loss(
                       softcap=None if softcap is None else float(softcap), z_loss_scale=float(z_loss_scale),
                       return_ce=return_ce, inplace_backward=inplace_backward, vocab_start=offset)
     logits2d = logits.reshape(-1, V)
-    if logits2d.stride(-1) != 1:
+    if logits2d.stride(-1) != 1 and V > 1:
         logits2d = logits2d.contiguous()
-    labels1d = labels.reshape(-1)
+    if inplace_backward and logits2d.shape[0] > 1 and logits2d.stride(0) < V:
+        raise ValueError("inplace_backward=True needs logits whose rows do not overlap in memory (e.g. not an "
+                         f"expanded tensor); got row stride {logits2d.stride(0)} for V={V}")
+    labels1d = labels.reshape(-1).contiguous()  # the kernels index labels with unit stride
     valid = labels1d != ignore_index
     per_token, per_token_ce = apply_gem(logits2d, labels1d, opts, impl, shard)
     loss = reduce_tokens(per_token, valid, reduction, num_items_in_batch, labels.shape)

@@ -91,7 +91,9 @@ def gem_backward(
     (options.S_*); grad_loss [N] any stride (0 for an expanded scalar). ``softcap`` <= 0: none.
     """
     N, V = logits.shape
-    if grad_logits.shape != logits.shape or grad_logits.stride(1) != 1:
+    if labels.shape != (N,) or (N > 1 and labels.stride(0) != 1):
+        raise ValueError(f"gem_backward: labels must be contiguous of shape ({N},), got strides {labels.stride()}")
+    if grad_logits.shape != logits.shape or (grad_logits.stride(1) != 1 and V > 1):
         raise ValueError("gem_backward: grad_logits must match logits' shape with unit column stride")
     if stats.shape != (N, NUM_STATS) or stats.dtype != torch.float32:
         raise ValueError(f"gem_backward: stats must be fp32 of shape ({N}, {NUM_STATS})")

@@ -111,14 +111,15 @@ def gem_forward(
     ``softcap`` <= 0 means no softcap. Labels must already be validated: a non-ignored label
     must lie in [vocab_start, vocab_start + V) unless label_logits is given.
     """
-    if logits.dim() != 2 or logits.stride(1) != 1:
+    if logits.dim() != 2 or (logits.stride(1) != 1 and logits.shape[1] > 1):
         raise ValueError(f"gem_forward: logits must be 2-D with unit column stride, got shape "
                          f"{tuple(logits.shape)} strides {logits.stride()}")
     if logits.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"gem_forward: logits dtype must be one of {SUPPORTED_DTYPES}, got {logits.dtype}")
     N, V = logits.shape
-    if labels.shape != (N,):
-        raise ValueError(f"gem_forward: labels must have shape ({N},), got {tuple(labels.shape)}")
+    if labels.shape != (N,) or (N > 1 and labels.stride(0) != 1):
+        raise ValueError(f"gem_forward: labels must be contiguous of shape ({N},), got shape "
+                         f"{tuple(labels.shape)} strides {labels.stride()}")
     partials = torch.empty(N, NUM_PARTIALS, dtype=torch.float32, device=logits.device)
     if N == 0:
         return partials

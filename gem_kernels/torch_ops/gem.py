@@ -201,7 +201,8 @@ def gem_grad_chunked(
             lse = st[:, S_LSE, None]
             g.add_(torch.sub(t, lse).exp_().mul_(2.0 * opts.z_loss_scale * lse))
         _chain(g, t, opts)
-        scale = torch.where(valid, grad_loss[a:b].to(g.dtype), 0.0)
-        g.mul_(scale[:, None])
+        g.mul_(grad_loss[a:b].to(g.dtype)[:, None])
+        # Ignored rows have zero statistics, so their terms above may be inf; overwrite, never multiply.
+        g.masked_fill_(~valid[:, None], 0.0)
         out[a:b].copy_(g)
     return out

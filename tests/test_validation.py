@@ -26,6 +26,7 @@ BAD_OPTIONS = [
     ({"num_items_in_batch": 0}, ValueError, "num_items_in_batch"),
     ({"num_items_in_batch": 5, "reduction": "sum"}, ValueError, "num_items_in_batch"),
     ({"num_items_in_batch": torch.ones(2)}, ValueError, "num_items_in_batch"),
+    ({"num_items_in_batch": torch.tensor(0)}, ValueError, "num_items_in_batch must be > 0"),
 ]
 
 

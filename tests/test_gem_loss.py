@@ -18,6 +18,7 @@ OPTION_SETS = {
     "scale": {"logit_scale": 0.37},
     "softcap": {"softcap": 4.0},
     "scale+softcap": {"logit_scale": 1.5, "softcap": 6.0},
+    "bigcap": {"softcap": 1000.0},  # tanh near 0, where precision is easy to lose
     "zloss": {"z_loss_scale": 1e-3},
     "ce": {"return_ce": True},
     "everything": {"beta": 0.5, "logit_scale": 1.2, "softcap": 5.0, "z_loss_scale": 1e-2, "return_ce": True},

@@ -181,6 +181,33 @@ def test_logit_transforms_read_from_config():
     assert logit_transform_from_config(Gemma2Config(final_logit_softcapping=30.0)) == (1.0, 30.0)
     assert logit_transform_from_config(CohereConfig(logit_scale=0.0625)) == (0.0625, None)
     assert logit_transform_from_config(GraniteConfig(logits_scaling=8.0)) == (0.125, None)
+    import transformers
+
+    # HyperCLOVA X multiplies by logits_scaling, MiniCPM3 applies it to the hidden states before the
+    # head, Falcon-H1 multiplies by lm_head_multiplier; an unknown model type is refused, not guessed.
+    cfgs = {name: getattr(transformers, name, None) for name in ("HyperCLOVAXConfig", "MiniCPM3Config",
+                                                                 "FalconH1Config")}
+    if cfgs["HyperCLOVAXConfig"] is not None:
+        assert logit_transform_from_config(cfgs["HyperCLOVAXConfig"](logits_scaling=4.0)) == (4.0, None)
+    if cfgs["MiniCPM3Config"] is not None:
+        cfg = cfgs["MiniCPM3Config"]()  # logits_scaling is derived (hidden_size / dim_model_base) here
+        assert cfg.logits_scaling != 1.0 and logit_transform_from_config(cfg) == (1.0, None)
+    if cfgs["FalconH1Config"] is not None:
+        assert logit_transform_from_config(cfgs["FalconH1Config"](lm_head_multiplier=4.0)) == (4.0, None)
+    unknown = LlamaConfig()
+    unknown.logits_scaling = 3.0
+    with pytest.raises(ValueError, match="pass logit_scale"):
+        logit_transform_from_config(unknown)
+    model = tiny_model("llama")
+    model.config.logits_scaling = 3.0
+    apply_gem(model, beta=BETA, logit_scale=1 / 3.0)  # an explicit value is accepted instead
+
+
+def test_apply_gem_refuses_encoder_decoder_models():
+    model = tiny_model("llama")
+    model.config.is_encoder_decoder = True
+    with pytest.raises(ValueError, match="causal LMs"):
+        apply_gem(model, beta=BETA)
 
 
 def test_bad_options_fail_early():

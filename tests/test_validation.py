@@ -23,10 +23,10 @@ BAD_OPTIONS = [
     ({"return_ce": 1}, TypeError, "return_ce"),
     ({"inplace_backward": "yes"}, TypeError, "inplace_backward"),
     ({"inplace_backward": True, "impl": "reference"}, ValueError, "inplace_backward"),
-    ({"num_items_in_batch": 0}, ValueError, "num_items_in_batch"),
+    ({"num_items_in_batch": -1}, ValueError, "num_items_in_batch"),
     ({"num_items_in_batch": 5, "reduction": "sum"}, ValueError, "num_items_in_batch"),
     ({"num_items_in_batch": torch.ones(2)}, ValueError, "num_items_in_batch"),
-    ({"num_items_in_batch": torch.tensor(0)}, ValueError, "num_items_in_batch must be > 0"),
+    ({"num_items_in_batch": torch.tensor(-2)}, ValueError, "num_items_in_batch must be >= 0"),
 ]
 
 
@@ -95,3 +95,21 @@ def test_works_without_triton_installed():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PATH": ""})
     assert out.returncode == 0, out.stderr
     assert "refused: impl='triton' needs the triton package" in out.stdout
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("num_items", [0, torch.tensor(0), torch.tensor(0.0)])
+def test_zero_num_items_with_all_ignored_is_zero_not_nan(impl, num_items):
+    """A fully masked accumulation window (Trainer passes num_items_in_batch = 0) gives 0, not NaN."""
+    from gem_kernels import fused_linear_gem_loss
+
+    logits, labels = make_inputs(n=4, vocab=10)
+    labels = torch.full_like(labels, -100)
+    loss = gem_loss(logits, labels, num_items_in_batch=num_items, impl=impl)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits.grad))
+    hidden = torch.randn(4, 3, requires_grad=True)
+    weight = torch.randn(10, 3, requires_grad=True)
+    loss = fused_linear_gem_loss(hidden, weight, labels, num_items_in_batch=num_items, impl=impl)
+    loss.backward()
+    assert loss.item() == 0.0 and not hidden.grad.isnan().any() and not weight.grad.isnan().any()

@@ -51,11 +51,11 @@ def check_options(*, beta, h, ignore_index, reduction, num_items_in_batch, logit
             if num_items_in_batch.numel() != 1:
                 raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, "
                                  f"got a tensor of shape {tuple(num_items_in_batch.shape)}")
-            if num_items_in_batch.device.type == "cpu" and not bool(num_items_in_batch.reshape(()) > 0):
+            if num_items_in_batch.device.type == "cpu" and not bool(num_items_in_batch.reshape(()) >= 0):
                 # checked where it costs no device sync (Hugging Face passes a CPU or device tensor)
-                raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch.item()}")
-        elif not _is_real(num_items_in_batch) or not num_items_in_batch > 0:
-            raise ValueError(f"num_items_in_batch must be a number > 0 or a tensor, got {num_items_in_batch!r}")
+                raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch.item()}")
+        elif not _is_real(num_items_in_batch) or not num_items_in_batch >= 0:
+            raise ValueError(f"num_items_in_batch must be a number >= 0 or a tensor, got {num_items_in_batch!r}")
 
 
 def index_labels(labels):

@@ -17,6 +17,14 @@ def reduce_tokens(per_token: torch.Tensor, valid: torch.Tensor, reduction: str, 
         return total
     if num_items_in_batch is None:
         return total / valid.sum().clamp(min=1).to(total.dtype)
+    return total / items_denominator(num_items_in_batch, total)
+
+
+def items_denominator(num_items_in_batch, like: torch.Tensor):
+    """num_items_in_batch as a divisor, with 0 read as 1: a count of 0 means every token of the
+    accumulation window is ignored, so the sum is 0 and the loss must be 0 with zero gradient
+    (as for an all-ignored batch), not 0/0 = NaN."""
     if isinstance(num_items_in_batch, torch.Tensor):
-        return total / num_items_in_batch.to(device=total.device, dtype=total.dtype).reshape(())
-    return total / float(num_items_in_batch)
+        n = num_items_in_batch.to(device=like.device, dtype=like.dtype).reshape(())
+        return torch.where(n == 0, torch.ones_like(n), n)
+    return float(num_items_in_batch) or 1.0

@@ -11,7 +11,7 @@ from ..autograd.fused_linear import autocast_off
 from ..options import GEMOptions
 from ..reference import gem_loss_reference
 from ._checks import check_float_tensor, check_labels, check_options, index_labels, resolve_impl
-from ._reduce import reduce_tokens
+from ._reduce import items_denominator, reduce_tokens
 from ._vocab_parallel import resolve_vocab_shard, shard_chunk_rows
 
 
@@ -169,10 +169,10 @@ def fused_linear_gem_loss(
         token_scale = 1.0
     elif num_items_in_batch is None:
         token_scale = 1.0 / valid.sum().clamp(min=1).double()
-    elif isinstance(num_items_in_batch, torch.Tensor):
-        token_scale = 1.0 / num_items_in_batch.detach().to(device=hidden.device, dtype=torch.float64).reshape(())
     else:
-        token_scale = 1.0 / float(num_items_in_batch)
+        token_scale = 1.0 / items_denominator(
+            num_items_in_batch.detach() if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch,
+            torch.empty((), dtype=torch.float64, device=hidden.device))
     with autocast_off(hidden.device.type):
         per_token, per_token_ce = apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts, impl, chunk_size,
                                                          token_scale, layout.shard if layout else None)

@@ -122,19 +122,39 @@ def gem_compute_loss_func(*, beta: float = 0.7, h: str = "linear", **options) ->
     return GEMComputeLoss(beta=beta, h=h, **options)
 
 
+# How models that carry a logit multiplier in their config apply it between the LM head and the
+# logits (read from transformers' modeling code). Keyed by model_type prefix.
+_LOGITS_SCALING_DIVIDES = ("granite",)  # logits = lm_head(h) / logits_scaling
+_LOGITS_SCALING_MULTIPLIES = ("hyperclovax",)  # logits = lm_head(h) * logits_scaling
+_LOGITS_SCALING_ON_HIDDEN = ("minicpm",)  # h / logits_scaling before lm_head: nothing to add
+
+
 def logit_transform_from_config(config) -> tuple:
     """``(logit_scale, softcap)`` that the model's forward applies to ``lm_head(hidden)``.
 
     Reads ``final_logit_softcapping`` (Gemma-2/3), ``logit_scale`` (Cohere), ``logits_scaling``
-    (Granite divides by it) and ``output_multiplier``. A model applying any other transform
+    (Granite divides by it, HyperCLOVA X multiplies, MiniCPM3 scales the hidden states before the
+    head), ``lm_head_multiplier`` (Falcon-H1) and ``output_multiplier``. A ``logits_scaling`` on a
+    model type not listed here raises instead of guessing; a model applying any other transform
     between its LM head and its logits is not detected: pass ``logit_scale`` / ``softcap`` to
-    :func:`apply_gem` yourself.
+    :func:`apply_gem` yourself (explicit values override the config).
     """
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = str(getattr(text, "model_type", "") or getattr(config, "model_type", ""))
     softcap = getattr(text, "final_logit_softcapping", None)
     scale = getattr(text, "logit_scale", None)
-    if scale is None and getattr(text, "logits_scaling", None) is not None:
-        scale = 1.0 / float(text.logits_scaling)
+    ls = getattr(text, "logits_scaling", None)
+    if scale is None and ls is not None and float(ls) != 1.0:
+        if model_type.startswith(_LOGITS_SCALING_DIVIDES):
+            scale = 1.0 / float(ls)
+        elif model_type.startswith(_LOGITS_SCALING_MULTIPLIES):
+            scale = float(ls)
+        elif not model_type.startswith(_LOGITS_SCALING_ON_HIDDEN):
+            raise ValueError(f"apply_gem: config has logits_scaling={ls} but how model_type {model_type!r} "
+                             f"applies it is unknown; pass logit_scale=... (the factor the logits are "
+                             f"multiplied by) explicitly")
+    if scale is None:
+        scale = getattr(text, "lm_head_multiplier", None)
     if scale is None:
         scale = getattr(text, "output_multiplier", None)
     return (1.0 if scale is None else float(scale)), (None if not softcap else float(softcap))
@@ -246,6 +266,12 @@ def _gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch
                                 f"{type(head).__name__}); adapters or quantised heads on the LM head are not "
                                 f"supported by the fused path")
             weight, bias = _full(head.weight), _full(head.bias)
+            if weight.device.type == "meta":
+                raise RuntimeError("apply_gem: the LM head's weight is offloaded (meta device, e.g. accelerate "
+                                   "cpu_offload / disk offload); the fused path cannot load it. Use "
+                                   "gem_compute_loss_func (the logits path) for offloaded models")
+            if hidden.device != weight.device:  # a device_map may put the head on another device
+                hidden = hidden.to(weight.device)
             device = hidden.device.type
             if torch.is_autocast_enabled(device):
                 # What autocast would do to lm_head(hidden); the kernel itself then runs without
@@ -311,7 +337,17 @@ def apply_gem(model, *, beta: float = 0.7, h: str = "linear", **options):
         original, own = previous.original_forward, previous.own_forward
     else:
         original, own = target.forward, "forward" in target.__dict__
-    scale, softcap = logit_transform_from_config(target.config)
+    if "logit_scale" in options or "softcap" in options:
+        # explicit values win; the config is only read for what was not given
+        try:
+            scale, softcap = logit_transform_from_config(target.config)
+        except ValueError:
+            scale, softcap = 1.0, getattr(target.config.get_text_config(), "final_logit_softcapping", None)
+    else:
+        scale, softcap = logit_transform_from_config(target.config)
+    if getattr(target.config, "is_encoder_decoder", False):
+        raise ValueError("apply_gem supports causal LMs (labels shifted by one inside the model); "
+                         f"{type(target).__name__} is an encoder-decoder model")
     setattr(target, _STATE_ATTR, _GEMState(original, own, options, scale, softcap))
     # A fresh function per model, carrying its class's signature (generate() and Trainer inspect it).
     @functools.wraps(type(target).forward)
@@ -389,6 +425,8 @@ class _GEMTrainerMixin:
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
                 ce = ce * (self.accelerator.num_processes // tp)
+            if self._gem_ce_sum is None:  # first micro-batch of a logging window (also after a resume)
+                self._gem_ce_step = self.state.global_step
             self._gem_ce_sum = ce if self._gem_ce_sum is None else self._gem_ce_sum + ce
         return (loss, outputs) if return_outputs else loss
 

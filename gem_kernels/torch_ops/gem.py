@@ -18,8 +18,8 @@ from .stats import finalize
 # 2^21 within 5%); with 2 threads every op ends in a thread barrier, so fewer, larger ops win
 # (2^18: 1.97x the time of F.cross_entropy, 2^21: 0.95x under load).
 CHUNK_ELEMENTS = 1 << 21
-# Blocks never exceed 1/MAX_BLOCK_FRACTION of the rows, which bounds the temporaries relative to
-# [N, V], unless that would make them smaller than MIN_BLOCK_ELEMENTS (256 KiB of fp32): below that
+# A block's fp32 temporaries never exceed 1/MAX_BLOCK_FRACTION of the [N, V] input's bytes (so
+# bf16/fp16 inputs get blocks of half as many rows), which bounds them relative to [N, V], unless that would make them smaller than MIN_BLOCK_ELEMENTS (256 KiB of fp32): below that
 # the per-op overhead of many tiny blocks costs more time than the few hundred KiB save.
 MAX_BLOCK_FRACTION = 8
 MIN_BLOCK_ELEMENTS = 1 << 16
@@ -29,9 +29,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rows_per_chunk(N: int, V: int) -> int:
+def _rows_per_chunk(N: int, V: int, elsize: int = 4) -> int:
     V = max(V, 1)
-    rows = min(CHUNK_ELEMENTS // V, -(-N // MAX_BLOCK_FRACTION))
+    rows = min(CHUNK_ELEMENTS // V, -(-N * elsize // (4 * MAX_BLOCK_FRACTION)))
     return max(1, rows, min(N, MIN_BLOCK_ELEMENTS // V))
 
 
@@ -114,8 +114,8 @@ def _chunk(z, labels, opts: GEMOptions, ty_given, grad_out: Optional[torch.Tenso
     return partials
 
 
-def _row_blocks(N: int, V: int):
-    step = _rows_per_chunk(N, V)
+def _row_blocks(N: int, V: int, elsize: int = 4):
+    step = _rows_per_chunk(N, V, elsize)
     for start in range(0, N, step):
         yield start, min(start + step, N)
 
@@ -151,7 +151,7 @@ def gem_forward_chunked(
         rows = valid.nonzero().squeeze(1)
         if grad is not None:
             grad[~valid] = 0
-    for a, b in _row_blocks(n_valid, V):
+    for a, b in _row_blocks(n_valid, V, logits.element_size()):
         if rows is None:
             z, y, sl = logits[a:b], labels[a:b], slice(a, b)
         else:
@@ -187,7 +187,7 @@ def gem_grad_chunked(
     N, V = logits.shape
     if out is None:
         out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    for a, b in _row_blocks(N, V):
+    for a, b in _row_blocks(N, V, logits.element_size()):
         z, y, st = logits[a:b], labels[a:b], stats[a:b]
         t = _transform(z, opts)
         _, col, inside = _label_logit(t, y, opts)

@@ -8,7 +8,7 @@ lanes excluded) over forward + backward, and reported as passes over the logits
 (bytes / (N * V * element size)); the budget is 3.05. Memory is tracked allocation by allocation
 (torch.profiler); the figure is how many single allocations of >= N * V elements happen during
 forward + backward: 1 (the gradient) by default, 0 with inplace_backward=True. (The torch path's
-per-block temporaries cover at most N / 8 rows, or 2^16 elements when that is more, so this holds
+per-block fp32 temporaries cover at most 1/8 of the input's bytes, or 2^16 elements when that is more, so this holds
 for it once N >= 8 and N * V >= 2^19.)
 """
 from __future__ import annotations

@@ -63,9 +63,10 @@ def n_targets(labels):
     return int((shift_causal_labels(labels) != -100).sum())
 
 
-def truth(model, batch, num_items=None, **opts):
-    """Loss and parameter gradients from gem_loss_reference on the full logits, in float64."""
-    m = copy.deepcopy(model).double()
+def _reference_step(model, batch, num_items, dtype, opts):
+    """Loss and parameter gradients of gem_loss_reference on the full logits of an unpatched copy of
+    ``model`` in ``dtype``."""
+    m = copy.deepcopy(model).to(dtype)
     if is_gem_applied(m):
         remove_gem(m)
     logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -73,18 +74,16 @@ def truth(model, batch, num_items=None, **opts):
                               num_items_in_batch=num_items, **opts)
     loss.backward()
     return loss.detach(), {k: p.grad.detach().clone() for k, p in m.named_parameters() if p.grad is not None}
+
+
+def truth(model, batch, num_items=None, **opts):
+    """Loss and parameter gradients from gem_loss_reference on the full logits, in float64."""
+    return _reference_step(model, batch, num_items, torch.float64, opts)
 
 
 def same_dtype_baseline(model, batch, num_items=None, **opts):
     """The same computation by plain PyTorch in float32: the error budget for the paths under test."""
-    m = copy.deepcopy(model)
-    if is_gem_applied(m):
-        remove_gem(m)
-    logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    loss = gem_loss_reference(logits, shift_causal_labels(batch["labels"]), beta=BETA,
-                              num_items_in_batch=num_items, **opts)
-    loss.backward()
-    return loss.detach(), {k: p.grad.detach().clone() for k, p in m.named_parameters() if p.grad is not None}
+    return _reference_step(model, batch, num_items, torch.float32, opts)
 
 
 def full_batch_ce(model, batch):

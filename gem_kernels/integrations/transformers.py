@@ -129,7 +129,7 @@ _LOGITS_SCALING_MULTIPLIES = ("hyperclovax",)  # logits = lm_head(h) * logits_sc
 _LOGITS_SCALING_ON_HIDDEN = ("minicpm",)  # h / logits_scaling before lm_head: nothing to add
 
 
-def logit_transform_from_config(config) -> tuple:
+def logit_transform_from_config(config, *, logit_scale_given: bool = False) -> tuple:
     """``(logit_scale, softcap)`` that the model's forward applies to ``lm_head(hidden)``.
 
     Reads ``final_logit_softcapping`` (Gemma-2/3), ``logit_scale`` (Cohere), ``logits_scaling``
@@ -137,11 +137,14 @@ def logit_transform_from_config(config) -> tuple:
     head), ``lm_head_multiplier`` (Falcon-H1) and ``output_multiplier``. A ``logits_scaling`` on a
     model type not listed here raises instead of guessing; a model applying any other transform
     between its LM head and its logits is not detected: pass ``logit_scale`` / ``softcap`` to
-    :func:`apply_gem` yourself (explicit values override the config).
+    :func:`apply_gem` yourself (explicit values override the config). ``logit_scale_given``: the
+    caller has its own scale, so no scale is derived (and an unknown ``logits_scaling`` is no error).
     """
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     model_type = str(getattr(text, "model_type", "") or getattr(config, "model_type", ""))
     softcap = getattr(text, "final_logit_softcapping", None)
+    if logit_scale_given:
+        return 1.0, (None if not softcap else float(softcap))
     scale = getattr(text, "logit_scale", None)
     ls = getattr(text, "logits_scaling", None)
     if scale is None and ls is not None and float(ls) != 1.0:
@@ -337,14 +340,8 @@ def apply_gem(model, *, beta: float = 0.7, h: str = "linear", **options):
         original, own = previous.original_forward, previous.own_forward
     else:
         original, own = target.forward, "forward" in target.__dict__
-    if "logit_scale" in options or "softcap" in options:
-        # explicit values win; the config is only read for what was not given
-        try:
-            scale, softcap = logit_transform_from_config(target.config)
-        except ValueError:
-            scale, softcap = 1.0, getattr(target.config.get_text_config(), "final_logit_softcapping", None)
-    else:
-        scale, softcap = logit_transform_from_config(target.config)
+    # explicit values win (see _GEMState); the config is only read for what was not given
+    scale, softcap = logit_transform_from_config(target.config, logit_scale_given="logit_scale" in options)
     if getattr(target.config, "is_encoder_decoder", False):
         raise ValueError("apply_gem supports causal LMs (labels shifted by one inside the model); "
                          f"{type(target).__name__} is an encoder-decoder model")

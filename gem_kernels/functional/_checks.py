@@ -71,10 +71,7 @@ def index_labels(labels):
 def check_labels(labels, name_shape: str, expected_shape, device, num_classes: Optional[int], ignore_index: int):
     """labels must be an integer tensor of ``expected_shape`` on ``device`` with every non-ignored
     value in [0, num_classes). The range check reads one reduced value back (a sync on GPU)."""
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    labels = index_labels(labels)
     if tuple(labels.shape) != tuple(expected_shape):
         raise ValueError(f"labels must have shape {tuple(expected_shape)} (the leading shape of "
                          f"{name_shape}), got {tuple(labels.shape)}")

@@ -11,7 +11,7 @@ from typing import Optional
 
 from trl import SFTTrainer
 
-from .transformers import _GEMTrainerMixin
+from ._trainer import _GEMTrainerMixin
 
 
 class GEMSFTTrainer(_GEMTrainerMixin, SFTTrainer):

@@ -1,11 +1,29 @@
-"""Test setup: the Triton interpreter must be on before any kernel module is imported."""
+"""Test setup: choose the test device, and switch the Triton interpreter on only for the CPU.
+
+The device is CUDA when a GPU is available, else the CPU; ``GEM_TEST_DEVICE=cpu|cuda`` forces it
+(tests/helpers.py ``select_device``). On the CPU the Triton kernels run in the interpreter, which
+must be on before any kernel module is imported; on CUDA they are compiled, so the interpreter is
+switched off explicitly (a module that only sets it by default, e.g. benchmarks.core_figures,
+then leaves it off). An impossible choice (``cuda`` without a GPU) stops the run with a usage
+error before anything is collected.
+"""
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
+
+try:
+    from helpers import DEVICE as TEST_DEVICE, DEVICE_VARIABLE  # noqa: E402 (helpers chooses the device on import)
+except (ValueError, RuntimeError) as exc:
+    raise pytest.UsageError(str(exc)) from None
+os.environ["TRITON_INTERPRET"] = "1" if TEST_DEVICE == "cpu" else "0"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's default-change warning
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+
+def pytest_report_header(config):
+    interp = "Triton interpreter" if TEST_DEVICE == "cpu" else "compiled Triton kernels"
+    name = torch.cuda.get_device_name() if TEST_DEVICE == "cuda" else "CPU"
+    return f"gem-kernels test device: {TEST_DEVICE} ({name}, {interp}); set {DEVICE_VARIABLE}=cpu|cuda to force"
 
 
 @pytest.fixture(autouse=True)

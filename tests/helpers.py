@@ -1,9 +1,48 @@
-"""The one input factory and the one comparison helper every test uses."""
+"""The one input factory and the one comparison helper every test uses, and the test device.
+
+The suite runs on one device, chosen once per run by :func:`select_device`: CUDA when a GPU is
+available (Triton kernels compiled for it), else the CPU with the Triton interpreter
+(``tests/conftest.py`` switches it on only then). ``GEM_TEST_DEVICE=cpu`` or ``cuda`` forces the
+choice; ``cuda`` without a usable GPU is an error, not a silent fallback. ``make_inputs`` creates
+its tensors on that device, and the tolerances below are the same on both.
+"""
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
+
+DEVICE_VARIABLE = "GEM_TEST_DEVICE"
+
+
+def select_device(value: Optional[str] = None, cuda_available: Optional[bool] = None) -> str:
+    """The test device: "cuda" or "cpu".
+
+    value: the setting ("", "auto", "cpu" or "cuda"; default: the GEM_TEST_DEVICE environment
+        variable, unset = "auto"). "auto" is "cuda" when ``cuda_available`` (default:
+        ``torch.cuda.is_available()``), else "cpu".
+    Raises ValueError for any other value, and RuntimeError for "cuda" without a usable GPU.
+    """
+    if value is None:
+        value = os.environ.get(DEVICE_VARIABLE, "")
+    value = value.strip().lower()
+    if value not in ("", "auto", "cpu", "cuda"):
+        raise ValueError(f"{DEVICE_VARIABLE} must be 'cpu', 'cuda' or 'auto' (or unset), got {value!r}")
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if value == "cuda" and not cuda_available:
+        raise RuntimeError(f"{DEVICE_VARIABLE}=cuda, but torch.cuda.is_available() is False (torch "
+                           f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); unset it or use "
+                           f"{DEVICE_VARIABLE}=cpu to run on the CPU with the Triton interpreter")
+    if value in ("", "auto"):
+        return "cuda" if cuda_available else "cpu"
+    return value
+
+
+# conftest.py validated the setting before any test module is imported, so this does not raise here.
+DEVICE = select_device()
+ON_CUDA = DEVICE == "cuda"
 
 # Absolute/relative tolerances per dtype for comparing against a float64 truth, used when no
 # same-dtype PyTorch baseline is available.
@@ -26,9 +65,12 @@ def make_inputs(
     scale: float = 3.0,
     seed: int = 0,
     requires_grad: bool = True,
+    device: Optional[str] = None,
 ):
     """logits [*lead, vocab] (normal * scale, in ``dtype``) and labels [*lead] with about
-    ``ignore_frac`` of them set to ``ignore_index``. ``lead`` defaults to (n,)."""
+    ``ignore_frac`` of them set to ``ignore_index``, on ``device`` (default: the test device,
+    :data:`DEVICE`). ``lead`` defaults to (n,). The numbers are drawn on the CPU, so a seed gives
+    the same inputs on every device."""
     g = torch.Generator().manual_seed(seed)
     lead = tuple(lead) if lead is not None else (n,)
     logits = (torch.randn(*lead, vocab, generator=g, dtype=torch.float64) * scale).to(dtype)
@@ -36,6 +78,8 @@ def make_inputs(
     if ignore_frac > 0:
         drop = torch.rand(lead, generator=g) < ignore_frac
         labels = torch.where(drop, torch.full_like(labels, ignore_index), labels)
+    device = device or DEVICE
+    logits, labels = logits.to(device), labels.to(device)
     logits.requires_grad_(requires_grad)
     return logits, labels
 
@@ -88,3 +132,11 @@ def assert_close(actual, expected, *, what: str, dtype: Optional[torch.dtype] = 
         return
     ok = (a - e).abs() <= atol + rtol * e.abs()
     assert bool(ok.all()), f"{what} [{dt}] (atol {atol:.1e}, rtol {rtol:.1e}): {_describe(actual, expected)}"
+
+
+def only_on(device: str, reason: str):
+    """Mark a test that only makes sense on ``device`` ("cpu" or "cuda"): skipped elsewhere, with
+    ``reason`` (say why, e.g. "counts bytes under the Triton interpreter")."""
+    import pytest
+
+    return pytest.mark.skipif(DEVICE != device, reason=f"{device} only: {reason}")

@@ -4,9 +4,12 @@ import pytest
 import torch
 
 from benchmarks.core_figures import TRAFFIC_BUDGET, measure
+from helpers import only_on
+
+INTERPRETED = only_on("cpu", "counts traffic of the Triton kernels under the interpreter, which is off on a GPU")
 
 
-@pytest.mark.parametrize("impl,n", [("triton", 12), ("torch", 128)])
+@pytest.mark.parametrize("impl,n", [pytest.param("triton", 12, marks=INTERPRETED), ("torch", 128)])
 def test_traffic_and_allocation_figures(impl, n):
     figures = measure(n=n, v=5003, dtype=torch.bfloat16, impls=(impl,))
     assert {f.inplace for f in figures} == {False, True}

@@ -11,7 +11,7 @@ from benchmarks.measure import count_flops, peak_memory
 from gem_kernels import FusedLinearGEMLoss, fused_linear_gem_loss
 from gem_kernels.autograd.fused_linear import default_chunk_rows
 from gem_kernels.reference import gem_loss_reference
-from tests.helpers import assert_close
+from tests.helpers import DEVICE, assert_close, only_on
 
 IMPLS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -20,8 +20,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def linear_inputs(lead=(24,), hidden=16, vocab=101, *, dtype=torch.float32, ignore_frac=0.3, bias=True,
                   scale=3.0, seed=0, ignore_index=-100):
     """hidden [*lead, H] and weight [V, H] (logits ~ N(0, scale^2)), bias [V] or None, labels [*lead]
-    with about ``ignore_frac`` ignored. Float tensors are returned in float64 (the truth's inputs)
-    plus the dtype-cast copies the code under test sees."""
+    with about ``ignore_frac`` ignored, on the test device. Float tensors are returned in float64
+    (the truth's inputs); ``_leaf`` makes the dtype-cast copies the code under test sees."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, hidden, generator=g, dtype=torch.float64)
     w = torch.randn(vocab, hidden, generator=g, dtype=torch.float64) * (scale / hidden ** 0.5)
@@ -31,8 +31,8 @@ def linear_inputs(lead=(24,), hidden=16, vocab=101, *, dtype=torch.float32, igno
         labels[torch.rand(tuple(lead), generator=g) < ignore_frac] = ignore_index
     # Round the truth's inputs to the tested dtype so both sides see the same numbers.
     x, w = x.to(dtype).double(), w.to(dtype).double()
-    b = b.to(dtype).double() if b is not None else None
-    return x, w, b, labels
+    b = b.to(dtype).double().to(DEVICE) if b is not None else None
+    return x.to(DEVICE), w.to(DEVICE), b, labels.to(DEVICE)
 
 
 def _leaf(t, dtype, requires_grad=True):
@@ -45,7 +45,7 @@ def _forward_backward(fn, x, w, b, labels, dtype, *, grads=(True, True, True), u
     out = fn(xs, ws, labels, bs, **kw)
     loss, ce = out if isinstance(out, tuple) else (out, None)
     if any(t is not None and t.requires_grad for t in (xs, ws, bs)):
-        up = torch.ones_like(loss) if upstream is None else upstream.to(loss.dtype)
+        up = torch.ones_like(loss) if upstream is None else upstream.to(loss.device, loss.dtype)
         loss.backward(up)
     return loss, ce, [None if t is None else t.grad for t in (xs, ws, bs)]
 
@@ -181,10 +181,11 @@ def test_tied_embedding_weight(impl):
     V, H = 53, 8
     g = torch.Generator().manual_seed(8)
     w64 = torch.randn(V, H, generator=g, dtype=torch.float64)
-    ids = torch.randint(0, V, (3, 5), generator=g)
+    ids = torch.randint(0, V, (3, 5), generator=g).to(DEVICE)
     labels = torch.randint(0, V, (3, 5), generator=g)
     labels[0, :2] = -100
-    proj64 = torch.randn(H, H, generator=g, dtype=torch.float64) / H ** 0.5
+    labels = labels.to(DEVICE)
+    proj64 = (torch.randn(H, H, generator=g, dtype=torch.float64) / H ** 0.5).to(DEVICE)
 
     def model(w, proj, fn, **kw):
         hidden = torch.tanh(torch.nn.functional.embedding(ids, w) @ proj)
@@ -194,7 +195,7 @@ def test_tied_embedding_weight(impl):
     for name, dtype, fn, kw in [("ours", torch.float32, fused_linear_gem_loss, dict(impl=impl, chunk_size=4)),
                                 ("truth", torch.float64, _reference, {}),
                                 ("base", torch.float32, _reference, {})]:
-        emb = torch.nn.Embedding(V, H, dtype=dtype)
+        emb = torch.nn.Embedding(V, H, dtype=dtype, device=DEVICE)
         with torch.no_grad():
             emb.weight.copy_(w64)
         proj = proj64.to(dtype).clone().requires_grad_()
@@ -289,13 +290,13 @@ def test_default_chunk_policy():
 # --- the properties the fused path exists for -------------------------------------------------
 
 def _memory_problem(n=256, hidden=32, vocab=1000, dtype=torch.float32, seed=11):
-    """hidden [n, H], weight [V, H] requiring grad; labels with exactly half ignored."""
+    """hidden [n, H], weight [V, H] requiring grad; labels with exactly half ignored (test device)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, hidden, generator=g).to(dtype).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=g) / hidden ** 0.5).to(dtype).requires_grad_()
+    x = torch.randn(n, hidden, generator=g).to(DEVICE, dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) / hidden ** 0.5).to(DEVICE, dtype).requires_grad_()
     labels = torch.randint(0, vocab, (n,), generator=g)
     labels[torch.randperm(n, generator=g)[: n // 2]] = -100
-    return x, w, labels
+    return x, w, labels.to(DEVICE)
 
 
 def _fwd_bwd(fn, x, w, labels, **kw):
@@ -304,6 +305,11 @@ def _fwd_bwd(fn, x, w, labels, **kw):
     return step
 
 
+CPU_MEMORY = only_on("cpu", "its bounds are calibrated to CPU allocations (profiler events, oneDNN scratch); "
+                            "GPU memory is measured by python -m benchmarks")
+
+
+@CPU_MEMORY
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_peak_memory_is_one_chunk_plus_gradients(impl, dtype):
@@ -334,6 +340,7 @@ def test_peak_memory_is_one_chunk_plus_gradients(impl, dtype):
     assert x.grad is not None and w.grad is not None
 
 
+@CPU_MEMORY
 def test_peak_memory_not_above_liger_fused_linear_ce():
     """Same shape, same measurement: forward + backward peak of ours (default chunking) <= Liger's
     fused linear cross-entropy (its Triton kernel interpreted on CPU). The full-size comparison
@@ -364,7 +371,7 @@ def test_matmul_flops(grads, bias):
     x, w, labels = _memory_problem(n=48, hidden=8, vocab=200)
     x.requires_grad_(grads[0])
     w.requires_grad_(grads[1])
-    b = torch.zeros(w.shape[0], requires_grad=True) if bias else None
+    b = torch.zeros(w.shape[0], device=DEVICE, requires_grad=True) if bias else None
     n_valid = int((labels != -100).sum())
     hvd = n_valid * w.shape[1] * w.shape[0]
     want = (2 + 2 * grads[0] + 2 * grads[1]) * hvd
@@ -408,7 +415,7 @@ def test_autocast_runs_the_head_in_the_autocast_dtype(impl):
                                      ("base", _reference, {}, torch.float32, True),
                                      ("truth", _reference, {}, torch.float64, False)]:
         xs, ws, bs = _leaf(x, dtype), _leaf(w, dtype), _leaf(b, dtype)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=amp):
             loss = fn(xs, ws, labels, bs, **kw)
             loss.backward()  # inside the autocast block on purpose: backward must not be autocast
         grads[name] = (loss, xs.grad, ws.grad, bs.grad)
@@ -432,9 +439,9 @@ def test_review_regressions_no_grad_strided_labels_fp16(impl):
     from benchmarks.measure import count_flops
 
     g = torch.Generator().manual_seed(3)
-    hidden = torch.randn(32, 16, generator=g)
-    weight = torch.nn.Parameter(torch.randn(300, 16, generator=g) / 4)
-    labels = torch.randint(0, 300, (32, 2), generator=g)[:, 1]
+    hidden = torch.randn(32, 16, generator=g).to(DEVICE)
+    weight = torch.nn.Parameter((torch.randn(300, 16, generator=g) / 4).to(DEVICE))
+    labels = torch.randint(0, 300, (32, 2), generator=g).to(DEVICE)[:, 1]
     assert not labels.is_contiguous()
     with torch.no_grad():
         flops = count_flops(fused_linear_gem_loss, hidden.requires_grad_(), weight, labels, impl=impl)
@@ -446,8 +453,9 @@ def test_review_regressions_no_grad_strided_labels_fp16(impl):
     assert_close(loss, ref, what="fused loss with strided labels")
 
     # fp16: 512 tokens and spread-out logits, so dZ / n_valid would underflow fp16 without the scale
-    hidden, weight = torch.randn(512, 16, generator=g), torch.randn(2000, 16, generator=g)
-    labels = torch.randint(0, 2000, (512,), generator=g)
+    hidden = torch.randn(512, 16, generator=g).to(DEVICE)
+    weight = torch.randn(2000, 16, generator=g).to(DEVICE)
+    labels = torch.randint(0, 2000, (512,), generator=g).to(DEVICE)
     h16, w16 = hidden.half().requires_grad_(), weight.half().requires_grad_()
     (fused_linear_gem_loss(h16, w16, labels, impl=impl) * 65536.0).backward()
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()

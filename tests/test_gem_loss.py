@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from gem_kernels import GEMLoss, gem_loss
 from gem_kernels.reference import gem_loss_reference
-from helpers import assert_close, fresh, make_inputs
+from helpers import DEVICE, ON_CUDA, assert_close, fresh, make_inputs
 
 IMPLS = ["triton", "torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -38,7 +38,7 @@ def _run(logits, labels, **kw):
     outs = out if isinstance(out, tuple) else (out,)
     loss = outs[0]
     if loss.dim() > 0:
-        w = torch.linspace(-1.0, 2.0, loss.numel(), dtype=loss.dtype).view(loss.shape)
+        w = torch.linspace(-1.0, 2.0, loss.numel(), dtype=loss.dtype, device=loss.device).view(loss.shape)
         loss = (loss * w).sum()
     loss.backward()
     return outs, x.grad
@@ -98,7 +98,7 @@ def test_layouts(impl, layout):
     """Logits that are views (padded rows, a causal shift) and int32 labels."""
     base, labels = make_inputs(lead=(2, 9), vocab=300, requires_grad=False)
     if layout == "row_stride":
-        wide = torch.randn(2, 9, 333)
+        wide = torch.randn(2, 9, 333, device=DEVICE)
         wide[..., :300] = base
         logits = wide[..., :300]
     elif layout == "shifted_3d":
@@ -160,7 +160,7 @@ def test_default_does_not_mutate_inputs(impl):
 @pytest.mark.parametrize("impl", IMPLS + ["reference"])
 def test_extreme_bf16_logits_stay_finite(impl):
     logits, labels = make_inputs(n=8, vocab=1000, dtype=torch.bfloat16, ignore_frac=0.0, requires_grad=False)
-    logits = torch.where(torch.rand(logits.shape) < 0.5, 1e4, -1e4).to(torch.bfloat16)
+    logits = torch.where(torch.rand(logits.shape, device=DEVICE) < 0.5, 1e4, -1e4).to(torch.bfloat16)
     logits[:, 0] = -1e4  # labels on both extremes
     labels[:4] = 0
     outs, grad = _run(logits.requires_grad_(), labels, impl=impl, return_ce=True, h="logsigmoid")
@@ -223,19 +223,22 @@ def test_module_matches_functional():
 def test_auto_impl_choice(monkeypatch):
     from gem_kernels.functional._checks import resolve_impl
 
-    x = torch.zeros(2, 3)
-    assert resolve_impl("auto", x) == "triton"  # TRITON_INTERPRET=1 in tests
+    x = torch.zeros(2, 3)  # resolve_impl reads TRITON_INTERPRET per call: both settings on any device
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_impl("auto", x) == "triton"
     assert resolve_impl("auto", x.double()) == "torch"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert resolve_impl("auto", x) == "torch"
     with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
         resolve_impl("triton", x)
+    if ON_CUDA:
+        assert resolve_impl("auto", x.to(DEVICE)) == "triton"
 
 
 def test_loss_can_be_negative_and_equals_expected_logit_gap():
     """For linear h the loss is E_q[z] - z_y: negative when the label beats the q-average."""
-    logits = torch.tensor([[5.0, 0.0, 0.0]])
-    labels = torch.tensor([0])
+    logits = torch.tensor([[5.0, 0.0, 0.0]], device=DEVICE)
+    labels = torch.tensor([0], device=DEVICE)
     q = torch.softmax(logits / 0.7, -1)
     expected = (q * logits).sum() - 5.0
     for impl in IMPLS:
@@ -253,7 +256,7 @@ def test_label_layouts_and_dtypes(impl, layout):
     if layout == "strided":
         labels = torch.stack([labels, labels.flip(0)], 1)[:, 1]
     elif layout == "expanded":
-        labels = torch.tensor(7).expand(8)
+        labels = torch.tensor(7, device=DEVICE).expand(8)
     else:
         labels = labels.clone()
         labels[0] = 156
@@ -280,9 +283,9 @@ def test_inplace_ignores_rows_with_huge_logits(impl):
 
 
 def test_inplace_refuses_overlapping_rows():
-    logits = torch.randn(1, 50).expand(4, 50).requires_grad_()
+    logits = torch.randn(1, 50, device=DEVICE).expand(4, 50).requires_grad_()
     with pytest.raises(ValueError, match="rows do not overlap"):
-        gem_loss(logits, torch.arange(4), inplace_backward=True, impl="triton")
+        gem_loss(logits, torch.arange(4, device=DEVICE), inplace_backward=True, impl="triton")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -304,5 +307,5 @@ def test_no_grad_computes_no_gradient(impl):
 
     logits, labels = make_inputs(n=64, vocab=3000)
     with torch.no_grad():
-        report = peak_memory(gem_loss, logits, labels, impl=impl)
+        report = peak_memory(gem_loss, logits, labels, impl=impl, device=DEVICE)
     assert report.count_allocs_at_least(64 * 3000 * 4) == 0, report

@@ -21,7 +21,7 @@ from gem_kernels.integrations.transformers import (  # noqa: E402
     shift_causal_labels,
 )
 from gem_kernels.reference import gem_loss_reference  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+from tests.helpers import assert_close, only_on  # noqa: E402
 
 VOCAB, HIDDEN = 257, 32
 BETA = 0.7
@@ -119,7 +119,10 @@ def test_logits_path_matches_reference(kind):
     check_against_truth(model, loss, batch, num_items, what=f"{kind} logits path")
 
 
-@pytest.mark.parametrize("kind,impl", [("llama", "torch"), ("gemma2", "torch"), ("gemma2", "triton")])
+@pytest.mark.parametrize("kind,impl", [
+    ("llama", "torch"), ("gemma2", "torch"),
+    pytest.param("gemma2", "triton", marks=only_on("cpu", "the model stays on the CPU here, so impl='triton' "
+                                                          "needs the interpreter"))])
 def test_fused_path_matches_reference(kind, impl):
     model, batch = tiny_model(kind), make_batch(n=2, seq=8)
     apply_gem(model, beta=BETA, impl=impl)
@@ -273,6 +276,7 @@ def test_trainer_step_equals_one_big_batch(tmp_path, path, accum):
                      what=f"k={accum} logged CE", dtype=torch.float32, atol=1e-5)
 
 
+@only_on("cpu", "trainer_args keeps the model on the CPU (use_cpu=True), where impl='triton' needs the interpreter")
 def test_gem_trainer_triton_end_to_end(tmp_path):
     """A few GEMTrainer steps on Gemma-2 (softcapping) with the Triton kernels (interpreter): the
     loss is finite and the evaluation loss equals GEM on the logits."""

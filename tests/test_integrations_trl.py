@@ -65,7 +65,7 @@ def sft_args(tmp_path, **overrides):
     kw = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
               learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
               logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", completion_only_loss=True,
-              bf16=False, gradient_checkpointing=False, disable_tqdm=True, seed=0)
+              bf16=False, activation_checkpointing=False, disable_tqdm=True, seed=0)
     kw.update(overrides)
     return SFTConfig(**kw)
 
@@ -104,12 +104,12 @@ def test_sft_step_equals_reference(tmp_path, route, masks):
 
 
 def test_gem_sft_trainer_with_trl_defaults(tmp_path):
-    """TRL's defaults (bf16 autocast, gradient checkpointing) train with the fused path; the first
+    """TRL's defaults (bf16 autocast, activation checkpointing) train with the fused path; the first
     loss agrees with the float64 truth to bf16 accuracy."""
     rows = sft_rows("completion")
     model = tiny_model("llama")
     t_loss, _ = truth(model, expected_batch(rows))
-    args = sft_args(tmp_path, bf16=True, gradient_checkpointing=True, max_steps=2, learning_rate=1e-3,
+    args = sft_args(tmp_path, bf16=True, activation_checkpointing=True, max_steps=2, learning_rate=1e-3,
                     optim="adamw_torch")
     trainer = GEMSFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                             processing_class=word_tokenizer(), gem_options=dict(beta=BETA, impl="torch"))

@@ -25,7 +25,7 @@ def authors_formula(logits, labels, beta, h, ignore_index, reduction):
         zy = z.gather(-1, y[:, None])
         w = torch.ones_like(z) if h == "linear" else torch.sigmoid((z - zy) / 100.0)
     per = -(q * w * (logp_y - logp)).sum(-1)
-    full = torch.zeros(labels.shape, dtype=per.dtype)
+    full = torch.zeros(labels.shape, dtype=per.dtype, device=labels.device)
     full[mask] = per
     if reduction == "none":
         return full
@@ -53,7 +53,8 @@ def test_matches_the_authors_formula(n, vocab, beta, h, dtype, reduction, impl, 
     z = fresh(logits, torch.float64)
     theirs = authors_formula(z, labels, beta, h, -100, reduction)
     assert_close(ours, theirs, what=f"value vs authors ({impl}, {dtype}, {h}, {reduction})", atol=2e-5, rtol=2e-5)
-    w = torch.linspace(0.5, 1.5, labels.numel()).view(labels.shape) if reduction == "none" else 1.0
+    w = (torch.linspace(0.5, 1.5, labels.numel(), device=labels.device).view(labels.shape)
+         if reduction == "none" else 1.0)
     (ours * w).sum().backward()
     (theirs * w).sum().backward()
     tol = 1e-6 if dtype == torch.float32 else 8e-3  # grads are rounded to the input dtype

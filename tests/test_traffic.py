@@ -5,6 +5,9 @@ import triton
 import triton.language as tl
 
 from benchmarks.traffic import count_traffic
+from helpers import only_on
+
+pytestmark = only_on("cpu", "counts bytes under the Triton interpreter, which is off on a GPU")
 
 
 @triton.jit

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gem_kernels import gem_loss
-from helpers import make_inputs
+from helpers import DEVICE, make_inputs
 
 GOOD = make_inputs(n=4, vocab=10, ignore_frac=0.0)
 
@@ -42,14 +42,16 @@ def _bad_tensors():
     return [
         ("logits list", [[0.0]], labels, TypeError, "logits must be a torch.Tensor"),
         ("int logits", logits.long(), labels, TypeError, "logits must have dtype"),
-        ("scalar logits", torch.tensor(1.0), torch.tensor(0), ValueError, "at least one dimension"),
-        ("empty vocab", torch.zeros(4, 0), labels, ValueError, "vocabulary dimension"),
+        ("scalar logits", torch.tensor(1.0, device=DEVICE), torch.tensor(0, device=DEVICE),
+         ValueError, "at least one dimension"),
+        ("empty vocab", torch.zeros(4, 0, device=DEVICE), labels, ValueError, "vocabulary dimension"),
         ("float labels", logits, labels.float(), TypeError, "labels must be an integer tensor"),
         ("bool labels", logits, labels > 0, TypeError, "labels must be an integer tensor"),
         ("shape", logits, labels[:3], ValueError, r"labels must have shape \(4,\)"),
         ("rank", logits, labels[None], ValueError, "labels must have shape"),
-        ("label too big", logits, torch.tensor([0, 1, 10, 2]), ValueError, r"labels must lie in \[0, 10\).*found 10"),
-        ("negative label", logits, torch.tensor([0, -1, 3, 2]), ValueError, "found -1"),
+        ("label too big", logits, torch.tensor([0, 1, 10, 2], device=DEVICE), ValueError,
+         r"labels must lie in \[0, 10\).*found 10"),
+        ("negative label", logits, torch.tensor([0, -1, 3, 2], device=DEVICE), ValueError, "found -1"),
         ("meta device", logits, labels.to("meta"), ValueError, "same device"),
     ]
 
@@ -72,7 +74,7 @@ def test_ignore_index_may_be_any_int():
     logits, labels = make_inputs(n=6, vocab=9, ignore_frac=0.0)
     labels[:2] = 12345
     a = gem_loss(logits, labels, ignore_index=12345, reduction="none")
-    assert torch.equal(a[:2], torch.zeros(2))
+    assert torch.equal(a[:2], torch.zeros(2, device=DEVICE))
 
 
 def test_works_without_triton_installed():
@@ -108,8 +110,8 @@ def test_zero_num_items_with_all_ignored_is_zero_not_nan(impl, num_items):
     loss = gem_loss(logits, labels, num_items_in_batch=num_items, impl=impl)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits.grad))
-    hidden = torch.randn(4, 3, requires_grad=True)
-    weight = torch.randn(10, 3, requires_grad=True)
+    hidden = torch.randn(4, 3, device=DEVICE, requires_grad=True)
+    weight = torch.randn(10, 3, device=DEVICE, requires_grad=True)
     loss = fused_linear_gem_loss(hidden, weight, labels, num_items_in_batch=num_items, impl=impl)
     loss.backward()
     assert loss.item() == 0.0 and not hidden.grad.isnan().any() and not weight.grad.isnan().any()

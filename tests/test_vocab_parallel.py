@@ -12,7 +12,9 @@ import os
 import socket
 import traceback
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported in the children too
+# conftest.py already chose: "1" on the CPU test device (inherited by the children), "0" on CUDA, where
+# this module is skipped; setdefault only matters when the module is run without conftest.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
@@ -20,7 +22,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from helpers import assert_close, make_inputs  # noqa: E402
+from helpers import assert_close, make_inputs, only_on  # noqa: E402
+
+pytestmark = only_on("cpu", "gloo process groups of CPU processes, whose impl='triton' cases need the Triton "
+                            "interpreter; a GPU run would need NCCL and one GPU per rank")
 
 # Uneven shard sizes per world size; their sum is the global vocabulary.
 SHARDS = {2: [13, 24], 3: [5, 20, 12]}

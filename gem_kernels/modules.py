@@ -11,6 +11,21 @@ class GEMLoss(torch.nn.Module):
     """Module form of :func:`gem_kernels.gem_loss`; keyword options are fixed at construction.
 
     ``GEMLoss(beta=0.7)(logits [..., V], labels [...], num_items_in_batch=None)``.
+
+    Args (construction, keyword only): every option of gem_loss except ``num_items_in_batch``, with
+        its meaning, type and default: ``beta`` (float > 0, 0.7), ``h`` ("linear" / "logsigmoid"),
+        ``ignore_index`` (int, -100), ``reduction`` ("mean" / "sum" / "none"), ``logit_scale``
+        (float > 0, 1.0), ``softcap`` (None or float > 0), ``z_loss_scale`` (float >= 0, 0.0),
+        ``return_ce`` (bool), ``inplace_backward`` (bool), ``process_group`` / ``vocab_start``
+        (vocabulary-parallel shard), ``impl`` ("auto" / "triton" / "torch" / "reference").
+    Args (call): ``logits`` [..., V] float32 / bfloat16 / float16; ``labels`` [...] integer, same
+        leading shape and device; ``num_items_in_batch`` (None, an int / float >= 0 or a one-element
+        tensor; "mean" only) as in gem_loss.
+
+    Returns: what gem_loss returns (float32 loss, or ``(loss, ce)`` with ``return_ce``).
+
+    Raises: TypeError for an unknown option name, and gem_loss's ValueError / TypeError for a bad
+        option value, both at construction; gem_loss's errors for bad tensors at the call.
     """
 
     def __init__(self, **options):
@@ -39,6 +54,20 @@ class FusedLinearGEMLoss(torch.nn.Module):
 
     ``FusedLinearGEMLoss(beta=0.7)(hidden [..., H], weight [V, H], labels [...], bias=None,
     num_items_in_batch=None)``.
+
+    Args (construction, keyword only): every option of fused_linear_gem_loss except
+        ``num_items_in_batch``: ``beta`` (float > 0, 0.7), ``h``, ``ignore_index``, ``reduction``,
+        ``logit_scale``, ``softcap``, ``z_loss_scale``, ``return_ce``, ``process_group`` /
+        ``vocab_start``, ``chunk_size`` (None or int >= 1, valid tokens per chunk), ``impl``;
+        meanings and defaults as in gem_loss. There is no ``inplace_backward`` (no logits exist).
+    Args (call): ``hidden`` [..., H] float32 / bfloat16 / float16; ``weight`` [V, H] and optional
+        ``bias`` [V] with hidden's dtype and device; ``labels`` [...] integer with hidden's leading
+        shape; ``num_items_in_batch`` as in gem_loss.
+
+    Returns: what fused_linear_gem_loss returns (float32 loss, or ``(loss, ce)``).
+
+    Raises: TypeError for an unknown option (including ``inplace_backward``) and ValueError /
+        TypeError for a bad option value at construction; fused_linear_gem_loss's errors at the call.
     """
 
     def __init__(self, **options):

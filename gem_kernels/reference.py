@@ -37,9 +37,25 @@ def gem_loss_reference(
 
     Per token with label y and transformed logits t (``t = softcap*tanh(logit_scale*z/softcap)``):
     ``q = softmax(t / beta)`` and ``w`` (1, or ``sigmoid((t - t_y)/100)`` for h="logsigmoid") are
-    constants; ``loss = sum_j q_j w_j (t_j - t_y) + z_loss_scale * lse(t)^2``.
+    constants; ``loss = sum_j q_j w_j (t_j - t_y) + z_loss_scale * lse(t)^2`` (nats).
     Computes in ``logits.dtype``; returns float32 (float64 for float64 input). With
-    ``return_ce`` also returns the detached CE ``lse(t) - t_y`` reduced the same way.
+    ``return_ce`` also returns the detached CE ``lse(t) - t_y`` reduced the same way. Gradients
+    come from autograd through the materialised formula (several [..., V] temporaries).
+
+    Args:
+        logits: [..., V] floating tensor of any dtype (float64 for a float64 truth), any device.
+        labels: [...] integer tensor, same leading shape and device, values in [0, V) or
+            ``ignore_index`` (not range-checked here: this is the oracle, not the API).
+        beta: temperature of q, float > 0 (not checked here; gem_loss checks it).
+        h: "linear" or "logsigmoid".
+        ignore_index: int label of tokens with 0 loss and 0 gradient (default -100).
+        reduction: "mean" (over valid tokens, 0 when none), "sum" or "none" ([...], 0 at ignored).
+        num_items_in_batch: with "mean": the denominator instead of the valid count (int / float /
+            one-element tensor; 0 gives 0).
+        logit_scale, softcap, z_loss_scale, return_ce: as in :func:`gem_kernels.gem_loss`.
+
+    Raises:
+        ValueError: an unknown ``h`` or ``reduction``.
     """
     if h not in ("linear", "logsigmoid"):
         raise ValueError(f"h must be 'linear' or 'logsigmoid', got {h!r}")

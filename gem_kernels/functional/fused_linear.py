@@ -103,24 +103,40 @@ def fused_linear_gem_loss(
     """GEM loss of the logits ``hidden @ weight.T + bias`` against ``labels``, computed in chunks of
     valid tokens so that no [tokens, V] tensor ever exists.
 
-    The math and the options are those of :func:`gem_kernels.gem_loss` (see there and SPEC.md).
+    The math and the loss options are those of :func:`gem_kernels.gem_loss` (see there and SPEC.md);
+    the per-token loss is computed on the logits ``z = hidden @ weight.T + bias`` (nats).
 
     Args:
-        hidden: [..., H] float32 / bfloat16 / float16 (float64 with impl="torch"/"reference").
+        hidden: [..., H] float32 / bfloat16 / float16 (float64 only with impl="torch"/"reference"),
+            the final hidden states (any leading dims, H >= 1); may require grad; any strides.
         weight: [V, H], the lm_head weight, same dtype and device as ``hidden`` (under
             ``torch.autocast`` both are first cast to the autocast dtype, as ``F.linear`` would). May be
             tied to the input embeddings: its gradient is returned to autograd, which adds it to the others.
-        labels: [...] integer (the leading shape of ``hidden``), values in [0, V) or ``ignore_index``;
-            aligned with ``hidden`` (no causal shift here).
+        labels: [...] integer tensor with the leading shape of ``hidden``, on its device, values in
+            [0, V) or ``ignore_index``; aligned with ``hidden`` (no causal shift here).
         bias: optional [V], same dtype and device.
-        chunk_size: valid tokens per chunk. None: about ``valid_tokens * H / V`` rows (rounded up
-            to a multiple of 16), so a chunk of logits costs about as much as the valid hidden
-            states. Raise it for throughput on large GPUs when memory allows.
+        beta: temperature of q = softmax(z / beta), a finite float > 0 (default 0.7, the authors').
+        h: "linear" (w = 1) or "logsigmoid" (w_j = sigmoid((z_j - z_y) / 100), the authors' training
+            setting).
+        ignore_index: int label of tokens that contribute 0 loss and 0 gradient and are skipped by
+            the matmuls (default -100).
+        reduction: "mean" (over valid tokens, or / ``num_items_in_batch``; 0, never NaN, when none is
+            valid), "sum" or "none" (per-token losses [...], 0 at ignored tokens).
+        num_items_in_batch: with "mean" only: the denominator instead of the valid-token count (an
+            int / float >= 0 or a one-element tensor; 0 gives 0, not NaN), as in gem_loss.
+        logit_scale: finite float > 0 multiplying the logits first (default 1.0).
+        softcap: None or a finite float > 0: ``z <- softcap * tanh(z / softcap)`` after logit_scale.
+        z_loss_scale: finite float >= 0: adds ``z_loss_scale * logsumexp(z)^2`` per valid token.
+        return_ce: bool; also return the detached plain CE logsumexp(z) - z_y, reduced like the loss.
         process_group, vocab_start: vocabulary-parallel lm_head, as in gem_loss: ``weight`` [V_local, H]
             (and ``bias`` [V_local]) is this rank's vocabulary shard, ``hidden`` and ``labels`` are
             replicated. The returned hidden gradient is the full one (all-reduced over the group), so
             do not all-reduce it again (e.g. no Megatron copy-to-tensor-parallel region before this
             call). ``chunk_size`` must then be the same on every rank. See docs/vocab_parallel.md.
+        chunk_size: None or an int >= 1, valid tokens per chunk. None: about
+            ``valid_tokens * H / V`` rows (rounded up to a multiple of 16), so a chunk of logits costs
+            about as much as the valid hidden states. Raise it for throughput on large GPUs when
+            memory allows.
         impl: "triton" (Triton GEM kernels on each chunk), "torch" (the same chunking in PyTorch),
             "reference" (materialises ``hidden @ weight.T + bias``; for tests), "auto" as gem_loss.
 
@@ -129,10 +145,20 @@ def fused_linear_gem_loss(
     With ``reduction="none"``, and for float16 inputs (whose gradient must include the upstream
     gradient, e.g. a GradScaler factor, before it is rounded), they are computed in backward, which
     recomputes each chunk's logits (8 instead of 6 x valid_tokens x H x V matmul FLOPs).
-    Under ``torch.no_grad()`` only the loss is computed.
+    Under ``torch.no_grad()`` only the loss is computed. There is no ``inplace_backward`` option
+    (the logits never exist).
 
     Returns:
-        float32 loss (scalar for "mean"/"sum", [...] for "none"), or ``(loss, ce)`` when ``return_ce``.
+        float32 loss (scalar for "mean"/"sum", [...] for "none"; float64 for float64 inputs), or
+        ``(loss, ce)`` when ``return_ce``. Gradients reach hidden, weight and bias in their dtypes.
+
+    Raises:
+        ValueError: the option errors of gem_loss; ``weight`` not [V, H] with H = hidden.shape[-1] or
+            with V = 0; ``bias`` not [V]; weight / bias / labels on another device; labels of another
+            shape or out of range; ``chunk_size`` not None or an int >= 1.
+        TypeError: non-tensor or non-floating inputs, weight / bias of another dtype than hidden,
+            non-integer labels, float64 with impl="triton", or ``inplace_backward`` passed.
+        RuntimeError: impl="triton" without the triton package. Every check runs before any matmul.
     """
     check_options(beta=beta, h=h, ignore_index=ignore_index, reduction=reduction,
                   num_items_in_batch=num_items_in_batch, logit_scale=logit_scale, softcap=softcap,

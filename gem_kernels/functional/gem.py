@@ -49,30 +49,65 @@ def gem_loss(
 
     The value can be negative (for linear h it is E_q[z] - z_y); its gradient is
     q * w - onehot(y) * sum(q * w), i.e. the CE gradient with a sharper softmax for linear h.
+    Losses and logits are in nats (natural-log units), as for cross-entropy.
 
     Args:
-        logits: [..., V] float32 / bfloat16 / float16 (float64 with impl="torch"/"reference").
-            Labels are aligned with the logits: no causal shift is done here.
-        labels: [...] integer, values in [0, V) or ``ignore_index``.
-        reduction: "mean" (over valid tokens, or divided by ``num_items_in_batch``), "sum" or
-            "none" (per-token losses of shape [...], 0 at ignored tokens).
-        return_ce: also return the plain cross-entropy logsumexp(z) - z_y, detached and reduced
-            like the loss, for logging.
-        inplace_backward: write the gradient into the storage of ``logits`` during backward, so no
-            second [tokens, V] buffer exists. The caller's logits are overwritten.
+        logits: [..., V] tensor of unnormalised log-probabilities (any number of leading dims, V >= 1),
+            float32 / bfloat16 / float16 (float64 only with impl="torch" or "reference"); may require
+            grad; any strides. Aligned with ``labels``: no causal shift is done here.
+        labels: [...] integer tensor (int64, int32, uint8, ...) with the leading shape of ``logits``,
+            on the same device, values in [0, V) or ``ignore_index`` (checked: one device-to-host read).
+        beta: temperature of the constant distribution q = softmax(z / beta), a finite float > 0
+            (default 0.7, the authors' setting; smaller = sharper q). beta = 1 with h="linear" gives
+            exactly the cross-entropy gradient.
+        h: "linear" (w = 1; the authors' Triton kernel supports only this) or "logsigmoid"
+            (w_j = sigmoid((z_j - z_y) / 100), the variant the authors' training scripts use).
+        ignore_index: int label value of tokens that contribute 0 loss and 0 gradient (default -100;
+            any int, also one inside [0, V)).
+        reduction: "mean" (sum over valid tokens / their count, or / ``num_items_in_batch``; 0 and a
+            zero gradient, never NaN, when no token is valid), "sum", or "none" (per-token losses of
+            shape [...], 0 at ignored tokens).
+        num_items_in_batch: with reduction="mean" only: divide the summed loss by this count instead
+            (Hugging Face gradient accumulation: the target tokens of the whole accumulated batch).
+            An int / float >= 0 or a one-element tensor on any device; 0 gives loss 0, not NaN.
+        logit_scale: finite float > 0 multiplying the logits first (Cohere-style; default 1.0).
+        softcap: None, or a finite float > 0: then ``z <- softcap * tanh(z / softcap)`` (Gemma-2-style
+            logit soft-capping, applied after ``logit_scale``). Gradients chain through both transforms.
+        z_loss_scale: finite float >= 0; adds ``z_loss_scale * logsumexp(z)^2`` per valid token
+            (PaLM-style z-loss; default 0.0 = off, costing nothing).
+        return_ce: bool; also return the plain cross-entropy logsumexp(z) - z_y (nats), detached and
+            reduced like the loss, for logging. One more running sum in the same pass.
+        inplace_backward: bool; write the gradient into the storage of ``logits`` during backward, so
+            no second [tokens, V] buffer exists. The caller's logits are overwritten (do not use them
+            after ``backward()``), and it saves memory only when the logits flatten to [N, V] without
+            a copy. Not available with impl="reference"; refused for overlapping rows (expanded tensors).
         process_group: vocabulary-parallel (tensor-parallel) torch.distributed group; ``logits`` is
             then this rank's vocabulary shard [..., V_local] (shards may be uneven) and ``labels``
             are replicated on every rank with global vocabulary ids. Every rank gets the same loss
             and the gradient of its own shard. See docs/vocab_parallel.md.
-        vocab_start: global id of this shard's first column. By default it is derived from the
-            shard sizes in group rank order with one all-gather (which also checks token counts,
+        vocab_start: int >= 0, global id of this shard's first column. By default it is derived from
+            the shard sizes in group rank order with one all-gather (which also checks token counts,
             replicated labels and the global label range); given explicitly, that all-gather is
             skipped and labels are checked in the forward's t_y all-reduce instead.
-        impl: "triton", "torch" (chunked PyTorch), "reference" (materialised oracle) or "auto"
-            (triton for CUDA tensors or under TRITON_INTERPRET=1, else torch).
+        impl: "triton" (Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
+            "torch" (chunked PyTorch, any device), "reference" (the materialised oracle
+            :func:`gem_kernels.reference.gem_loss_reference`) or "auto" (default: triton for CUDA
+            tensors or under TRITON_INTERPRET=1, else torch).
 
     Returns:
-        float32 loss (a scalar for "mean"/"sum"), or ``(loss, ce)`` when ``return_ce``.
+        float32 loss (a scalar for "mean"/"sum", [...] for "none"; float64 for float64 logits), or
+        ``(loss, ce)`` when ``return_ce``. The gradient reaches ``logits`` in their dtype.
+
+    Raises:
+        ValueError: beta, logit_scale or softcap not a finite number > 0; z_loss_scale < 0; an
+            unknown h, reduction or impl; num_items_in_batch < 0, not one element, or given with a
+            reduction other than "mean"; logits without a vocabulary dimension; labels of another
+            shape or device, or outside [0, V) and not ignore_index; inplace_backward with
+            impl="reference" or overlapping rows; impl="triton" on CPU tensors without the interpreter.
+        TypeError: logits or labels not tensors, logits not floating point (or float64 with
+            impl="triton"), labels not integer, ignore_index not an int, return_ce or
+            inplace_backward not a bool.
+        RuntimeError: impl="triton" without the triton package. Every check runs before any kernel.
     """
     check_options(beta=beta, h=h, ignore_index=ignore_index, reduction=reduction,
                   num_items_in_batch=num_items_in_batch, logit_scale=logit_scale, softcap=softcap,

@@ -13,10 +13,22 @@ from ..functional import gem_loss
 
 
 def dtensor_gem_loss(logits, labels, **options):
-    """logits: DTensor [..., V] with ``Shard(-1)`` on exactly one mesh dimension and ``Replicate()``
-    on any others; labels: the replicated labels [...] with global vocabulary ids (a plain tensor or
-    a DTensor whose placements are all ``Replicate()``). ``options``: those of gem_loss except
-    ``process_group`` and ``vocab_start``, which come from the DTensor. Returns what gem_loss returns.
+    """GEM of vocabulary-sharded DTensor logits (see the module docstring).
+
+    Args:
+        logits: DTensor [..., V] (float32 / bfloat16 / float16) with ``Shard(-1)`` on exactly one mesh
+            dimension and ``Replicate()`` on any others.
+        labels: the replicated labels [...] with global vocabulary ids (an integer plain tensor, or a
+            DTensor whose placements are all ``Replicate()``).
+        options: those of gem_loss except ``process_group`` and ``vocab_start``, which come from the
+            DTensor.
+
+    Returns: what gem_loss returns (a plain, replicated float32 loss).
+
+    Raises:
+        TypeError: logits not a DTensor, or ``process_group`` / ``vocab_start`` given.
+        ValueError: other placements, or labels that are not replicated; gem_loss's errors.
+        RuntimeError: a local shard whose width is not that of a ``torch.chunk`` split.
     """
     from torch.distributed.tensor import DTensor, Replicate, Shard
 

@@ -54,7 +54,11 @@ def _check_gem_options(options: dict, allowed) -> dict:
 def shift_causal_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """``labels [..., T] -> targets [..., T]`` with ``targets[..., t] = labels[..., t + 1]`` and
     ``ignore_index`` at the last position, so the targets line up with the logits / hidden states
-    of every position without slicing (and copying) those."""
+    of every position without slicing (and copying) those.
+
+    Args: ``labels`` an integer tensor [..., T] (T >= 1) on any device; ``ignore_index`` the int
+    written at the last position (default -100). Returns a new tensor of the same shape, dtype and
+    device; ``labels`` is not modified."""
     return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
 
@@ -117,6 +121,15 @@ def gem_compute_loss_func(*, beta: float = 0.7, h: str = "linear", **options) ->
     ``return_ce``, ``inplace_backward``, ``impl``, ...). With ``return_ce=True`` the callable
     still returns only the loss and keeps the detached CE in ``.last_ce``. This path builds the
     full ``[batch, seq, V]`` logits in the model; :func:`apply_gem` / :class:`GEMTrainer` do not.
+
+    Args:
+        beta: float > 0, temperature of q (default 0.7). h: "linear" or "logsigmoid".
+        options: the other gem_loss keyword options (not ``num_items_in_batch``, ``reduction``,
+            ``logit_scale`` / ``softcap`` unless the model does not apply them itself).
+    Returns: a :class:`GEMComputeLoss`; called as ``fn(outputs, labels [B, T] integer,
+        num_items_in_batch=None, shift_labels=None)`` it returns a float32 scalar loss.
+    Raises: TypeError for an unknown option, ValueError / TypeError for a bad value (at once, not at
+        the first step); at the call, ValueError when there are no labels or no logits.
     """
     return GEMComputeLoss(beta=beta, h=h, **options)
 
@@ -331,6 +344,21 @@ def apply_gem(model, *, beta: float = 0.7, h: str = "linear", **options):
     (see :func:`logit_transform_from_config`); explicit ``logit_scale`` / ``softcap`` options win.
     Other options: ``ignore_index``, ``z_loss_scale``, ``return_ce``, ``chunk_size``, ``impl``.
     Calling it again replaces the options. Returns the same model, patched in place.
+
+    Args:
+        model: a Hugging Face causal LM (``PreTrainedModel``, or a PEFT model wrapping one) whose output
+            embedding is an ``nn.Linear`` [V, H] (float32 / bfloat16 / float16, any device).
+        beta: float > 0 (default 0.7). h: "linear" or "logsigmoid" (the authors trained with
+            "logsigmoid", beta 0.7).
+        options: ``ignore_index`` (int), ``logit_scale`` (float > 0) / ``softcap`` (float > 0) to
+            override the config, ``z_loss_scale`` (float >= 0), ``return_ce`` (bool), ``chunk_size``
+            (None or int >= 1), ``impl`` ("auto" / "triton" / "torch" / "reference").
+    Returns: ``model`` (patched in place).
+    Raises:
+        TypeError: an unknown option. ValueError: a bad option value, an encoder-decoder model, or a
+            config ``logits_scaling`` whose meaning for this model type is unknown (pass
+            ``logit_scale``). Errors of the head (not an ``nn.Linear``, offloaded to meta) are raised
+            at the first training forward.
     """
     options = _check_gem_options({"beta": beta, "h": h, **options}, _COMMON_OPTIONS + _FUSED_ONLY)
     target = _target_model(model)
@@ -357,7 +385,12 @@ def apply_gem(model, *, beta: float = 0.7, h: str = "linear", **options):
 
 
 def remove_gem(model):
-    """Undo :func:`apply_gem`: restore the model's original forward. Returns the model."""
+    """Undo :func:`apply_gem`: restore the model's original forward. Returns the model.
+
+    Args:
+        model: the model (or PEFT wrapper) given to apply_gem; a model that was never patched is
+            returned unchanged (no error).
+    """
     target = _target_model(model)
     state = getattr(target, _STATE_ATTR, None)
     if state is not None:
@@ -371,6 +404,11 @@ def remove_gem(model):
 
 
 def is_gem_applied(model) -> bool:
+    """True when :func:`apply_gem` patched the model and :func:`remove_gem` has not undone it.
+
+    Args:
+        model: any object (a model or PEFT wrapper); never raises.
+    """
     return getattr(_target_model(model), _STATE_ATTR, None) is not None
 
 

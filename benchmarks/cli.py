@@ -1,7 +1,7 @@
 """Command line of ``python -m benchmarks``.
 
 Runs providers x shapes x {forward, backward, forward+backward} sized for the machine: real
-Llama-3 / Qwen2.5 / Gemma-2 lm_head shapes on a GPU, the same shapes divided by 32 on a CPU (where
+Llama-3 / Qwen2.5 / Gemma-2 lm_head shapes on a GPU, the same shapes divided by {scale} on a CPU (where
 Triton kernels run in the interpreter, so they get memory and traffic figures but no timings).
 Prints Markdown tables and writes a CSV and two PNG plots to --out.
 """
@@ -21,7 +21,9 @@ def _csv(text: str):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+    from .shapes import CPU_SCALE
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.replace("{scale}", str(CPU_SCALE)),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when available, else cpu with the Triton interpreter")

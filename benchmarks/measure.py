@@ -19,7 +19,10 @@ Used by the fused-linear tests and the benchmark scripts; the API (``peak_memory
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, List
 
@@ -72,16 +75,43 @@ def _replay(sizes: List[int]):
     return peak, largest, count, cur
 
 
+@contextlib.contextmanager
+def quiet_fd2():
+    """Silence file descriptor 2 (C++ writes to stderr) for the duration; Python exceptions still
+    propagate. Used around the profiler's start and stop, whose kineto build prints
+    ``USDT ... profiler_start`` / ``profiler_stop`` lines that would land inside a caller's output."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # pytest capture etc.: nothing to silence
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
 def _profile(fn: Callable, args, kwargs, device_type):
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
     if device_type == torch.device("cuda").type:
         activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities, profile_memory=True, record_shapes=False) as prof:
+    prof = profile(activities=activities, profile_memory=True, record_shapes=False)
+    with quiet_fd2():  # only start and stop are silenced: what fn prints (warnings, errors) stays visible
+        prof.__enter__()
+    try:
         result = fn(*args, **kwargs)
         if device_type == "cuda":
             torch.cuda.synchronize()
+    finally:
+        with quiet_fd2():
+            prof.__exit__(None, None, None)
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == _MEMORY_EVENT]
     events.sort(key=lambda e: e.start_ns())
     want = torch.device(device_type).type

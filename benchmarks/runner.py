@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .measure import count_flops, peak_memory
+from .measure import count_flops, peak_memory, quiet_fd2
 from .providers import Provider
 from .shapes import Shape
 from .traffic import count_traffic, interpreter_active
@@ -49,25 +49,6 @@ def make_inputs(shape: Shape, settings: Settings):
     weight = weight.to(settings.dtype).requires_grad_()
     labels = torch.randint(0, shape.vocab, (shape.tokens,), **kw)
     return hidden, weight, labels
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence the profiler's C++ start/stop lines on fd 2 (Python exceptions still propagate)."""
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # pytest capture etc.
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(fd)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), fd)
-            yield
-    finally:
-        os.dup2(saved, fd)
-        os.close(saved)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -112,7 +93,7 @@ def instrumented(fn: Callable, settings: Settings, traffic: bool, flops: bool = 
             with_flops()
 
     _clean(settings.device)
-    with _quiet_stderr():
+    with quiet_fd2():  # interpreter and profiler chatter on fd 2 stays out of the tables
         mem = peak_memory(with_traffic, device=settings.device)
     tr = box.get("traffic")
     return {

@@ -23,7 +23,7 @@ for each held-out prompt:
 
 Usage:
     python examples/diversity.py            # full run (CE, GEM beta 0.7 and 0.5), a few minutes
-    python examples/diversity.py --quick    # CE and GEM beta 0.7, under a minute
+    python examples/diversity.py --quick    # CE and GEM beta 0.7, under a minute; plot in examples/results/
     python examples/diversity.py --out docs/img/diversity.png --seed 1 --betas 0.7 0.5
 
 Reference point for reading the numbers (the "data" row): a model that reproduced the fine-tuning
@@ -47,6 +47,8 @@ import torch
 # The task
 # ---------------------------------------------------------------------------------------------
 PAD, BOS, SEP = 0, 1, 2
+# Default place of the plot: beside this script, gitignored (never the repository root, never docs/img).
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 NUM_CATEGORIES = 8
 NUM_NOISE = 32  # noise vocabulary
 NUM_WORDS = 16  # answer vocabulary; an answer is two words
@@ -362,6 +364,14 @@ def plot(result: Dict, path: str) -> None:
     plt.close(fig)
 
 
+def output_path(out: Optional[str], mode_name: str) -> str:
+    """``--out`` as given, else examples/results/diversity-<mode>.png (its folder created)."""
+    if out is not None:
+        return out
+    os.makedirs(RESULTS, exist_ok=True)
+    return os.path.join(RESULTS, f"diversity-{mode_name}.png")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group()
@@ -371,9 +381,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p.add_argument("--betas", type=float, nargs="+", default=None, help="GEM betas (default: per mode)")
     p.add_argument("--from-scratch", action="store_true",
                    help="fine-tune a randomly initialised model instead of the balanced-CE base model")
-    p.add_argument("--out", default="diversity.png", help="where to write the plot (PNG)")
+    p.add_argument("--out", default=None,
+                   help=f"where to write the plot (PNG; default {os.path.relpath(RESULTS)}/diversity-<mode>.png, "
+                        f"gitignored, so a run never writes into the repository root or over docs/img)")
     a = p.parse_args(argv)
     mode_name = "smoke" if a.smoke else "quick" if a.quick else "full"
+    a.out = output_path(a.out, mode_name)
     t0 = time.perf_counter()
     result = run(mode_name, a.seed, a.betas, a.from_scratch)
     print(table(result))

@@ -131,3 +131,12 @@ def test_gpu_flop_count_matches_nested_count(name):
     fwd, bwd, _ = runner.run(provider, shape, SETTINGS, timing=False)
     separate = runner._separate_flops(provider.step(shape), runner.make_inputs(shape, SETTINGS))
     assert separate == (fwd["matmul_flops"], bwd["matmul_flops"])
+
+
+def test_help_states_the_cpu_divisor(capsys):
+    from benchmarks.shapes import CPU_SCALE
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"divided by {CPU_SCALE} on a CPU" in text

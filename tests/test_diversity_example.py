@@ -106,3 +106,13 @@ def test_smoke_run_end_to_end(tmp_path):
     assert hist[0].metrics[0] == hist[1].metrics[0]
     assert hist[0].metrics[-1]["entropy"] != hist[1].metrics[-1]["entropy"]
     assert out.stat().st_size > 1000
+
+
+def test_default_plot_path_is_not_the_repository_root():
+    """`python examples/diversity.py --quick` from the repository root used to write diversity.png there."""
+    root = pathlib.Path(_PATH).resolve().parent.parent
+    path = pathlib.Path(div.output_path(None, "quick")).resolve()
+    assert path.parent == root / "examples" / "results" and path.name == "diversity-quick.png"
+    assert div.output_path("x/y.png", "quick") == "x/y.png"
+    ignored = (root / ".gitignore").read_text().split()
+    assert "examples/results/" in ignored

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -32,6 +32,7 @@ from torch.autograd.function import once_differentiable
 from ..options import GEMOptions
 from ..torch_ops import finalize, gem_grad_chunked
 from . import vocab_parallel
+from ._scale import scale_grads_, upstream_scale
 from .gem import torch_partials, triton_grad, triton_partials
 
 # Default chunk policy: a chunk's logits hold about as many elements as the valid hidden states
@@ -219,6 +220,76 @@ def _put(dst: torch.Tensor, idx: Optional[torch.Tensor], a: int, b: int, src: to
         dst.index_copy_(0, idx, src.to(dst.dtype))
 
 
+def valid_rows(labels: torch.Tensor, ignore_index: int):
+    """(rows [n_valid] int64 or None when every row is valid, labels of those rows [n_valid]).
+
+    One device-to-host read (a sync on GPU): the valid rows are gathered so that ignored tokens cost
+    no matmul work, and the default chunk size depends on their count."""
+    valid = labels != ignore_index
+    n_valid = int(valid.sum())
+    rows = None if n_valid == labels.shape[0] else valid.nonzero().squeeze(1)
+    return rows, (labels if rows is None else labels.index_select(0, rows))
+
+
+def chunk_rows_for(chunk_size: Optional[int], n_valid: int, hidden_size: int, vocab_size: int) -> int:
+    """Rows per chunk: ``chunk_size`` when given, else the default policy."""
+    return chunk_size if chunk_size is not None else default_chunk_rows(n_valid, hidden_size, vocab_size)
+
+
+class FusedForward(NamedTuple):
+    """What :func:`fused_forward` computed: the loss and what a backward needs."""
+
+    loss: torch.Tensor  # [N] fp32 (fp64 for fp64 input)
+    ce: Optional[torch.Tensor]  # [N] or None
+    eager: bool  # gradients precomputed (``grads``) with the per-token weight token_scale
+    grads: Optional[tuple]  # (grad_hidden, grad_weight, grad_bias), each None when not required
+    rows: Optional[torch.Tensor]  # [n_valid] int64 indices of the valid rows, None when all are valid
+    labels_v: torch.Tensor  # [n_valid]
+    stats_v: Optional[torch.Tensor]  # [n_valid, 5] row statistics (deferred gradients only)
+    chunk_rows: int
+
+
+def fused_forward(hidden2d, weight, bias, labels, opts: GEMOptions, impl: str, chunk_size: Optional[int],
+                  token_scale, group, need_gx: bool, need_gw: bool, need_gb: bool) -> FusedForward:
+    """The forward of the fused path (shared by FusedLinearGEMFunction and the torch.compile custom
+    operators in ``compiled.py``). See FusedLinearGEMFunction for the arguments."""
+    any_grad = need_gx or need_gw or need_gb
+    N, H = hidden2d.shape
+    V = weight.shape[0]
+    rows, labels_v = valid_rows(labels, opts.ignore_index)
+    chunk_rows = chunk_rows_for(chunk_size, labels_v.shape[0], H, V)
+    n_valid = labels_v.shape[0]
+    # fp16 defers too: dZ must carry the upstream gradient (e.g. GradScaler's 2^16) before it is
+    # rounded to fp16, or its small entries underflow; the upstream is only known in backward.
+    eager = any_grad and token_scale is not None and hidden2d.dtype != torch.float16
+    row_grad = None
+    if eager:
+        cdt = torch.float64 if hidden2d.dtype == torch.float64 else torch.float32
+        ts = torch.as_tensor(token_scale, dtype=cdt, device=hidden2d.device)
+        row_grad = ts.reshape(()).expand(n_valid)
+    loss, ce, stats_v, gx, acc = _chunk_loop(
+        hidden2d, weight, bias, rows, labels_v, opts, impl, chunk_rows, row_grad=row_grad,
+        need_gx=need_gx, need_gw=need_gw, need_gb=need_gb, keep_stats=any_grad and not eager, group=group)
+    grads = None
+    if eager:
+        _sum_over_shards(gx, group)
+        grads = (gx,) + acc.result()
+    return FusedForward(loss, ce, eager, grads, rows, labels_v, stats_v, chunk_rows)
+
+
+def fused_backward_recompute(hidden2d, weight, bias, rows, labels_v, stats_v, grad_loss, opts: GEMOptions,
+                             impl: str, chunk_rows: int, flags, group=None):
+    """Deferred gradients (reduction "none", fp16): recompute each chunk's logits from the saved row
+    statistics and fold the per-token upstream ``grad_loss`` [N] into dZ. Returns (gx, gw, gb)."""
+    need_gx, need_gw, need_gb = flags
+    row_grad = grad_loss if rows is None else grad_loss.index_select(0, rows)
+    _, _, _, gx, acc = _chunk_loop(
+        hidden2d, weight, bias, rows, labels_v, opts, impl, chunk_rows,
+        row_grad=row_grad, stats_v=stats_v, need_gx=need_gx, need_gw=need_gw, need_gb=need_gb)
+    _sum_over_shards(gx, group)
+    return (gx,) + acc.result()
+
+
 class FusedLinearGEMFunction(torch.autograd.Function):
     """(hidden2d [N, H], weight [V, H], bias [V] | None, labels [N], opts, impl, chunk_size,
     token_scale) -> (per-token loss [N], per-token CE [N] or empty), fp32 (fp64 for fp64 input).
@@ -237,39 +308,21 @@ class FusedLinearGEMFunction(torch.autograd.Function):
         need_gx = grad_enabled and ctx.needs_input_grad[0]
         need_gw = grad_enabled and ctx.needs_input_grad[1]
         need_gb = grad_enabled and bias is not None and ctx.needs_input_grad[2]
-        any_grad = need_gx or need_gw or need_gb
-        N, H = hidden2d.shape
-        V = weight.shape[0]
-        valid = labels != opts.ignore_index
-        n_valid = int(valid.sum())
-        rows = None if n_valid == N else valid.nonzero().squeeze(1)
-        labels_v = labels if rows is None else labels.index_select(0, rows)
-        chunk_rows = chunk_size if chunk_size is not None else default_chunk_rows(n_valid, H, V)
-        ctx.opts, ctx.impl, ctx.chunk_rows = opts, impl, chunk_rows
+        fwd = fused_forward(hidden2d, weight, bias, labels, opts, impl, chunk_size, token_scale, group,
+                            need_gx, need_gw, need_gb)
+        ctx.opts, ctx.impl, ctx.chunk_rows = opts, impl, fwd.chunk_rows
         ctx.flags = (need_gx, need_gw, need_gb)
         ctx.group = group
         ctx.device_type = hidden2d.device.type
-        # fp16 defers too: dZ must carry the upstream gradient (e.g. GradScaler's 2^16) before it is
-        # rounded to fp16, or its small entries underflow; the upstream is only known in backward.
-        ctx.eager = any_grad and token_scale is not None and hidden2d.dtype != torch.float16
-        row_grad = None
-        if ctx.eager:
-            cdt = torch.float64 if hidden2d.dtype == torch.float64 else torch.float32
-            ts = torch.as_tensor(token_scale, dtype=cdt, device=hidden2d.device)
-            row_grad = ts.reshape(()).expand(n_valid)
-        loss, ce, stats_v, gx, acc = _chunk_loop(
-            hidden2d, weight, bias, rows, labels_v, opts, impl, chunk_rows, row_grad=row_grad,
-            need_gx=need_gx, need_gw=need_gw, need_gb=need_gb, keep_stats=any_grad and not ctx.eager,
-            group=group)
-        if ctx.eager:
-            _sum_over_shards(gx, group)
-            gw, gb = acc.result()
-            ctx.grads = (gx, gw, gb)
+        ctx.eager = fwd.eager
+        if fwd.eager:
+            ctx.grads = fwd.grads
             ctx.token_scale = token_scale
-            ctx.rows = rows
-        elif any_grad:
+            ctx.rows = fwd.rows
+        elif need_gx or need_gw or need_gb:
             # Deferred: keep what a recomputation needs (references, plus O(tokens) statistics).
-            ctx.save_for_backward(hidden2d, weight, bias, rows, labels_v, stats_v)
+            ctx.save_for_backward(hidden2d, weight, bias, fwd.rows, fwd.labels_v, fwd.stats_v)
+        loss, ce = fwd.loss, fwd.ce
         if ce is None:
             ce = loss.new_empty(0)
         ctx.mark_non_differentiable(ce)
@@ -283,7 +336,6 @@ class FusedLinearGEMFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_loss):
-        need_gx, need_gw, need_gb = ctx.flags
         none = (None,) * 6
         if ctx.eager:
             grads = ctx.grads
@@ -292,26 +344,20 @@ class FusedLinearGEMFunction(torch.autograd.Function):
                     "fused_linear_gem_loss scales its precomputed gradients in place and supports one "
                     "backward per forward; run the forward again instead of retain_graph=True")
             ctx.grads = _CONSUMED
-            gx, gw, gb = grads
-            scale = 0.0
-            if grad_loss is not None:
-                # One host read per backward (a sync on GPU): a Python float multiplies low-precision
-                # gradients in fp32 opmath, where a low-precision 0-d tensor would round the factor.
-                scale = float(_uniform_upstream(grad_loss, ctx.rows) / ctx.token_scale)
-            for g in (gx, gw, gb):
-                if g is not None and scale != 1.0:
-                    g.mul_(scale)
-            return (gx, gw, gb, None) + none[:6]
+            if grad_loss is None:
+                for g in grads:
+                    if g is not None:
+                        g.zero_()
+            else:
+                # No host read: the factor stays a 0-d device tensor (see scale_grads_ for precision).
+                scale_grads_(grads, upstream_scale(grad_loss, ctx.rows, ctx.token_scale))
+            return tuple(grads) + (None,) + none[:6]
         hidden2d, weight, bias, rows, labels_v, stats_v = ctx.saved_tensors
         if grad_loss is None:
             grad_loss = torch.zeros(hidden2d.shape[0], dtype=torch.float32, device=hidden2d.device)
-        row_grad = grad_loss if rows is None else grad_loss.index_select(0, rows)
-        _, _, _, gx, acc = _chunk_loop(
-            hidden2d, weight, bias, rows, labels_v, ctx.opts, ctx.impl, ctx.chunk_rows,
-            row_grad=row_grad, stats_v=stats_v, need_gx=need_gx, need_gw=need_gw, need_gb=need_gb)
-        _sum_over_shards(gx, ctx.group)
-        gw, gb = acc.result()
-        return (gx, gw, gb, None) + none[:6]
+        grads = fused_backward_recompute(hidden2d, weight, bias, rows, labels_v, stats_v, grad_loss, ctx.opts,
+                                         ctx.impl, ctx.chunk_rows, ctx.flags, ctx.group)
+        return tuple(grads) + (None,) + none[:6]
 
 
 def _sum_over_shards(gx: Optional[torch.Tensor], group) -> None:
@@ -322,20 +368,6 @@ def _sum_over_shards(gx: Optional[torch.Tensor], group) -> None:
     import torch.distributed as dist
 
     dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=getattr(group, "group", group))
-
-
-def _uniform_upstream(grad_loss: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
-    """The single upstream value of a reduced loss (0-d). The functional layer reduces right after
-    the Function, so grad_loss is an expanded scalar; anything else is refused, never mis-scaled."""
-    if grad_loss.numel() == 0:
-        return grad_loss.new_zeros(())
-    if grad_loss.stride(0) == 0:
-        return grad_loss[0]
-    g = grad_loss if rows is None else grad_loss.index_select(0, rows)
-    if g.numel() and not bool((g == g[0]).all()):
-        raise RuntimeError("fused_linear_gem_loss: per-token upstream gradients need reduction='none' "
-                           "(the gradients of a reduced loss are precomputed for one scalar)")
-    return g[0] if g.numel() else grad_loss.new_zeros(())
 
 
 _CONSUMED = object()

@@ -20,7 +20,7 @@ def _is_real(x) -> bool:
 
 
 def check_options(*, beta, h, ignore_index, reduction, num_items_in_batch, logit_scale, softcap,
-                  z_loss_scale, return_ce, impl, inplace_backward=False):
+                  z_loss_scale, return_ce, impl, inplace_backward=False, validate_labels=True):
     if not _is_real(beta) or not math.isfinite(beta) or beta <= 0:
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if h not in H_CHOICES:
@@ -41,6 +41,8 @@ def check_options(*, beta, h, ignore_index, reduction, num_items_in_batch, logit
         raise TypeError(f"return_ce must be a bool, got {return_ce!r}")
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
+    if not isinstance(validate_labels, bool):
+        raise TypeError(f"validate_labels must be a bool, got {validate_labels!r}")
     if inplace_backward and impl == "reference":
         raise ValueError("inplace_backward=True is not available with impl='reference'")
     if num_items_in_batch is not None:
@@ -51,7 +53,10 @@ def check_options(*, beta, h, ignore_index, reduction, num_items_in_batch, logit
             if num_items_in_batch.numel() != 1:
                 raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, "
                                  f"got a tensor of shape {tuple(num_items_in_batch.shape)}")
-            if num_items_in_batch.device.type == "cpu" and not bool(num_items_in_batch.reshape(()) >= 0):
+            if torch.compiler.is_compiling():
+                # a host branch on a tensor value would break the graph: a check the graph keeps
+                torch._assert_async(num_items_in_batch.reshape(()) >= 0, "num_items_in_batch must be >= 0")
+            elif num_items_in_batch.device.type == "cpu" and not bool(num_items_in_batch.reshape(()) >= 0):
                 # checked where it costs no device sync (Hugging Face passes a CPU or device tensor)
                 raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch.item()}")
         elif not _is_real(num_items_in_batch) or not num_items_in_batch >= 0:
@@ -68,21 +73,36 @@ def index_labels(labels):
     return labels if labels.dtype in (torch.int32, torch.int64) else labels.long()
 
 
-def check_labels(labels, name_shape: str, expected_shape, device, num_classes: Optional[int], ignore_index: int):
+def check_labels(labels, name_shape: str, expected_shape, device, num_classes: Optional[int], ignore_index: int,
+                 validate_range: bool = True):
     """labels must be an integer tensor of ``expected_shape`` on ``device`` with every non-ignored
-    value in [0, num_classes). The range check reads one reduced value back (a sync on GPU)."""
+    value in [0, num_classes).
+
+    The range check (skipped when ``validate_range`` is False or ``num_classes`` is None):
+    in eager mode it reads one reduced value back (a device sync on GPU) and raises ValueError
+    naming the first bad label; under torch.compile it is a device-side assert kept in the graph
+    (``torch._assert_async``): no host branch, no graph break, and a RuntimeError carrying
+    ``LABEL_RANGE_MESSAGE`` when it fails (on CUDA reported as a device-side assert, asynchronously).
+    """
     labels = index_labels(labels)
     if tuple(labels.shape) != tuple(expected_shape):
         raise ValueError(f"labels must have shape {tuple(expected_shape)} (the leading shape of "
                          f"{name_shape}), got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels must be on the same device as {name_shape} ({device}), got {labels.device}")
-    if num_classes is not None and labels.numel() > 0:
+    if validate_range and num_classes is not None and labels.numel() > 0:
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-        if bool(bad.any()):
+        if torch.compiler.is_compiling():
+            torch._assert_async(~bad.any(), f"{LABEL_RANGE_MESSAGE}: labels must lie in [0, {num_classes}) or "
+                                            f"equal ignore_index={ignore_index}")
+        elif bool(bad.any()):
             first = labels[bad][0].item()
             raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
                              f"found {first}")
+
+
+# Start of the message of the device-side label check under torch.compile (tests match it).
+LABEL_RANGE_MESSAGE = "gem_kernels: labels out of range"
 
 
 def check_float_tensor(x, name: str, allowed=TORCH_DTYPES):
@@ -105,9 +125,11 @@ def interpreting() -> bool:
 
 
 def resolve_impl(impl: str, x: torch.Tensor) -> str:
-    """'auto' -> 'triton' for CUDA tensors (or under TRITON_INTERPRET=1) in a kernel dtype, else 'torch'."""
+    """'auto' -> 'triton' for CUDA tensors (or under TRITON_INTERPRET=1) in a kernel dtype, else 'torch'.
+    Under torch.compile, CPU tensors get 'torch' even with TRITON_INTERPRET=1: the interpreter cannot be traced."""
     if impl == "auto":
-        if x.dtype in FLOAT_DTYPES and (x.is_cuda or interpreting()) and triton_available():
+        on_device = x.is_cuda or (interpreting() and not torch.compiler.is_compiling())
+        if x.dtype in FLOAT_DTYPES and on_device and triton_available():
             return "triton"
         return "torch"
     if impl == "triton":

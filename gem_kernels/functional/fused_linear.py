@@ -7,6 +7,7 @@ from typing import Optional, Union
 import torch
 
 from ..autograd import FusedLinearGEMFunction
+from ..autograd.compiled import fused_linear_gem_compiled
 from ..autograd.fused_linear import autocast_off
 from ..options import GEMOptions
 from ..reference import gem_loss_reference
@@ -17,7 +18,11 @@ from ._vocab_parallel import resolve_vocab_shard, shard_chunk_rows
 
 def apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts: GEMOptions, impl: str, chunk_size, token_scale,
                            group=None):
-    """The one place FusedLinearGEMFunction is applied: (per-token loss [N], per-token CE [N] or empty)."""
+    """The one place FusedLinearGEMFunction is applied: (per-token loss [N], per-token CE [N] or empty).
+    Under torch.compile (single device) the same bodies run as custom operators (autograd/compiled.py)."""
+    if group is None and torch.compiler.is_compiling():
+        return fused_linear_gem_compiled(hidden2d, weight, bias, labels1d, opts, impl, chunk_size, token_scale,
+                                         torch.is_grad_enabled())
     return FusedLinearGEMFunction.apply(hidden2d, weight, bias, labels1d, opts, impl, chunk_size, token_scale,
                                         group, torch.is_grad_enabled())
 
@@ -98,6 +103,7 @@ def fused_linear_gem_loss(
     process_group=None,
     vocab_start: Optional[int] = None,
     chunk_size: Optional[int] = None,
+    validate_labels: bool = True,
     impl: str = "auto",
 ):
     """GEM loss of the logits ``hidden @ weight.T + bias`` against ``labels``, computed in chunks of
@@ -137,6 +143,10 @@ def fused_linear_gem_loss(
             ``valid_tokens * H / V`` rows (rounded up to a multiple of 16), so a chunk of logits costs
             about as much as the valid hidden states. Raise it for throughput on large GPUs when
             memory allows.
+        validate_labels: bool, default True, as in gem_loss: False skips the label range check (no device-to-host
+            read, no device-side assert under torch.compile); an out-of-range label then reads
+            outside the logits chunk in the Triton kernels (garbage or an illegal memory access)
+            or is silently treated as a label logit of 0 by the torch path.
         impl: "triton" (Triton GEM kernels on each chunk), "torch" (the same chunking in PyTorch),
             "reference" (materialises ``hidden @ weight.T + bias``; for tests), "auto" as gem_loss.
 
@@ -157,12 +167,13 @@ def fused_linear_gem_loss(
             with V = 0; ``bias`` not [V]; weight / bias / labels on another device; labels of another
             shape or out of range; ``chunk_size`` not None or an int >= 1.
         TypeError: non-tensor or non-floating inputs, weight / bias of another dtype than hidden,
-            non-integer labels, float64 with impl="triton", or ``inplace_backward`` passed.
+            non-integer labels, float64 with impl="triton", ``validate_labels`` not a bool, or
+            ``inplace_backward`` passed.
         RuntimeError: impl="triton" without the triton package. Every check runs before any matmul.
     """
     check_options(beta=beta, h=h, ignore_index=ignore_index, reduction=reduction,
                   num_items_in_batch=num_items_in_batch, logit_scale=logit_scale, softcap=softcap,
-                  z_loss_scale=z_loss_scale, return_ce=return_ce, impl=impl)
+                  z_loss_scale=z_loss_scale, return_ce=return_ce, impl=impl, validate_labels=validate_labels)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     H, V = _check_linear(hidden, weight, bias)
     labels = index_labels(labels)
@@ -172,7 +183,7 @@ def fused_linear_gem_loss(
         layout = resolve_vocab_shard(process_group, vocab_start, hidden.shape[:-1], V, hidden.device, labels,
                                      ignore_index, impl, who="fused_linear_gem_loss", name="hidden")
     else:
-        check_labels(labels, "hidden", hidden.shape[:-1], hidden.device, V, ignore_index)
+        check_labels(labels, "hidden", hidden.shape[:-1], hidden.device, V, ignore_index, validate_labels)
     impl = resolve_impl(impl, hidden)
     if impl == "reference":
         logits = torch.nn.functional.linear(hidden, weight, bias)

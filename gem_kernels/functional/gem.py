@@ -1,11 +1,13 @@
 """gem_loss: validation, implementation choice and reduction over the autograd Functions."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Union
 
 import torch
 
 from ..autograd import GEMTorchFunction, GEMTritonFunction
+from ..autograd.compiled import gem_torch_compiled
 from ..options import GEMOptions
 from ..reference import gem_loss_reference
 from ._checks import check_float_tensor, check_labels, check_options, index_labels, resolve_impl
@@ -17,7 +19,11 @@ _FUNCTIONS = {"triton": GEMTritonFunction, "torch": GEMTorchFunction}
 
 def apply_gem(logits2d: torch.Tensor, labels1d: torch.Tensor, opts: GEMOptions, impl: str, group=None):
     """The one place a GEM autograd Function is applied: (per-token loss [N], per-token CE [N] or empty).
-    The grad mode is passed in because inside Function.forward it is always off."""
+    The grad mode is passed in because inside Function.forward it is always off. Under torch.compile
+    the torch path runs as custom operators (autograd/compiled.py); the Triton path's kernels are
+    triton_ops, traced as they are."""
+    if impl == "torch" and group is None and torch.compiler.is_compiling():
+        return gem_torch_compiled(logits2d, labels1d, replace(opts, inplace_backward=False), torch.is_grad_enabled())
     return _FUNCTIONS[impl].apply(logits2d, labels1d, opts, group, torch.is_grad_enabled())
 
 
@@ -37,6 +43,7 @@ def gem_loss(
     inplace_backward: bool = False,
     process_group=None,
     vocab_start: Optional[int] = None,
+    validate_labels: bool = True,
     impl: str = "auto",
 ):
     """GEM loss (Li et al., ICLR 2025) of ``logits [..., V]`` against ``labels [...]``.
@@ -56,7 +63,7 @@ def gem_loss(
             float32 / bfloat16 / float16 (float64 only with impl="torch" or "reference"); may require
             grad; any strides. Aligned with ``labels``: no causal shift is done here.
         labels: [...] integer tensor (int64, int32, uint8, ...) with the leading shape of ``logits``,
-            on the same device, values in [0, V) or ``ignore_index`` (checked: one device-to-host read).
+            on the same device, values in [0, V) or ``ignore_index`` (checked unless validate_labels=False).
         beta: temperature of the constant distribution q = softmax(z / beta), a finite float > 0
             (default 0.7, the authors' setting; smaller = sharper q). beta = 1 with h="linear" gives
             exactly the cross-entropy gradient.
@@ -89,10 +96,21 @@ def gem_loss(
             the shard sizes in group rank order with one all-gather (which also checks token counts,
             replicated labels and the global label range); given explicitly, that all-gather is
             skipped and labels are checked in the forward's t_y all-reduce instead.
+        validate_labels: bool, default True: check that every label lies in [0, V) or equals
+            ``ignore_index``. Eager: ValueError naming the first bad label, at the cost of one
+            device-to-host read (a sync on GPU). Under torch.compile: a device-side assert kept in
+            the graph (RuntimeError on CPU, a device-side assert on CUDA). False skips the check (no
+            read, no assert) for callers who validate upstream: an out-of-range label then makes the
+            Triton kernels read outside the row (garbage loss or an illegal memory access) and the
+            torch path silently treat the label logit as 0. Shape, dtype and device checks always run.
         impl: "triton" (Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
             "torch" (chunked PyTorch, any device), "reference" (the materialised oracle
             :func:`gem_kernels.reference.gem_loss_reference`) or "auto" (default: triton for CUDA
-            tensors or under TRITON_INTERPRET=1, else torch).
+            tensors or under TRITON_INTERPRET=1, else torch). Under torch.compile, "auto" gives CPU
+            tensors "torch" (the Triton interpreter cannot be traced).
+
+    Under torch.compile (fullgraph=True works) the torch path runs as custom operators; there
+    ``inplace_backward`` is not applied (the gradient gets its own buffer). See docs/compile.md.
 
     Returns:
         float32 loss (a scalar for "mean"/"sum", [...] for "none"; float64 for float64 logits), or
@@ -105,13 +123,14 @@ def gem_loss(
             shape or device, or outside [0, V) and not ignore_index; inplace_backward with
             impl="reference" or overlapping rows; impl="triton" on CPU tensors without the interpreter.
         TypeError: logits or labels not tensors, logits not floating point (or float64 with
-            impl="triton"), labels not integer, ignore_index not an int, return_ce or
-            inplace_backward not a bool.
+            impl="triton"), labels not integer, ignore_index not an int, return_ce,
+            inplace_backward or validate_labels not a bool.
         RuntimeError: impl="triton" without the triton package. Every check runs before any kernel.
     """
     check_options(beta=beta, h=h, ignore_index=ignore_index, reduction=reduction,
                   num_items_in_batch=num_items_in_batch, logit_scale=logit_scale, softcap=softcap,
-                  z_loss_scale=z_loss_scale, return_ce=return_ce, impl=impl, inplace_backward=inplace_backward)
+                  z_loss_scale=z_loss_scale, return_ce=return_ce, impl=impl, inplace_backward=inplace_backward,
+                  validate_labels=validate_labels)
     check_float_tensor(logits, "logits")
     if logits.dim() < 1:
         raise ValueError("logits must have at least one dimension (the vocabulary), got a scalar")
@@ -124,8 +143,11 @@ def gem_loss(
         shard, offset, _ = resolve_vocab_shard(process_group, vocab_start, logits.shape[:-1], V, logits.device,
                                                labels, ignore_index, impl)
     else:
-        check_labels(labels, "logits", logits.shape[:-1], logits.device, V, ignore_index)
+        check_labels(labels, "logits", logits.shape[:-1], logits.device, V, ignore_index, validate_labels)
     impl = resolve_impl(impl, logits)
+    if impl == "triton" and not logits.is_cuda and torch.compiler.is_compiling():
+        raise ValueError("gem_loss(impl='triton') under torch.compile needs CUDA tensors: the Triton "
+                         "interpreter cannot be traced; use impl='torch' (or 'auto') on CPU")
     if impl == "reference":
         return gem_loss_reference(logits, labels, beta=beta, h=h, ignore_index=ignore_index,
                                   reduction=reduction, num_items_in_batch=num_items_in_batch,

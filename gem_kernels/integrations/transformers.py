@@ -30,7 +30,8 @@ from ..functional import gem_loss
 from ..functional._checks import check_options
 
 # Options shared by gem_loss and fused_linear_gem_loss that a user may set once for a model.
-_COMMON_OPTIONS = ("beta", "h", "ignore_index", "logit_scale", "softcap", "z_loss_scale", "return_ce", "impl")
+_COMMON_OPTIONS = ("beta", "h", "ignore_index", "logit_scale", "softcap", "z_loss_scale", "return_ce", "impl",
+                   "validate_labels")
 _FUSED_ONLY = ("chunk_size",)
 _LOGITS_ONLY = ("inplace_backward",)
 # Attribute under which apply_gem keeps its state on the patched model.

@@ -1,0 +1,56 @@
+"""Rescaling of gradients precomputed in the forward of a reduced loss, without host reads.
+
+The forward computes the gradients with d(reduced loss)/d(per-token loss) folded in; backward
+multiplies them by upstream / that factor. Shared by the eager autograd Function and the
+torch.compile custom operators.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def scale_grads_(grads, scale: torch.Tensor) -> None:
+    """Multiply each precomputed gradient in place by the 0-d tensor ``scale`` without reading it
+    on the host. Low-precision gradients are multiplied in fp32 over slices of at most
+    SCALE_SLICE elements (a small temporary), as a Python-float factor would be: multiplying a bf16
+    tensor by a 0-d fp32 tensor would first round the factor itself to bf16 (e.g. 1/3 by 2^-9)."""
+    for g in grads:
+        if g is None:
+            continue
+        if g.dtype in (torch.float32, torch.float64):
+            g.mul_(scale.to(g.dtype))
+            continue
+        flat = g.view(-1)
+        s32 = scale.to(torch.float32)
+        tmp = torch.empty(min(SCALE_SLICE, flat.numel()), dtype=torch.float32, device=g.device)
+        for a in range(0, flat.numel(), SCALE_SLICE):
+            part = flat[a:a + SCALE_SLICE]
+            t = tmp[: part.numel()]
+            t.copy_(part).mul_(s32)
+            part.copy_(t)
+
+
+# 2^20 elements (4 MiB of fp32) per slice of scale_grads_: small next to the gradients it scales.
+SCALE_SLICE = 1 << 20
+
+
+def upstream_scale(grad_loss: torch.Tensor, rows: Optional[torch.Tensor], token_scale) -> torch.Tensor:
+    """0-d float64 factor (upstream of the reduced loss) / token_scale, with no host read."""
+    up = _uniform_upstream(grad_loss, rows).to(torch.float64)
+    return up / torch.as_tensor(token_scale, dtype=torch.float64, device=up.device)
+
+
+def _uniform_upstream(grad_loss: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """The single upstream value of a reduced loss (0-d). The functional layer reduces right after
+    the Function, so grad_loss is an expanded scalar; anything else is refused, never mis-scaled."""
+    if grad_loss.numel() == 0:
+        return grad_loss.new_zeros(())
+    if grad_loss.stride(0) == 0:
+        return grad_loss[0]
+    g = grad_loss if rows is None else grad_loss.index_select(0, rows)
+    if g.numel() and not bool((g == g[0]).all()):
+        raise RuntimeError("fused_linear_gem_loss: per-token upstream gradients need reduction='none' "
+                           "(the gradients of a reduced loss are precomputed for one scalar)")
+    return g[0] if g.numel() else grad_loss.new_zeros(())

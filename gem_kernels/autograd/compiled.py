@@ -1,0 +1,251 @@
+"""torch.compile support: the torch path of gem_loss and the fused path as opaque custom operators.
+
+Under torch.compile the functional layer calls :func:`gem_torch_compiled` and
+:func:`fused_linear_gem_compiled` instead of the eager autograd Functions, so that
+
+* the chunk loops, whose trip counts and row gathers depend on tensor values (valid tokens), run
+  inside an operator the compiler never traces (``torch.library.custom_op``);
+* each operator's fake implementation gives its output shapes, which depend on input shapes only;
+* the backward (``register_autograd``) is traced by AOTAutograd: gradients precomputed in the
+  forward are rescaled out of place, deferred ones call the backward operator.
+
+The operators run the same bodies as the eager Functions (``gem_forward_chunked`` /
+``gem_grad_chunked``, ``fused_forward`` / ``fused_backward_recompute``). Differences from eager,
+all about memory or repeatability, never values: the rescaling allocates a new gradient instead of
+scaling in place (so a second backward with ``retain_graph=True`` works), and ``inplace_backward``
+is not applied (the gradient gets its own buffer). Vocabulary-parallel calls (``process_group``)
+keep the eager Functions. The Triton logits path needs no operator here: its kernels are
+``torch.library.triton_op`` and are traced as they are (CUDA only: the interpreter cannot be traced).
+
+This module has no ``from __future__ import annotations``: custom_op reads the annotations.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..options import NUM_STATS, GEMOptions
+from ..torch_ops import finalize, gem_forward_chunked, gem_grad_chunked
+from .fused_linear import autocast_off, chunk_rows_for, fused_backward_recompute, fused_forward, valid_rows
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _opt_args(opts: GEMOptions) -> tuple:
+    """GEMOptions as the operators' scalar arguments (single device: vocab_start 0, no in-place)."""
+    return (opts.beta, opts.h, opts.ignore_index, opts.logit_scale, opts.softcap, opts.z_loss_scale, opts.return_ce)
+
+
+def _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce) -> GEMOptions:
+    return GEMOptions(beta=beta, h=h, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
+                      z_loss_scale=z_loss_scale, return_ce=return_ce)
+
+
+def _scaled(g: Tensor, factor: Tensor) -> Tensor:
+    """g * factor computed in fp32 (fp64 for fp64 g) and rounded once to g's dtype: the same
+    arithmetic as the eager in-place rescaling (``scale_grads_``), out of place."""
+    cdt = _compute_dtype(g.dtype)
+    return (g.to(cdt) * factor.to(cdt)).to(g.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# gem_loss, impl="torch"
+
+
+@torch.library.custom_op("gem_kernels::gem_torch_fwd", mutates_args=())
+def _gem_torch_fwd(logits: Tensor, labels: Tensor, beta: float, h: str, ignore_index: int, logit_scale: float,
+                   softcap: Optional[float], z_loss_scale: float, return_ce: bool,
+                   compute_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss [N], ce [N] or [0], stats [N, 5], gradient of each row's loss [N, V] or [0])."""
+    opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce)
+    partials, grad = gem_forward_chunked(logits, labels, opts, compute_grad=compute_grad)
+    loss, ce, stats = finalize(partials, labels != ignore_index, opts)
+    return (loss, ce if ce is not None else loss.new_empty(0), stats,
+            grad if grad is not None else logits.new_empty(0))
+
+
+@_gem_torch_fwd.register_fake
+def _(logits, labels, beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, compute_grad):
+    N = logits.shape[0]
+    cdt = _compute_dtype(logits.dtype)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else logits.new_empty(0)
+    return (logits.new_empty(N, dtype=cdt), logits.new_empty(N if return_ce else 0, dtype=cdt),
+            logits.new_empty(N, NUM_STATS, dtype=cdt), grad)
+
+
+@torch.library.custom_op("gem_kernels::gem_torch_bwd", mutates_args=())
+def _gem_torch_bwd(logits: Tensor, labels: Tensor, stats: Tensor, grad_loss: Tensor, beta: float, h: str,
+                   ignore_index: int, logit_scale: float, softcap: Optional[float], z_loss_scale: float,
+                   return_ce: bool) -> Tensor:
+    """d(sum_i grad_loss_i loss_i)/d logits from the saved row statistics."""
+    opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce)
+    return gem_grad_chunked(logits, labels, stats, grad_loss, opts)
+
+
+@_gem_torch_bwd.register_fake
+def _(logits, labels, stats, grad_loss, beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _gem_torch_setup(ctx, inputs, output):
+    logits, labels, *opt, compute_grad = inputs
+    _, _, stats, grad = output
+    ctx.opt, ctx.compute_grad = tuple(opt), compute_grad
+    if compute_grad:
+        ctx.save_for_backward(grad)
+    else:
+        ctx.save_for_backward(logits, labels, stats)
+
+
+def _gem_torch_backward(ctx, grad_loss, _grad_ce, _grad_stats, _grad_grad):
+    if ctx.compute_grad:
+        (grad,) = ctx.saved_tensors
+        g = _scaled(grad, grad_loss[:, None])
+    else:
+        logits, labels, stats = ctx.saved_tensors
+        g = _gem_torch_bwd(logits, labels, stats, grad_loss, *ctx.opt)
+    return (g,) + (None,) * 9
+
+
+torch.library.register_autograd("gem_kernels::gem_torch_fwd", _gem_torch_backward, setup_context=_gem_torch_setup)
+
+
+def gem_torch_compiled(logits2d: Tensor, labels1d: Tensor, opts: GEMOptions, grad_enabled: bool):
+    """(per-token loss [N], per-token CE [N] or empty), as GEMTorchFunction, through the operators.
+    As there, fp16 logits get their gradient in backward (scaled before it is rounded)."""
+    compute_grad = grad_enabled and logits2d.requires_grad and logits2d.dtype != torch.float16
+    loss, ce, _, _ = _gem_torch_fwd(logits2d, labels1d, *_opt_args(opts), compute_grad)
+    return loss, ce
+
+
+# ------------------------------------------------------------------------------------------------
+# fused_linear_gem_loss
+
+
+@torch.library.custom_op("gem_kernels::fused_linear_gem_fwd", mutates_args=())
+def _fused_fwd(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+               token_scale: Optional[Tensor], beta: float, h: str, ignore_index: int, logit_scale: float,
+               softcap: Optional[float], z_loss_scale: float, return_ce: bool, impl: str, chunk_size: Optional[int],
+               need_gx: bool, need_gw: bool, need_gb: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss [N], ce [N] or [0], stats [N, 5] (deferred gradients) or [0, 5], grad_hidden,
+    grad_weight, grad_bias (precomputed for a reduced loss, each [0] when not computed))."""
+    opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce)
+    # A compiled graph calls this operator under the caller's autocast state, whatever the
+    # functional layer's autocast_off did while tracing: switch it off here too.
+    with autocast_off(hidden2d.device.type):
+        fwd = fused_forward(hidden2d, weight, bias, labels, opts, impl, chunk_size, token_scale, None,
+                            need_gx, need_gw, need_gb)
+    cdt = _compute_dtype(hidden2d.dtype)
+    N = hidden2d.shape[0]
+    if fwd.stats_v is not None:  # deferred: statistics of every row (zeros at ignored rows), no dynamic shape
+        stats = fwd.stats_v if fwd.rows is None else fwd.stats_v.new_zeros(N, NUM_STATS).index_copy_(
+            0, fwd.rows, fwd.stats_v)
+    else:
+        stats = hidden2d.new_empty(0, NUM_STATS, dtype=cdt)
+    grads = fwd.grads if fwd.grads is not None else (None, None, None)
+    grads = tuple(g if g is not None else hidden2d.new_empty(0) for g in grads)
+    return (fwd.loss, fwd.ce if fwd.ce is not None else fwd.loss.new_empty(0), stats) + grads
+
+
+def _fused_eager(hidden2d, token_scale, need_gx, need_gw, need_gb) -> bool:
+    """As fused_forward decides: gradients precomputed in the forward (see FusedLinearGEMFunction)."""
+    return (need_gx or need_gw or need_gb) and token_scale is not None and hidden2d.dtype != torch.float16
+
+
+@_fused_fwd.register_fake
+def _(hidden2d, weight, bias, labels, token_scale, beta, h, ignore_index, logit_scale, softcap, z_loss_scale,
+      return_ce, impl, chunk_size, need_gx, need_gw, need_gb):
+    N, H = hidden2d.shape
+    V = weight.shape[0]
+    cdt = _compute_dtype(hidden2d.dtype)
+    eager = _fused_eager(hidden2d, token_scale, need_gx, need_gw, need_gb)
+    deferred = (need_gx or need_gw or need_gb) and not eager
+    new = hidden2d.new_empty
+    return (new(N, dtype=cdt), new(N if return_ce else 0, dtype=cdt), new(N if deferred else 0, NUM_STATS, dtype=cdt),
+            new((N, H) if eager and need_gx else (0,)), new((V, H) if eager and need_gw else (0,), dtype=weight.dtype),
+            new((V,) if eager and need_gb and bias is not None else (0,), dtype=weight.dtype))
+
+
+@torch.library.custom_op("gem_kernels::fused_linear_gem_bwd", mutates_args=())
+def _fused_bwd(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, stats: Tensor,
+               grad_loss: Tensor, beta: float, h: str, ignore_index: int, logit_scale: float, softcap: Optional[float],
+               z_loss_scale: float, return_ce: bool, impl: str, chunk_size: Optional[int], need_gx: bool,
+               need_gw: bool, need_gb: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Deferred gradients (reduction "none", fp16): (grad_hidden, grad_weight, grad_bias), [0] when not needed."""
+    opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce)
+    rows, labels_v = valid_rows(labels, ignore_index)
+    stats_v = stats if rows is None else stats.index_select(0, rows)
+    chunk_rows = chunk_rows_for(chunk_size, labels_v.shape[0], hidden2d.shape[1], weight.shape[0])
+    with autocast_off(hidden2d.device.type):
+        grads = fused_backward_recompute(hidden2d, weight, bias, rows, labels_v, stats_v, grad_loss, opts, impl,
+                                         chunk_rows, (need_gx, need_gw, need_gb and bias is not None))
+    return tuple(g if g is not None else hidden2d.new_empty(0) for g in grads)
+
+
+@_fused_bwd.register_fake
+def _(hidden2d, weight, bias, labels, stats, grad_loss, beta, h, ignore_index, logit_scale, softcap, z_loss_scale,
+      return_ce, impl, chunk_size, need_gx, need_gw, need_gb):
+    new = hidden2d.new_empty
+    return (new(hidden2d.shape if need_gx else (0,)), new(weight.shape if need_gw else (0,)),
+            new((weight.shape[0],) if need_gb and bias is not None else (0,)))
+
+
+def _fused_setup(ctx, inputs, output):
+    hidden2d, weight, bias, labels, token_scale, *rest = inputs
+    need_gx, need_gw, need_gb = rest[-3:]
+    need_gb = need_gb and bias is not None
+    _, _, stats, gx, gw, gb = output
+    ctx.rest, ctx.flags, ctx.has_bias = tuple(rest), (need_gx, need_gw, need_gb), bias is not None
+    ctx.ignore_index = rest[2]
+    ctx.eager = _fused_eager(hidden2d, token_scale, need_gx, need_gw, need_gb)
+    if ctx.eager:
+        ctx.save_for_backward(gx, gw, gb, labels, token_scale)
+    else:
+        ctx.save_for_backward(hidden2d, weight, bias, labels, stats)
+
+
+def _upstream(grad_loss: Tensor, valid: Tensor) -> Tensor:
+    """The single upstream value of a reduced loss (0-d), with no host read. The functional layer
+    reduces right after the operator, so grad_loss is an expanded scalar; otherwise the first valid
+    row's value, with a device-side check that every valid row agrees (never mis-scaled)."""
+    if grad_loss.numel() == 0:
+        return grad_loss.new_zeros(())
+    if grad_loss.stride(0) == 0:
+        return grad_loss[0]
+    up = grad_loss[valid.to(torch.int8).argmax()]
+    torch._assert_async(((grad_loss == up) | ~valid).all(),
+                        "fused_linear_gem_loss: per-token upstream gradients need reduction='none'")
+    return up
+
+
+def _fused_backward(ctx, grad_loss, _grad_ce, _grad_stats, _gx, _gw, _gb):
+    need_gx, need_gw, need_gb = ctx.flags
+    if ctx.eager:
+        gx, gw, gb, labels, token_scale = ctx.saved_tensors
+        up = _upstream(grad_loss, labels != ctx.ignore_index).to(torch.float64)
+        factor = up / token_scale.to(torch.float64)
+        grads = tuple(_scaled(g, factor) if need else None for g, need in ((gx, need_gx), (gw, need_gw), (gb, need_gb)))
+    else:
+        hidden2d, weight, bias, labels, stats = ctx.saved_tensors
+        out = _fused_bwd(hidden2d, weight, bias, labels, stats, grad_loss, *ctx.rest)
+        grads = tuple(g if need else None for g, need in zip(out, ctx.flags))
+    return grads + (None,) * (2 + len(ctx.rest))
+
+
+torch.library.register_autograd("gem_kernels::fused_linear_gem_fwd", _fused_backward, setup_context=_fused_setup)
+
+
+def fused_linear_gem_compiled(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels1d: Tensor,
+                              opts: GEMOptions, impl: str, chunk_size: Optional[int], token_scale,
+                              grad_enabled: bool):
+    """(per-token loss [N], per-token CE [N] or empty), as FusedLinearGEMFunction, through the operators."""
+    need_gx = grad_enabled and hidden2d.requires_grad
+    need_gw = grad_enabled and weight.requires_grad
+    need_gb = grad_enabled and bias is not None and bias.requires_grad
+    if token_scale is not None and not isinstance(token_scale, Tensor):
+        token_scale = torch.tensor(token_scale, dtype=torch.float64, device=hidden2d.device)
+    loss, ce, *_ = _fused_fwd(hidden2d, weight, bias, labels1d, token_scale, *_opt_args(opts), impl, chunk_size,
+                              need_gx, need_gw, need_gb)
+    return loss, ce

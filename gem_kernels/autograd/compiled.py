@@ -11,9 +11,8 @@ Under torch.compile the functional layer calls :func:`gem_torch_compiled` and
 
 The operators run the same bodies as the eager Functions (``gem_forward_chunked`` /
 ``gem_grad_chunked``, ``fused_forward`` / ``fused_backward_recompute``). Differences from eager,
-all about memory or repeatability, never values: the rescaling allocates a new gradient instead of
-scaling in place (so a second backward with ``retain_graph=True`` works), and ``inplace_backward``
-is not applied (the gradient gets its own buffer). Vocabulary-parallel calls (``process_group``)
+about memory, never values: the rescaling allocates a new gradient instead of scaling in place,
+and ``inplace_backward`` is not applied (the gradient gets its own buffer). Vocabulary-parallel calls (``process_group``)
 keep the eager Functions. The Triton logits path needs no operator here: its kernels are
 ``torch.library.triton_op`` and are traced as they are (CUDA only: the interpreter cannot be traced).
 

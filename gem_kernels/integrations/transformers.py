@@ -200,7 +200,9 @@ def _intercept_head(head: torch.nn.Module, compute):
         yield box
     finally:
         if previous is None:
-            del head.forward
+            # not `del head.forward`: under torch.compile, dynamo replays a traced set + del of an
+            # instance attribute as a bare del (AttributeError); popping the dict entry is equivalent
+            head.__dict__.pop("forward", None)
         else:
             head.forward = previous
 

@@ -360,3 +360,15 @@ def test_gem_trainer_torch_compile_matches_eager(tmp_path):
         assert abs(le - lc) <= 1e-5 * max(1.0, abs(le)) and abs(ce_e - ce_c) <= 1e-5 * max(1.0, abs(ce_e))
     for name, p in params_c.items():
         assert_close(p, params_e[name], what=f"compiled trainer step: {name}", atol=1e-6, rtol=1e-5)
+
+
+def test_host_reading_operators_are_tagged_cudagraph_unsafe():
+    """The operators that read the valid-token count on the host carry the tag that makes inductor
+    keep them out of captured CUDA graphs (mode="reduce-overhead"); the backward of the torch path
+    reads nothing and stays capturable."""
+    if not hasattr(torch.Tag, "cudagraph_unsafe"):
+        pytest.skip("torch without the cudagraph_unsafe tag")
+    ops = torch.ops.gem_kernels
+    for op in (ops.gem_torch_fwd, ops.fused_linear_gem_fwd, ops.fused_linear_gem_bwd):
+        assert torch.Tag.cudagraph_unsafe in op.default.tags, op
+    assert torch.Tag.cudagraph_unsafe not in ops.gem_torch_bwd.default.tags

@@ -18,6 +18,7 @@ keep the eager Functions. The Triton logits path needs no operator here: its ker
 
 This module has no ``from __future__ import annotations``: custom_op reads the annotations.
 """
+import inspect
 from typing import Optional, Tuple
 
 import torch
@@ -26,6 +27,13 @@ from torch import Tensor
 from ..options import NUM_STATS, GEMOptions
 from ..torch_ops import finalize, gem_forward_chunked, gem_grad_chunked
 from .fused_linear import autocast_off, chunk_rows_for, fused_backward_recompute, fused_forward, valid_rows
+
+
+# The forward operators read the valid-token count on the host (to skip ignored rows), which a CUDA
+# graph cannot capture: tagged, inductor's graph partitioning (mode="reduce-overhead") runs them
+# outside the captured graphs. (The tag exists from torch 2.8 on; older versions get no tag.)
+_HOST_READ = ({"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe")
+              and "tags" in inspect.signature(torch.library.custom_op).parameters else {})
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -53,7 +61,7 @@ def _scaled(g: Tensor, factor: Tensor) -> Tensor:
 # gem_loss, impl="torch"
 
 
-@torch.library.custom_op("gem_kernels::gem_torch_fwd", mutates_args=())
+@torch.library.custom_op("gem_kernels::gem_torch_fwd", mutates_args=(), **_HOST_READ)
 def _gem_torch_fwd(logits: Tensor, labels: Tensor, beta: float, h: str, ignore_index: int, logit_scale: float,
                    softcap: Optional[float], z_loss_scale: float, return_ce: bool,
                    compute_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -123,7 +131,7 @@ def gem_torch_compiled(logits2d: Tensor, labels1d: Tensor, opts: GEMOptions, gra
 # fused_linear_gem_loss
 
 
-@torch.library.custom_op("gem_kernels::fused_linear_gem_fwd", mutates_args=())
+@torch.library.custom_op("gem_kernels::fused_linear_gem_fwd", mutates_args=(), **_HOST_READ)
 def _fused_fwd(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                token_scale: Optional[Tensor], beta: float, h: str, ignore_index: int, logit_scale: float,
                softcap: Optional[float], z_loss_scale: float, return_ce: bool, impl: str, chunk_size: Optional[int],
@@ -167,7 +175,7 @@ def _(hidden2d, weight, bias, labels, token_scale, beta, h, ignore_index, logit_
             new((V,) if eager and need_gb and bias is not None else (0,), dtype=weight.dtype))
 
 
-@torch.library.custom_op("gem_kernels::fused_linear_gem_bwd", mutates_args=())
+@torch.library.custom_op("gem_kernels::fused_linear_gem_bwd", mutates_args=(), **_HOST_READ)
 def _fused_bwd(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, stats: Tensor,
                grad_loss: Tensor, beta: float, h: str, ignore_index: int, logit_scale: float, softcap: Optional[float],
                z_loss_scale: float, return_ce: bool, impl: str, chunk_size: Optional[int], need_gx: bool,

@@ -345,7 +345,8 @@ def apply_gem(model, *, beta: float = 0.7, h: str = "linear", **options):
 
     The config's ``final_logit_softcapping`` / ``logit_scale`` / ``logits_scaling`` are honoured
     (see :func:`logit_transform_from_config`); explicit ``logit_scale`` / ``softcap`` options win.
-    Other options: ``ignore_index``, ``z_loss_scale``, ``return_ce``, ``chunk_size``, ``impl``.
+    Other options: ``ignore_index``, ``z_loss_scale``, ``return_ce``, ``chunk_size``, ``validate_labels``,
+    ``impl``.
     Calling it again replaces the options. Returns the same model, patched in place.
 
     Args:

@@ -372,3 +372,13 @@ def test_host_reading_operators_are_tagged_cudagraph_unsafe():
     for op in (ops.gem_torch_fwd, ops.fused_linear_gem_fwd, ops.fused_linear_gem_bwd):
         assert torch.Tag.cudagraph_unsafe in op.default.tags, op
     assert torch.Tag.cudagraph_unsafe not in ops.gem_torch_bwd.default.tags
+
+
+def test_impl_choice_under_compile_on_cpu():
+    """Under compile, impl='auto' on CPU tensors takes the torch path even with TRITON_INTERPRET=1
+    (set by conftest); an explicit impl='triton' for the logits path is refused with a clear message."""
+    z, y = make_inputs(n=12, vocab=65, seed=12)
+    loss = torch.compile(lambda z, y: gem_loss(z, y), fullgraph=True)(z, y)
+    assert_close(loss, gem_loss(z, y, impl="torch"), what="auto under compile", atol=1e-6, rtol=1e-6)
+    with pytest.raises(Exception, match="needs CUDA tensors: the Triton interpreter cannot be traced"):
+        torch.compile(lambda z, y: gem_loss(z, y, impl="triton"), fullgraph=True)(z, y)

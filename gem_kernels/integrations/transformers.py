@@ -345,8 +345,7 @@ def apply_gem(model, *, beta: float = 0.7, h: str = "linear", **options):
 
     The config's ``final_logit_softcapping`` / ``logit_scale`` / ``logits_scaling`` are honoured
     (see :func:`logit_transform_from_config`); explicit ``logit_scale`` / ``softcap`` options win.
-    Other options: ``ignore_index``, ``z_loss_scale``, ``return_ce``, ``chunk_size``, ``validate_labels``,
-    ``impl``.
+    Other options: ``ignore_index``, ``z_loss_scale``, ``return_ce``, ``chunk_size``, ``impl``.
     Calling it again replaces the options. Returns the same model, patched in place.
 
     Args:
@@ -356,7 +355,8 @@ def apply_gem(model, *, beta: float = 0.7, h: str = "linear", **options):
             "logsigmoid", beta 0.7).
         options: ``ignore_index`` (int), ``logit_scale`` (float > 0) / ``softcap`` (float > 0) to
             override the config, ``z_loss_scale`` (float >= 0), ``return_ce`` (bool), ``chunk_size``
-            (None or int >= 1), ``impl`` ("auto" / "triton" / "torch" / "reference").
+            (None or int >= 1), ``validate_labels`` (bool, default True: the label range check; False
+            skips it, see gem_loss), ``impl`` ("auto" / "triton" / "torch" / "reference").
     Returns: ``model`` (patched in place).
     Raises:
         TypeError: an unknown option. ValueError: a bad option value, an encoder-decoder model, or a

@@ -129,6 +129,16 @@ def test_fused_compiles_fullgraph_and_matches_eager(reduction, items):
         assert_close(gc, gr, what=f"{reduction}/{items} compiled grad_{name} vs reference", dtype=torch.float32)
 
 
+def test_fused_compiled_all_ignored_deferred():
+    """reduction='none' (gradients deferred to backward) with every label ignored: zeros, no NaN."""
+    x, w = torch.randn(20, 24, requires_grad=True), torch.randn(257, 24, requires_grad=True)
+    b = torch.randn(257, requires_grad=True)
+    y = torch.full((20,), -100)
+    out = _compiled_fused(x, w, b, y, "none", None)
+    grads = _grads(out, (x, w, b), "none")
+    assert not out.any() and not any(g.any() for g in grads)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_compiled_low_precision(dtype):
     """bf16: gradients precomputed in the forward, rescaled in fp32; fp16: deferred to backward."""

@@ -146,9 +146,13 @@ def _fused_fwd(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels:
                             need_gx, need_gw, need_gb)
     cdt = _compute_dtype(hidden2d.dtype)
     N = hidden2d.shape[0]
-    if fwd.stats_v is not None:  # deferred: statistics of every row (zeros at ignored rows), no dynamic shape
-        stats = fwd.stats_v if fwd.rows is None else fwd.stats_v.new_zeros(N, NUM_STATS).index_copy_(
-            0, fwd.rows, fwd.stats_v)
+    if (need_gx or need_gw or need_gb) and not fwd.eager:
+        # deferred: statistics of every row (zeros at ignored rows), so the shape is static
+        stats = hidden2d.new_zeros(N, NUM_STATS, dtype=cdt)
+        if fwd.stats_v is not None and fwd.rows is None:
+            stats.copy_(fwd.stats_v)
+        elif fwd.stats_v is not None:  # (None when no row is valid)
+            stats.index_copy_(0, fwd.rows, fwd.stats_v.to(cdt))
     else:
         stats = hidden2d.new_empty(0, NUM_STATS, dtype=cdt)
     grads = fwd.grads if fwd.grads is not None else (None, None, None)

@@ -14,7 +14,11 @@ setup(
     extras_require={
         # triton comes with CUDA builds of torch; the interpreter (TRITON_INTERPRET=1) needs numpy.
         "triton": ["triton>=3.2", "numpy"],
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.2", "numpy"],
+        # deepspeed: the ZeRO-1/2/3 tests (tests/test_integrations_deepspeed.py). Its PyPI release is
+        # an sdist that builds without torch (ops are compiled on first use), so installing it
+        # never pulls a second torch into the build environment.
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.2", "numpy", "deepspeed>=0.19.8,<0.20"],
+        "deepspeed": ["deepspeed>=0.19.8,<0.20"],
         "hf": ["transformers", "trl", "accelerate"],
         "bench": ["liger-kernel", "cut-cross-entropy", "matplotlib", "triton>=3.2", "numpy"],
     },

@@ -184,27 +184,62 @@ def _intercept_head(head: torch.nn.Module, compute):
     The head is still called through ``nn.Module.__call__``, so DeepSpeed ZeRO-3 / FSDP pre-forward
     hooks on it gather its weight before ``compute`` reads it, and whatever the model does to its
     logits afterwards (softcapping, scaling) runs on an empty tensor for free.
+
+    DeepSpeed ZeRO-3 (the head's weight is a partitioned ``ds_id`` parameter): the empty output is
+    an expanded view of the loss, and ``box["head_output"]`` keeps the output as the head's hooks
+    returned it. The caller adds its (empty, so zero) sum to the loss: backward then passes through
+    the head's output, whose ZeRO-3 pre-backward hook gathers the weight again just before the
+    fused Function hands autograd the weight's full-size gradient, and the head's post-backward hook
+    (on ``hidden``) releases it right after. Without this, nothing gathers the released weight and
+    autograd cannot accumulate a [V, H] gradient into its empty local shard.
     """
     box = {}
+    link = _is_zero3_param(getattr(head, "weight", None))
 
     def forward(hidden, *args, **kwargs):
         if "result" in box:
             raise RuntimeError("apply_gem: the output embedding was called twice in one forward; this model "
                                "is not supported by the fused path (use gem_compute_loss_func instead)")
-        box["result"] = compute(head, hidden)
+        box["result"] = result = compute(head, hidden)
+        if link:
+            loss = result[0] if isinstance(result, tuple) else result
+            return loss.to(hidden.dtype).reshape([1] * hidden.dim()).expand(*hidden.shape[:-1], 0)
         return hidden.new_empty(*hidden.shape[:-1], 0)
+
+    def keep_output(module, args, output):
+        box["head_output"] = output
 
     previous = head.__dict__.get("forward")
     head.forward = forward
+    # Registered last, so it sees the output after DeepSpeed's own forward hooks wrapped it.
+    handle = head.register_forward_hook(keep_output) if link else None
     try:
         yield box
     finally:
+        if handle is not None:
+            handle.remove()
         if previous is None:
             # not `del head.forward`: under torch.compile, dynamo replays a traced set + del of an
             # instance attribute as a bare del (AttributeError); popping the dict entry is equivalent
             head.__dict__.pop("forward", None)
         else:
             head.forward = previous
+
+
+def _is_zero3_param(p) -> bool:
+    """A parameter partitioned by DeepSpeed ZeRO-3 (``deepspeed.zero.Init`` or a stage-3 engine)."""
+    return p is not None and hasattr(p, "ds_id") and hasattr(p, "ds_shape")
+
+
+def _check_gathered(weight) -> None:
+    """A ZeRO-3 head weight must be gathered (full ``ds_shape``) when the fused loss reads it."""
+    if _is_zero3_param(weight) and tuple(weight.shape) != tuple(weight.ds_shape):
+        raise RuntimeError(
+            f"apply_gem: the LM head's weight is partitioned by DeepSpeed ZeRO-3 (local shape "
+            f"{tuple(weight.shape)}, full {tuple(weight.ds_shape)}) and nothing gathered it for the head's "
+            f"call. Call the model through the engine that deepspeed.initialize (or Trainer) returned, "
+            f"which installs the gathering hooks; a model built under deepspeed.zero.Init cannot run "
+            f"before that. Otherwise set zero_optimization.stage to 2, or use gem_compute_loss_func")
 
 
 def _full(t):
@@ -283,6 +318,7 @@ def _gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch
                 raise TypeError(f"apply_gem: the output embedding must be a torch.nn.Linear (got "
                                 f"{type(head).__name__}); adapters or quantised heads on the LM head are not "
                                 f"supported by the fused path")
+            _check_gathered(head.weight)
             weight, bias = _full(head.weight), _full(head.bias)
             if weight.device.type == "meta":
                 raise RuntimeError("apply_gem: the LM head's weight is offloaded (meta device, e.g. accelerate "
@@ -311,6 +347,8 @@ def _gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch
         if "result" not in box:
             raise RuntimeError(f"apply_gem: {type(self).__name__}'s forward never called its output embedding")
         loss, ce = box["result"] if return_ce else (box["result"], None)
+        if "head_output" in box:  # ZeRO-3: backward must pass the head's hooks (see _intercept_head)
+            loss = loss + box["head_output"].sum().to(loss.dtype)
         keep_logits = False
     else:
         # Evaluation with labels: the logits are wanted anyway, so GEM is computed from them.

@@ -114,8 +114,8 @@ def main():
                 for h in handles:
                     h.remove()
                 if rank == 0:
-                    print(f"head weight [{cfg.vocab_size}, {cfg.hidden_size}] = {cfg.vocab_size * cfg.hidden_size} "
-                          f"elements; elements held by rank 0 during the first micro-batch:")
+                    print(f"lm_head.weight [{cfg.vocab_size}, {cfg.hidden_size}]: elements of the full weight held by "
+                          f"rank 0 in the first micro-batch (0: only its own shard)")
                     for where, n in trace:
                         print(f"  {n:>6}  {where}")
                 trace = []

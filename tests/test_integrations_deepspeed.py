@@ -245,7 +245,7 @@ def _run_trainer(out_dir, name, route, stage, tied, init, offload, accum, dtype)
         from trl import SFTConfig
 
         from gem_kernels.integrations.trl import GEMSFTTrainer
-        args = SFTConfig(**common, completion_only_loss=True, gradient_checkpointing=False)
+        args = SFTConfig(**common, completion_only_loss=True)  # TRL default: gradient checkpointing on
     else:
         from gem_kernels.integrations.transformers import GEMTrainer
         args = TrainingArguments(**common)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..functional import gem_loss
 from ..functional._checks import check_options
+from ._sharding import check_gathered, is_zero3_param
 
 # Options shared by gem_loss and fused_linear_gem_loss that a user may set once for a model.
 _COMMON_OPTIONS = ("beta", "h", "ignore_index", "logit_scale", "softcap", "z_loss_scale", "return_ce", "impl",
@@ -185,16 +186,13 @@ def _intercept_head(head: torch.nn.Module, compute):
     hooks on it gather its weight before ``compute`` reads it, and whatever the model does to its
     logits afterwards (softcapping, scaling) runs on an empty tensor for free.
 
-    DeepSpeed ZeRO-3 (the head's weight is a partitioned ``ds_id`` parameter): the empty output is
-    an expanded view of the loss, and ``box["head_output"]`` keeps the output as the head's hooks
-    returned it. The caller adds its (empty, so zero) sum to the loss: backward then passes through
-    the head's output, whose ZeRO-3 pre-backward hook gathers the weight again just before the
-    fused Function hands autograd the weight's full-size gradient, and the head's post-backward hook
-    (on ``hidden``) releases it right after. Without this, nothing gathers the released weight and
-    autograd cannot accumulate a [V, H] gradient into its empty local shard.
+    DeepSpeed ZeRO-3 (a partitioned head weight): the empty output is a view of the loss and
+    ``box["head_output"]`` keeps it as the head's hooks returned it; the caller adds its (zero) sum
+    to the loss, so backward passes the head's ZeRO-3 hooks, which gather the weight for autograd
+    to accumulate its [V, H] gradient and release it right after (see ``_sharding``).
     """
     box = {}
-    link = _is_zero3_param(getattr(head, "weight", None))
+    link = is_zero3_param(getattr(head, "weight", None))
 
     def forward(hidden, *args, **kwargs):
         if "result" in box:
@@ -224,22 +222,6 @@ def _intercept_head(head: torch.nn.Module, compute):
             head.__dict__.pop("forward", None)
         else:
             head.forward = previous
-
-
-def _is_zero3_param(p) -> bool:
-    """A parameter partitioned by DeepSpeed ZeRO-3 (``deepspeed.zero.Init`` or a stage-3 engine)."""
-    return p is not None and hasattr(p, "ds_id") and hasattr(p, "ds_shape")
-
-
-def _check_gathered(weight) -> None:
-    """A ZeRO-3 head weight must be gathered (full ``ds_shape``) when the fused loss reads it."""
-    if _is_zero3_param(weight) and tuple(weight.shape) != tuple(weight.ds_shape):
-        raise RuntimeError(
-            f"apply_gem: the LM head's weight is partitioned by DeepSpeed ZeRO-3 (local shape "
-            f"{tuple(weight.shape)}, full {tuple(weight.ds_shape)}) and nothing gathered it for the head's "
-            f"call. Call the model through the engine that deepspeed.initialize (or Trainer) returned, "
-            f"which installs the gathering hooks; a model built under deepspeed.zero.Init cannot run "
-            f"before that. Otherwise set zero_optimization.stage to 2, or use gem_compute_loss_func")
 
 
 def _full(t):
@@ -318,7 +300,7 @@ def _gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch
                 raise TypeError(f"apply_gem: the output embedding must be a torch.nn.Linear (got "
                                 f"{type(head).__name__}); adapters or quantised heads on the LM head are not "
                                 f"supported by the fused path")
-            _check_gathered(head.weight)
+            check_gathered(head.weight)
             weight, bias = _full(head.weight), _full(head.bias)
             if weight.device.type == "meta":
                 raise RuntimeError("apply_gem: the LM head's weight is offloaded (meta device, e.g. accelerate "

@@ -127,7 +127,8 @@ def deepspeed_results(tmp_path_factory):
     for tied in (False, True):  # the checkpoints from_pretrained loads (under zero.Init when configured)
         build_model(tied).save_pretrained(out / f"model-{'tied' if tied else 'untied'}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    # A CPU test on any machine: DeepSpeed's CPU accelerator and gloo even where CUDA is present.
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

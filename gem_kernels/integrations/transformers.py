@@ -381,8 +381,12 @@ def apply_gem(model, *, beta: float = 0.7, h: str = "linear", **options):
     Raises:
         TypeError: an unknown option. ValueError: a bad option value, an encoder-decoder model, or a
             config ``logits_scaling`` whose meaning for this model type is unknown (pass
-            ``logit_scale``). Errors of the head (not an ``nn.Linear``, offloaded to meta) are raised
-            at the first training forward.
+            ``logit_scale``). Errors of the head (not an ``nn.Linear``, offloaded to meta, a DeepSpeed
+            ZeRO-3 weight that no hook gathered) are raised at the first training forward.
+
+    Sharded training: FSDP2 and DeepSpeed ZeRO-1/2/3 need no extra step (under ZeRO-3 the loss is
+    routed through the head's output so DeepSpeed gathers the weight for the head's backward; see
+    ``_sharding`` and docs/integrations.md).
     """
     options = _check_gem_options({"beta": beta, "h": h, **options}, _COMMON_OPTIONS + _FUSED_ONLY)
     target = _target_model(model)

@@ -393,3 +393,23 @@ def test_impl_choice_under_compile_on_cpu():
     assert_close(loss, gem_loss(z, y, impl="torch"), what="auto under compile", atol=1e-6, rtol=1e-6)
     with pytest.raises(Exception, match="needs CUDA tensors"):
         torch.compile(lambda z, y: gem_loss(z, y, impl="triton"), fullgraph=True)(z, y)
+
+
+def test_apply_gem_model_forward_is_one_graph():
+    """A model patched by apply_gem, in training with labels: the transformer, the head interception
+    and the fused loss (with its ce output) trace as one graph with no break."""
+    pytest.importorskip("transformers")
+    from gem_kernels.integrations.transformers import apply_gem
+    from tests.test_integrations_transformers import make_batch, tiny_model
+
+    model, batch = tiny_model("llama"), make_batch(n=2)
+    apply_gem(model, impl="torch", return_ce=True)
+    model.train()
+
+    def step(ids, mask, labels):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(7))
+        return out.loss, out.ce
+
+    report = torch._dynamo.explain(step)(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert report.graph_break_count == 0, report.break_reasons
+    assert report.graph_count == 1

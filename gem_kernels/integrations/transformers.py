@@ -251,14 +251,19 @@ class _GEMState:
                 if k in _COMMON_OPTIONS and k not in ("logit_scale", "softcap")}
 
 
-@functools.lru_cache(maxsize=None)
+_CE_CLASSES: dict = {}
+
+
+@torch.compiler.assume_constant_result  # dynamo calls it while tracing instead of tracing class creation
 def _with_ce_field(cls):
-    """``cls`` (a ModelOutput dataclass) plus a ``ce`` field. A real field, not an extra key: DDP
-    and torch.compile flatten outputs as pytrees and rebuild them with ``cls(**fields)``."""
-    if "ce" in {f.name for f in dataclasses.fields(cls)}:
-        return cls
-    return dataclasses.make_dataclass(f"{cls.__name__}WithCE", [("ce", Optional[torch.Tensor], None)],
-                                      bases=(cls,), namespace={"__module__": __name__})
+    """``cls`` (a ModelOutput dataclass) plus a ``ce`` field, created once per class. A real field,
+    not an extra key: DDP and torch.compile flatten outputs as pytrees and rebuild them with
+    ``cls(**fields)``."""
+    if cls not in _CE_CLASSES:
+        _CE_CLASSES[cls] = cls if "ce" in {f.name for f in dataclasses.fields(cls)} else dataclasses.make_dataclass(
+            f"{cls.__name__}WithCE", [("ce", Optional[torch.Tensor], None)], bases=(cls,),
+            namespace={"__module__": __name__})
+    return _CE_CLASSES[cls]
 
 
 def _rebuild(out, loss, ce, keep_logits: bool):

@@ -21,6 +21,19 @@ LOGSIGMOID_TEMPERATURE = 100.0
 # with e_j = exp((t_j - m) / beta).
 P_M, P_S0, P_S1, P_S2, P_SCE, P_TY = range(6)
 NUM_PARTIALS = 6
+# With return_metrics two more columns follow (partials [N, NUM_PARTIALS_METRICS]):
+# sent = sum exp(t_j - m) (t_j - m) (<= 0; the entropy is log(sce) - sent / sce, a sum of two
+# non-negative terms, so nothing cancels), and amax = local column of the first (lowest) index
+# where t reaches its maximum m (-1 when none), an exact integer in the float column: the
+# functional layer refuses return_metrics for a vocabulary (shard) of 2^24 columns or more.
+P_SENT, P_AMAX = 6, 7
+NUM_PARTIALS_METRICS = 8
+MAX_METRICS_VOCAB = 1 << 24
+
+# Columns of the detached per-token extras a forward returns beside the loss ([N, num_extras]):
+# ce alone with return_ce; ce, entropy and token accuracy with return_metrics.
+X_CE, X_ENTROPY, X_ACC = range(3)
+METRIC_NAMES = ("ce", "entropy", "token_accuracy")
 
 # Columns of the per-row statistics the backward pass reads (see torch_ops.stats.finalize).
 # m, log(s0), y_coef = s1 / s0, t_y, lse(t). Ignored rows hold zeros.
@@ -45,11 +58,21 @@ class GEMOptions:
     return_ce: bool = False
     inplace_backward: bool = False
     vocab_start: int = 0
+    return_metrics: bool = False
 
     @property
     def need_lse(self) -> bool:
         """True when the plain log-sum-exp of the logits is needed (CE value or z-loss)."""
-        return self.return_ce or self.z_loss_scale != 0.0
+        return self.return_ce or self.return_metrics or self.z_loss_scale != 0.0
+
+    @property
+    def num_partials(self) -> int:
+        return NUM_PARTIALS_METRICS if self.return_metrics else NUM_PARTIALS
+
+    @property
+    def num_extras(self) -> int:
+        """Columns of the per-token extras: 3 with return_metrics, 1 with return_ce only, else 0."""
+        return 3 if self.return_metrics else (1 if self.return_ce else 0)
 
     @property
     def logsigmoid(self) -> bool:

@@ -32,6 +32,7 @@ def gem_loss_reference(
     softcap: Optional[float] = None,
     z_loss_scale: float = 0.0,
     return_ce: bool = False,
+    return_metrics: bool = False,
 ):
     """GEM loss of ``logits [..., V]`` against ``labels [...]``, fully materialised.
 
@@ -53,6 +54,13 @@ def gem_loss_reference(
         num_items_in_batch: with "mean": the denominator instead of the valid count (int / float /
             one-element tensor; 0 gives 0).
         logit_scale, softcap, z_loss_scale, return_ce: as in :func:`gem_kernels.gem_loss`.
+        return_metrics: bool; also return a dict of detached statistics of p = softmax(t), reduced
+            the same way, last: "ce", "entropy" (-sum_j p_j log p_j, from the materialised
+            distribution; 0 * log 0 terms of -inf logits are 0) and "token_accuracy" (1.0 where the
+            first, i.e. lowest, index of the maximal t is the label). The tests' oracle for them.
+
+    Returns:
+        ``loss``, ``(loss, ce)``, ``(loss, metrics)`` or ``(loss, ce, metrics)``.
 
     Raises:
         ValueError: an unknown ``h`` or ``reduction``.
@@ -96,6 +104,18 @@ def gem_loss_reference(
         return total / valid.sum().clamp(min=1)
 
     loss = reduce(per_token)
+    out = [loss]
     if return_ce:
-        return loss, reduce(ce).detach()
-    return loss
+        out.append(reduce(ce).detach())
+    if return_metrics:
+        with torch.no_grad():
+            p = torch.softmax(t, dim=-1)
+            logp = torch.log_softmax(t, dim=-1)
+            # p_j = 0 exactly where t_j = -inf: that term is 0, not 0 * -inf = NaN.
+            ent = -torch.where(p == 0, torch.zeros_like(p), p * logp).sum(-1)
+            # torch.argmax returns the first maximal index: ties go to the lowest index.
+            hit = (torch.argmax(t, dim=-1) == safe).to(ent.dtype)
+            metrics = {name: reduce(torch.where(valid, x, zero).to(out_dtype)).detach()
+                       for name, x in (("ce", lse - t_y.squeeze(-1)), ("entropy", ent), ("token_accuracy", hit))}
+        out.append(metrics)
+    return out[0] if len(out) == 1 else tuple(out)

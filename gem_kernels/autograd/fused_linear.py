@@ -152,7 +152,8 @@ def _chunk_loop(hidden2d, weight, bias, rows, labels_v, opts: GEMOptions, impl: 
     group: vocabulary-parallel group (weight is a vocabulary shard): each chunk's partials are
     combined across ranks before its gradients; grad_hidden is then only this shard's contribution
     (the Function all-reduces it).
-    Returns (loss [N] or None, ce [N] or None, stats_v, grad_hidden [N, H] or None, accumulator).
+    Returns (loss [N] or None, extras [N, opts.num_extras] or None (options.X_*), stats_v,
+    grad_hidden [N, H] or None, accumulator).
     """
     N, H = hidden2d.shape
     V = weight.shape[0]
@@ -161,7 +162,7 @@ def _chunk_loop(hidden2d, weight, bias, rows, labels_v, opts: GEMOptions, impl: 
     cdt = torch.float64 if dt == torch.float64 else torch.float32
     want_loss = stats_v is None
     loss = torch.zeros(N, dtype=cdt, device=dev) if want_loss else None
-    ce = torch.zeros(N, dtype=cdt, device=dev) if want_loss and opts.return_ce else None
+    ce = torch.zeros(N, opts.num_extras, dtype=cdt, device=dev) if want_loss and opts.num_extras else None
     grads = row_grad is not None
     need_gx, need_gw, need_gb = grads and need_gx, grads and need_gw, grads and need_gb and bias is not None
     gx = torch.zeros(N, H, dtype=dt, device=dev) if need_gx else None
@@ -193,7 +194,7 @@ def _chunk_loop(hidden2d, weight, bias, rows, labels_v, opts: GEMOptions, impl: 
             st = stats_v[a:b]
         else:
             partials = vocab_parallel.combined_partials(partials_fn, z, y, opts, group)
-            l_c, ce_c, st = finalize(partials, y != opts.ignore_index, opts)
+            l_c, ce_c, st = finalize(partials, y != opts.ignore_index, opts, y)
             if new_stats is not None:
                 new_stats.append(st)
             _put(loss, idx, a, b, l_c)
@@ -292,7 +293,8 @@ def fused_backward_recompute(hidden2d, weight, bias, rows, labels_v, stats_v, gr
 
 class FusedLinearGEMFunction(torch.autograd.Function):
     """(hidden2d [N, H], weight [V, H], bias [V] | None, labels [N], opts, impl, chunk_size,
-    token_scale) -> (per-token loss [N], per-token CE [N] or empty), fp32 (fp64 for fp64 input).
+    token_scale) -> (per-token loss [N], detached per-token extras [N, opts.num_extras] (options.X_*)
+    or empty), fp32 (fp64 for fp64 input).
 
     ``token_scale`` is d(reduced loss)/d(per-token loss) (a float or 0-d tensor: 1/count for
     "mean", 1 for "sum"): the gradients are then computed in forward with that factor and backward
@@ -330,7 +332,7 @@ class FusedLinearGEMFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable  # the gradients come from kernels / no_grad code: no double backward
-    def backward(ctx, grad_loss, _grad_ce):
+    def backward(ctx, grad_loss, _grad_extras):
         with autocast_off(ctx.device_type):  # backward may run inside the caller's autocast block
             return FusedLinearGEMFunction._backward(ctx, grad_loss)
 

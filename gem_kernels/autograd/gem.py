@@ -1,6 +1,7 @@
 """Autograd Functions for GEM over a logits matrix.
 
-Both Functions take logits [N, V] and labels [N] and return (per-token loss [N], per-token CE [N]
+Both Functions take logits [N, V] and labels [N] and return (per-token loss [N], detached per-token
+extras [N, opts.num_extras] (options.X_*: ce, then entropy and token accuracy with return_metrics)
 or an empty tensor); reduction happens in the functional layer, so the upstream gradient reaching
 backward is per token (a 0-stride expanded scalar for "mean" and "sum").
 """
@@ -29,7 +30,8 @@ def _kernel_opts(opts: GEMOptions) -> dict:
 def triton_partials(logits, labels, opts: GEMOptions, label_logits=None):
     from ..ops import gem_forward
 
-    return gem_forward(logits, labels, label_logits, need_lse=opts.need_lse, **_kernel_opts(opts))
+    return gem_forward(logits, labels, label_logits, need_lse=opts.need_lse, metrics=opts.return_metrics,
+                       **_kernel_opts(opts))
 
 
 def triton_grad(logits, labels, stats, grad_loss, opts: GEMOptions, out: torch.Tensor) -> torch.Tensor:
@@ -43,11 +45,11 @@ def torch_partials(logits, labels, opts: GEMOptions, label_logits=None):
     return gem_forward_chunked(logits, labels, opts, label_logits=label_logits)[0]
 
 
-def _outputs(ctx, loss, ce):
-    if ce is None:
-        ce = loss.new_empty(0)
-    ctx.mark_non_differentiable(ce)
-    return loss, ce
+def _outputs(ctx, loss, extras):
+    if extras is None:
+        extras = loss.new_empty(0)
+    ctx.mark_non_differentiable(extras)
+    return loss, extras
 
 
 def _zeros_if_none(grad_loss: Optional[torch.Tensor], n: int, like: torch.Tensor) -> torch.Tensor:
@@ -61,13 +63,13 @@ class GEMTritonFunction(torch.autograd.Function):
     def forward(ctx, logits, labels, opts: GEMOptions, group, grad_enabled: bool = True):
         valid = labels != opts.ignore_index
         partials = vocab_parallel.combined_partials(triton_partials, logits, labels, opts, group)
-        loss, ce, stats = finalize(partials, valid, opts)
+        loss, extras, stats = finalize(partials, valid, opts, labels)
         ctx.save_for_backward(logits, labels, stats)
         ctx.opts = opts
-        return _outputs(ctx, loss, ce)
+        return _outputs(ctx, loss, extras)
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce):
+    def backward(ctx, grad_loss, _grad_extras):
         logits, labels, stats = ctx.saved_tensors
         opts: GEMOptions = ctx.opts
         grad_loss = _zeros_if_none(grad_loss, logits.shape[0], logits)
@@ -92,15 +94,15 @@ class GEMTorchFunction(torch.autograd.Function):
         else:
             partials = vocab_parallel.combined_partials(torch_partials, logits, labels, opts, group)
             grad = None
-        loss, ce, stats = finalize(partials, valid, opts)
+        loss, extras, stats = finalize(partials, valid, opts, labels)
         ctx.opts = opts
         ctx.grad = grad
         if grad is None:
             ctx.save_for_backward(logits, labels, stats)
-        return _outputs(ctx, loss, ce)
+        return _outputs(ctx, loss, extras)
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce):
+    def backward(ctx, grad_loss, _grad_extras):
         opts: GEMOptions = ctx.opts
         if ctx.grad is not None:
             grad = ctx.grad

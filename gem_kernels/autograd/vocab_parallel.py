@@ -8,6 +8,12 @@ combine exactly (e_j = exp((t_j - m) / beta), t = transformed logits, t_y = labe
     m   = max_r m_r                                       all-reduce MAX  [N]
     s_k = sum_r s_k,r exp((m_r - m) / beta), k = 0, 1, 2  all-reduce SUM  [N, 2..4]
     sce = sum_r sce_r exp(m_r - m)                        (same all-reduce)
+    sent = sum_r exp(m_r - m) (sent_r + (m_r - m) sce_r)  (same all-reduce; return_metrics only)
+    amax = min_r {amax_r : m_r = m}                       all-reduce MIN  [N]  (return_metrics only)
+
+(sent_r = sum exp(t_j - m_r)(t_j - m_r) is re-centred on the global max; amax_r is the global id
+of the shard's first maximal column, so the combined arg-max is the lowest global index among the
+equal maxima, the same tie rule as one device.)
 
 t_y travels first because each shard's pass needs it (s2 = sum e w (t - t_y), and the logsigmoid
 weight depends on it). That is three all-reduces of O(tokens) values per forward, never O(V); the
@@ -23,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..options import P_M, P_S0, P_S1, P_S2, P_SCE, P_TY, GEMOptions
+from ..options import P_AMAX, P_M, P_S0, P_S1, P_S2, P_SCE, P_SENT, P_TY, GEMOptions
 
 
 @dataclass(frozen=True)
@@ -78,17 +84,19 @@ def shard_label_logits(partials_fn, logits: torch.Tensor, labels: torch.Tensor, 
     # The one column sits at global id `marker`; pick one that is not the ignore_index.
     marker = 0 if opts.ignore_index != 0 else 1
     col_labels = torch.full_like(labels, opts.ignore_index).masked_fill_(inside, marker)
-    col_opts = dataclasses.replace(opts, vocab_start=marker, return_ce=False, z_loss_scale=0.0)
+    col_opts = dataclasses.replace(opts, vocab_start=marker, return_ce=False, return_metrics=False, z_loss_scale=0.0)
     ty = partials_fn(z_y, col_labels, col_opts)[:, P_TY]
     return torch.where(inside, ty, torch.zeros((), dtype=ty.dtype, device=ty.device)), inside
 
 
 def combine_shard_partials(partials: torch.Tensor, ty: torch.Tensor, opts: GEMOptions, group) -> torch.Tensor:
-    """Per-shard partials [N, 6] (with the global t_y already used in the pass) -> global partials.
+    """Per-shard partials [N, opts.num_partials] (with the global t_y already used in the pass) ->
+    global partials.
 
-    Two all-reduces: MAX of m [N], then SUM of the rescaled sums [N, 2..4] (s1 only for logsigmoid,
-    sce only when the log-sum-exp is needed). A row with m_r = -inf (empty shard row, all -inf
-    logits, ignored row) contributes 0, never NaN.
+    Two all-reduces: MAX of m [N], then SUM of the rescaled sums [N, 2..5] (s1 only for logsigmoid,
+    sce only when the log-sum-exp is needed, sent only with return_metrics), plus, with
+    return_metrics, a MIN of the arg-max candidates [N]. A row with m_r = -inf (empty shard row, all
+    -inf logits, ignored row) contributes 0, never NaN.
     """
     import torch.distributed as dist
 
@@ -102,14 +110,28 @@ def combine_shard_partials(partials: torch.Tensor, ty: torch.Tensor, opts: GEMOp
     cols = [P_S0] + ([P_S1] if opts.logsigmoid else []) + [P_S2]
     scales = [scale_q] * len(cols)
     if opts.need_lse:
+        scale_ce = torch.where(absent, zero, torch.exp(m - m_all))
         cols.append(P_SCE)
-        scales.append(torch.where(absent, zero, torch.exp(m - m_all)))
+        scales.append(scale_ce)
     sums = partials[:, cols].masked_fill(absent[:, None], 0.0)  # the torch path leaves NaN there
+    if opts.return_metrics:
+        # Re-centre sent_r on the global max: exp(m_r - m)(sent_r + (m_r - m) sce_r).
+        shift = torch.where(absent, zero, (m - m_all) * partials[:, P_SCE])
+        sent = torch.where(absent, zero, partials[:, P_SENT] + shift)
+        cols.append(P_SENT)
+        scales.append(scale_ce)
+        sums = torch.cat([sums, sent[:, None]], 1)
     sums.mul_(torch.stack(scales, 1))
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     out = torch.zeros_like(partials)
     out[:, P_M] = m_all
     out[:, cols] = sums
+    if opts.return_metrics:
+        # Only shards that reach the global max offer their first maximal index; the lowest wins.
+        big = torch.full((), float("inf"), dtype=m.dtype, device=m.device)
+        amax = torch.where(~absent & (m == m_all), partials[:, P_AMAX], big)
+        dist.all_reduce(amax, op=dist.ReduceOp.MIN, group=group)
+        out[:, P_AMAX] = torch.where(torch.isinf(amax), -1.0, amax)
     if not opts.logsigmoid:
         out[:, P_S1] = out[:, P_S0]
     out[:, P_TY] = ty

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ..options import H_CHOICES, IMPLS, REDUCTIONS
+from ..options import H_CHOICES, IMPLS, MAX_METRICS_VOCAB, REDUCTIONS
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TORCH_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -20,7 +20,8 @@ def _is_real(x) -> bool:
 
 
 def check_options(*, beta, h, ignore_index, reduction, num_items_in_batch, logit_scale, softcap,
-                  z_loss_scale, return_ce, impl, inplace_backward=False, validate_labels=True):
+                  z_loss_scale, return_ce, impl, inplace_backward=False, validate_labels=True,
+                  return_metrics=False):
     if not _is_real(beta) or not math.isfinite(beta) or beta <= 0:
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if h not in H_CHOICES:
@@ -39,6 +40,8 @@ def check_options(*, beta, h, ignore_index, reduction, num_items_in_batch, logit
         raise ValueError(f"z_loss_scale must be a finite number >= 0, got {z_loss_scale!r}")
     if not isinstance(return_ce, bool):
         raise TypeError(f"return_ce must be a bool, got {return_ce!r}")
+    if not isinstance(return_metrics, bool):
+        raise TypeError(f"return_metrics must be a bool, got {return_metrics!r}")
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     if not isinstance(validate_labels, bool):
@@ -142,3 +145,10 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
             raise TypeError(f"impl='triton' supports {tuple(str(d) for d in FLOAT_DTYPES)}, got {x.dtype}; "
                             f"use impl='torch' for float64")
     return impl
+
+
+def check_metrics_vocab(return_metrics: bool, vocab_end: int, name: str) -> None:
+    """The arg-max index travels as an exact integer in an fp32 column: it must stay below 2^24."""
+    if return_metrics and vocab_end > MAX_METRICS_VOCAB:
+        raise ValueError(f"return_metrics=True supports vocabularies of at most {MAX_METRICS_VOCAB} columns "
+                         f"(2^24: the arg-max index is carried exactly in fp32); {name} reach column {vocab_end}")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..options import METRIC_NAMES, X_CE
+
 
 def reduce_tokens(per_token: torch.Tensor, valid: torch.Tensor, reduction: str, num_items_in_batch, shape):
     """per_token [N] fp32 (0 at ignored tokens), valid [N] bool -> the reduced loss.
@@ -28,3 +30,21 @@ def items_denominator(num_items_in_batch, like: torch.Tensor):
         n = num_items_in_batch.to(device=like.device, dtype=like.dtype).reshape(())
         return torch.where(n == 0, torch.ones_like(n), n)
     return float(num_items_in_batch) or 1.0
+
+
+def finish_outputs(loss, extras, valid, reduction, num_items_in_batch, shape, return_ce: bool, return_metrics: bool):
+    """The public return value: ``loss``, ``(loss, ce)``, ``(loss, metrics)`` or ``(loss, ce, metrics)``.
+
+    extras [N, E] are the Function's detached per-token extras (options.X_*), each reduced like the
+    loss; metrics is a dict {"ce", "entropy", "token_accuracy"} of detached tensors.
+    """
+    if not return_ce and not return_metrics:
+        return loss
+    cols = [reduce_tokens(extras[:, k], valid, reduction, num_items_in_batch, shape).detach()
+            for k in range(extras.shape[1])]
+    out = [loss]
+    if return_ce:
+        out.append(cols[X_CE])
+    if return_metrics:
+        out.append(dict(zip(METRIC_NAMES, cols)))
+    return tuple(out)

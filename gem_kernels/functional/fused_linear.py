@@ -11,14 +11,16 @@ from ..autograd.compiled import fused_linear_gem_compiled
 from ..autograd.fused_linear import autocast_off
 from ..options import GEMOptions
 from ..reference import gem_loss_reference
-from ._checks import check_float_tensor, check_labels, check_options, index_labels, resolve_impl
-from ._reduce import items_denominator, reduce_tokens
+from ._checks import (check_float_tensor, check_labels, check_metrics_vocab, check_options, index_labels,
+                      resolve_impl)
+from ._reduce import finish_outputs, items_denominator, reduce_tokens
 from ._vocab_parallel import resolve_vocab_shard, shard_chunk_rows
 
 
 def apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts: GEMOptions, impl: str, chunk_size, token_scale,
                            group=None):
-    """The one place FusedLinearGEMFunction is applied: (per-token loss [N], per-token CE [N] or empty).
+    """The one place FusedLinearGEMFunction is applied: (per-token loss [N], detached per-token extras
+    [N, opts.num_extras] or empty; see options.X_*).
     Under torch.compile (single device) the same bodies run as custom operators (autograd/compiled.py)."""
     if group is None and torch.compiler.is_compiling():
         return fused_linear_gem_compiled(hidden2d, weight, bias, labels1d, opts, impl, chunk_size, token_scale,
@@ -100,6 +102,7 @@ def fused_linear_gem_loss(
     softcap: Optional[float] = None,
     z_loss_scale: float = 0.0,
     return_ce: bool = False,
+    return_metrics: bool = False,
     process_group=None,
     vocab_start: Optional[int] = None,
     chunk_size: Optional[int] = None,
@@ -134,6 +137,9 @@ def fused_linear_gem_loss(
         softcap: None or a finite float > 0: ``z <- softcap * tanh(z / softcap)`` after logit_scale.
         z_loss_scale: finite float >= 0: adds ``z_loss_scale * logsumexp(z)^2`` per valid token.
         return_ce: bool; also return the detached plain CE logsumexp(z) - z_y, reduced like the loss.
+        return_metrics: bool; as in gem_loss: a dict of detached "ce", "entropy" and
+            "token_accuracy" of the logits' distribution, reduced like the loss, from the same
+            chunked pass (the vocabulary must have at most 2^24 rows).
         process_group, vocab_start: vocabulary-parallel lm_head, as in gem_loss: ``weight`` [V_local, H]
             (and ``bias`` [V_local]) is this rank's vocabulary shard, ``hidden`` and ``labels`` are
             replicated. The returned hidden gradient is the full one (all-reduced over the group), so
@@ -159,11 +165,12 @@ def fused_linear_gem_loss(
     (the logits never exist).
 
     Returns:
-        float32 loss (scalar for "mean"/"sum", [...] for "none"; float64 for float64 inputs), or
-        ``(loss, ce)`` when ``return_ce``. Gradients reach hidden, weight and bias in their dtypes.
+        float32 loss (scalar for "mean"/"sum", [...] for "none"; float64 for float64 inputs);
+        ``(loss, ce)`` with ``return_ce``, ``(loss, metrics)`` with ``return_metrics``,
+        ``(loss, ce, metrics)`` with both. Gradients reach hidden, weight and bias in their dtypes.
 
     Raises:
-        ValueError: the option errors of gem_loss; ``weight`` not [V, H] with H = hidden.shape[-1] or
+        ValueError: the option errors of gem_loss (return_metrics with V > 2^24 included); ``weight`` not [V, H] with H = hidden.shape[-1] or
             with V = 0; ``bias`` not [V]; weight / bias / labels on another device; labels of another
             shape or out of range; ``chunk_size`` not None or an int >= 1.
         TypeError: non-tensor or non-floating inputs, weight / bias of another dtype than hidden,
@@ -173,7 +180,8 @@ def fused_linear_gem_loss(
     """
     check_options(beta=beta, h=h, ignore_index=ignore_index, reduction=reduction,
                   num_items_in_batch=num_items_in_batch, logit_scale=logit_scale, softcap=softcap,
-                  z_loss_scale=z_loss_scale, return_ce=return_ce, impl=impl, validate_labels=validate_labels)
+                  z_loss_scale=z_loss_scale, return_ce=return_ce, impl=impl, validate_labels=validate_labels,
+                  return_metrics=return_metrics)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     H, V = _check_linear(hidden, weight, bias)
     labels = index_labels(labels)
@@ -184,16 +192,18 @@ def fused_linear_gem_loss(
                                      ignore_index, impl, who="fused_linear_gem_loss", name="hidden")
     else:
         check_labels(labels, "hidden", hidden.shape[:-1], hidden.device, V, ignore_index, validate_labels)
+    check_metrics_vocab(return_metrics, (layout.vocab_start if layout else 0) + V, "weight's rows")
     impl = resolve_impl(impl, hidden)
     if impl == "reference":
         logits = torch.nn.functional.linear(hidden, weight, bias)
         return gem_loss_reference(logits, labels, beta=beta, h=h, ignore_index=ignore_index,
                                   reduction=reduction, num_items_in_batch=num_items_in_batch,
                                   logit_scale=logit_scale, softcap=softcap, z_loss_scale=z_loss_scale,
-                                  return_ce=return_ce)
+                                  return_ce=return_ce, return_metrics=return_metrics)
     opts = GEMOptions(beta=float(beta), h=h, ignore_index=int(ignore_index), logit_scale=float(logit_scale),
                       softcap=None if softcap is None else float(softcap), z_loss_scale=float(z_loss_scale),
-                      return_ce=return_ce, vocab_start=layout.vocab_start if layout else 0)
+                      return_ce=return_ce, vocab_start=layout.vocab_start if layout else 0,
+                      return_metrics=return_metrics)
     hidden2d = hidden.reshape(-1, H)
     labels1d = labels.reshape(-1).contiguous()  # the kernels index labels with unit stride
     valid = labels1d != ignore_index
@@ -211,9 +221,7 @@ def fused_linear_gem_loss(
             num_items_in_batch.detach() if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch,
             torch.empty((), dtype=torch.float64, device=hidden.device))
     with autocast_off(hidden.device.type):
-        per_token, per_token_ce = apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts, impl, chunk_size,
-                                                         token_scale, layout.shard if layout else None)
+        per_token, extras = apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts, impl, chunk_size,
+                                                   token_scale, layout.shard if layout else None)
     loss = reduce_tokens(per_token, valid, reduction, num_items_in_batch, labels.shape)
-    if return_ce:
-        return loss, reduce_tokens(per_token_ce, valid, reduction, num_items_in_batch, labels.shape)
-    return loss
+    return finish_outputs(loss, extras, valid, reduction, num_items_in_batch, labels.shape, return_ce, return_metrics)

@@ -10,15 +10,17 @@ from ..autograd import GEMTorchFunction, GEMTritonFunction
 from ..autograd.compiled import gem_torch_compiled
 from ..options import GEMOptions
 from ..reference import gem_loss_reference
-from ._checks import check_float_tensor, check_labels, check_options, index_labels, resolve_impl
-from ._reduce import reduce_tokens
+from ._checks import (check_float_tensor, check_labels, check_metrics_vocab, check_options, index_labels,
+                      resolve_impl)
+from ._reduce import finish_outputs, reduce_tokens
 from ._vocab_parallel import resolve_vocab_shard
 
 _FUNCTIONS = {"triton": GEMTritonFunction, "torch": GEMTorchFunction}
 
 
 def apply_gem(logits2d: torch.Tensor, labels1d: torch.Tensor, opts: GEMOptions, impl: str, group=None):
-    """The one place a GEM autograd Function is applied: (per-token loss [N], per-token CE [N] or empty).
+    """The one place a GEM autograd Function is applied: (per-token loss [N], detached per-token extras
+    [N, opts.num_extras] or empty; see options.X_*).
     The grad mode is passed in because inside Function.forward it is always off. Under torch.compile
     the torch path runs as custom operators (autograd/compiled.py); the Triton path's kernels are
     triton_ops, traced as they are."""
@@ -40,6 +42,7 @@ def gem_loss(
     softcap: Optional[float] = None,
     z_loss_scale: float = 0.0,
     return_ce: bool = False,
+    return_metrics: bool = False,
     inplace_backward: bool = False,
     process_group=None,
     vocab_start: Optional[int] = None,
@@ -84,6 +87,12 @@ def gem_loss(
             (PaLM-style z-loss; default 0.0 = off, costing nothing).
         return_ce: bool; also return the plain cross-entropy logsumexp(z) - z_y (nats), detached and
             reduced like the loss, for logging. One more running sum in the same pass.
+        return_metrics: bool; also return a dict of training statistics of p = softmax(z), computed
+            in the same pass (one more running sum and the running arg-max, only when asked), each a
+            detached tensor reduced like the loss (float32; float64 for float64 logits): "ce" (as
+            return_ce), "entropy" (logsumexp(z) - sum_j p_j z_j, nats) and "token_accuracy" (1.0
+            where the label is the arg-max of z, else 0.0; among equal maxima the lowest vocabulary
+            index is the arg-max, on every impl and across vocabulary shards). Needs V <= 2^24.
         inplace_backward: bool; write the gradient into the storage of ``logits`` during backward, so
             no second [tokens, V] buffer exists. The caller's logits are overwritten (do not use them
             after ``backward()``), and it saves memory only when the logits flatten to [N, V] without
@@ -113,24 +122,25 @@ def gem_loss(
     ``inplace_backward`` is not applied (the gradient gets its own buffer). See docs/compile.md.
 
     Returns:
-        float32 loss (a scalar for "mean"/"sum", [...] for "none"; float64 for float64 logits), or
-        ``(loss, ce)`` when ``return_ce``. The gradient reaches ``logits`` in their dtype.
+        float32 loss (a scalar for "mean"/"sum", [...] for "none"; float64 for float64 logits);
+        ``(loss, ce)`` with ``return_ce``, ``(loss, metrics)`` with ``return_metrics``,
+        ``(loss, ce, metrics)`` with both. The gradient reaches ``logits`` in their dtype.
 
     Raises:
-        ValueError: beta, logit_scale or softcap not a finite number > 0; z_loss_scale < 0; an
-            unknown h, reduction or impl; num_items_in_batch < 0, not one element, or given with a
+        ValueError: beta, logit_scale or softcap not a finite number > 0; return_metrics with
+            V > 2^24; z_loss_scale < 0; an unknown h, reduction or impl; num_items_in_batch < 0, not one element, or given with a
             reduction other than "mean"; logits without a vocabulary dimension; labels of another
             shape or device, or outside [0, V) and not ignore_index; inplace_backward with
             impl="reference" or overlapping rows; impl="triton" on CPU tensors without the interpreter.
         TypeError: logits or labels not tensors, logits not floating point (or float64 with
             impl="triton"), labels not integer, ignore_index not an int, return_ce,
-            inplace_backward or validate_labels not a bool.
+            return_metrics, inplace_backward or validate_labels not a bool.
         RuntimeError: impl="triton" without the triton package. Every check runs before any kernel.
     """
     check_options(beta=beta, h=h, ignore_index=ignore_index, reduction=reduction,
                   num_items_in_batch=num_items_in_batch, logit_scale=logit_scale, softcap=softcap,
                   z_loss_scale=z_loss_scale, return_ce=return_ce, impl=impl, inplace_backward=inplace_backward,
-                  validate_labels=validate_labels)
+                  validate_labels=validate_labels, return_metrics=return_metrics)
     check_float_tensor(logits, "logits")
     if logits.dim() < 1:
         raise ValueError("logits must have at least one dimension (the vocabulary), got a scalar")
@@ -144,6 +154,7 @@ def gem_loss(
                                                labels, ignore_index, impl)
     else:
         check_labels(labels, "logits", logits.shape[:-1], logits.device, V, ignore_index, validate_labels)
+    check_metrics_vocab(return_metrics, offset + V, "logits")
     impl = resolve_impl(impl, logits)
     if impl == "triton" and not logits.is_cuda and torch.compiler.is_compiling():
         raise ValueError("gem_loss(impl='triton') under torch.compile needs CUDA tensors: the Triton "
@@ -152,10 +163,11 @@ def gem_loss(
         return gem_loss_reference(logits, labels, beta=beta, h=h, ignore_index=ignore_index,
                                   reduction=reduction, num_items_in_batch=num_items_in_batch,
                                   logit_scale=logit_scale, softcap=softcap, z_loss_scale=z_loss_scale,
-                                  return_ce=return_ce)
+                                  return_ce=return_ce, return_metrics=return_metrics)
     opts = GEMOptions(beta=float(beta), h=h, ignore_index=int(ignore_index), logit_scale=float(logit_scale),
                       softcap=None if softcap is None else float(softcap), z_loss_scale=float(z_loss_scale),
-                      return_ce=return_ce, inplace_backward=inplace_backward, vocab_start=offset)
+                      return_ce=return_ce, inplace_backward=inplace_backward, vocab_start=offset,
+                      return_metrics=return_metrics)
     logits2d = logits.reshape(-1, V)
     if logits2d.stride(-1) != 1 and V > 1:
         logits2d = logits2d.contiguous()
@@ -164,8 +176,6 @@ def gem_loss(
                          f"expanded tensor); got row stride {logits2d.stride(0)} for V={V}")
     labels1d = labels.reshape(-1).contiguous()  # the kernels index labels with unit stride
     valid = labels1d != ignore_index
-    per_token, per_token_ce = apply_gem(logits2d, labels1d, opts, impl, shard)
+    per_token, extras = apply_gem(logits2d, labels1d, opts, impl, shard)
     loss = reduce_tokens(per_token, valid, reduction, num_items_in_batch, labels.shape)
-    if return_ce:
-        return loss, reduce_tokens(per_token_ce, valid, reduction, num_items_in_batch, labels.shape)
-    return loss
+    return finish_outputs(loss, extras, valid, reduction, num_items_in_batch, labels.shape, return_ce, return_metrics)

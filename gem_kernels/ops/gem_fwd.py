@@ -2,7 +2,9 @@
 
 Per row (transformed logits t, label logit t_y, e_j = exp((t_j - m) / beta)):
     m = max t, s0 = sum e, s1 = sum e w, s2 = sum e w (t - t_y), sce = sum exp(t - m), t_y
-with the sums rescaled whenever the running max grows. The logits are read exactly once; rows
+with the sums rescaled whenever the running max grows. With METRICS (return_metrics) two more
+columns: sent = sum exp(t - m)(t - m), rescaled with sce (plus a shift when the max grows), and the
+global id of the first (lowest) column where t reaches m. The logits are read exactly once; rows
 whose label is ignore_index are not read at all.
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..options import NUM_PARTIALS
+from ..options import NUM_PARTIALS, NUM_PARTIALS_METRICS
 from ._common import transform_logits
 from .config import FORWARD
 
@@ -38,6 +40,7 @@ def _gem_fwd_kernel(
     HAS_LABEL_LOGIT: tl.constexpr,
     LOGSIGMOID: tl.constexpr,
     NEED_LSE: tl.constexpr,
+    METRICS: tl.constexpr,
     SCALE: tl.constexpr,
     SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -50,6 +53,8 @@ def _gem_fwd_kernel(
     s1 = 0.0
     s2 = 0.0
     sce = 0.0
+    sent = 0.0
+    amax = -1.0
     ty = 0.0
     if label != ignore_index:
         row_ptr = logits_ptr + row * stride_row
@@ -64,7 +69,12 @@ def _gem_fwd_kernel(
             z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             t = transform_logits(z, logit_scale, softcap, SCALE, SOFTCAP)
             t = tl.where(mask, t, float("-inf"))
-            m_new = tl.maximum(m, tl.max(t, 0))
+            if METRICS:
+                # One reduction gives the block max and its first index (ties: lowest index).
+                blk_max, blk_arg = tl.max(t, 0, return_indices=True, return_indices_tie_break_left=True)
+            else:
+                blk_max = tl.max(t, 0)
+            m_new = tl.maximum(m, blk_max)
             # -inf logits (masked vocabulary) must add 0, not NaN from inf - inf or 0 * inf.
             finite = t > float("-inf")
             grew = m_new > m
@@ -80,7 +90,14 @@ def _gem_fwd_kernel(
             s2 = s2 * alpha + tl.sum(ew * diff, 0)
             if NEED_LSE:
                 alpha_ce = tl.where(grew, tl.exp(m - m_new), 1.0)
-                sce = sce * alpha_ce + tl.sum(tl.where(finite, tl.exp(t - m_new), 0.0), 0)
+                ex = tl.where(finite, tl.exp(t - m_new), 0.0)
+                if METRICS:
+                    # Re-centre the old sum on m_new; sce = 0 (nothing finite yet) adds 0, not -inf * 0.
+                    shift = tl.where(sce > 0.0, m - m_new, 0.0) * sce
+                    sent = (sent + shift) * alpha_ce + tl.sum(ex * tl.where(finite, t - m_new, 0.0), 0)
+                    # A later block wins only with a strictly larger max: the row's first maximal column.
+                    amax = tl.where(grew, (blk_arg + start + vocab_start).to(tl.float32), amax)
+                sce = sce * alpha_ce + tl.sum(ex, 0)
             m = m_new
         if not LOGSIGMOID:
             s1 = s0
@@ -90,6 +107,9 @@ def _gem_fwd_kernel(
     tl.store(out + 3, s2)
     tl.store(out + 4, sce)
     tl.store(out + 5, ty)
+    if METRICS:
+        tl.store(out + 6, sent)
+        tl.store(out + 7, amax)
 
 
 @triton_op("gem_kernels::gem_fwd", mutates_args=())
@@ -104,9 +124,11 @@ def gem_forward(
     need_lse: bool,
     logit_scale: float,
     softcap: float,
+    metrics: bool = False,
 ) -> torch.Tensor:
     """logits [N, V] (unit column stride, any row stride; fp32/bf16/fp16), labels [N] integer,
-    label_logits [N] fp32 or None (then t_y is read from the row) -> partials [N, 6] fp32.
+    label_logits [N] fp32 or None (then t_y is read from the row) -> partials [N, 6] fp32, or
+    [N, 8] with ``metrics`` (options.P_*; ``metrics`` needs ``need_lse``).
 
     ``softcap`` <= 0 means no softcap. Labels must already be validated: a non-ignored label
     must lie in [vocab_start, vocab_start + V) unless label_logits is given.
@@ -120,7 +142,10 @@ def gem_forward(
     if labels.shape != (N,) or (N > 1 and labels.stride(0) != 1):
         raise ValueError(f"gem_forward: labels must be contiguous of shape ({N},), got shape "
                          f"{tuple(labels.shape)} strides {labels.stride()}")
-    partials = torch.empty(N, NUM_PARTIALS, dtype=torch.float32, device=logits.device)
+    if metrics and not need_lse:
+        raise ValueError("gem_forward: metrics=True needs need_lse=True (the entropy uses the lse sum)")
+    partials = torch.empty(N, NUM_PARTIALS_METRICS if metrics else NUM_PARTIALS, dtype=torch.float32,
+                           device=logits.device)
     if N == 0:
         return partials
     cfg = FORWARD
@@ -140,6 +165,7 @@ def gem_forward(
         HAS_LABEL_LOGIT=label_logits is not None,
         LOGSIGMOID=logsigmoid,
         NEED_LSE=need_lse,
+        METRICS=metrics,
         SCALE=logit_scale != 1.0,
         SOFTCAP=softcap > 0,
         BLOCK_V=min(cfg.block_v, max(16, triton.next_power_of_2(V))),

@@ -10,7 +10,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..options import LOGSIGMOID_TEMPERATURE, NUM_PARTIALS, S_LOGS0, S_LSE, S_M, S_TY, S_YCOEF, GEMOptions
+from ..options import (LOGSIGMOID_TEMPERATURE, P_AMAX, P_SCE, P_SENT, S_LOGS0, S_LSE, S_M, S_TY, S_YCOEF,
+                       GEMOptions)
 from .stats import finalize
 
 # 2^21 fp32 elements = 8 MiB per temporary. Measured at N=2048, V=32,000 on the 2-core development
@@ -70,7 +71,8 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk(z, labels, opts: GEMOptions, ty_given, grad_out: Optional[torch.Tensor]):
-    """One block of rows. Returns partials [R, 6], and writes the gradient into grad_out if given."""
+    """One block of rows. Returns partials [R, opts.num_partials], and writes the gradient into grad_out
+    if given."""
     t = _transform(z, opts)
     ty, col, inside = _label_logit(t, labels, opts)
     if ty_given is not None:
@@ -92,15 +94,26 @@ def _chunk(z, labels, opts: GEMOptions, ty_given, grad_out: Optional[torch.Tenso
     if torch.isnan(s2).any():  # -inf logits: 0 * -inf in the dot; clamp and redo (rare)
         s2 = _rowdot(e, d.clamp(min=torch.finfo(d.dtype).min))
     s2 = s2 + (m1 - ty) * s1
-    partials = torch.zeros(t.shape[0], NUM_PARTIALS, dtype=t.dtype, device=t.device)
+    partials = torch.zeros(t.shape[0], opts.num_partials, dtype=t.dtype, device=t.device)
     partials[:, 0], partials[:, 1], partials[:, 2], partials[:, 3], partials[:, 5] = m1, s0, s1, s2, ty
-    if opts.need_lse:
+    if opts.return_metrics:
+        # One more block temporary, only when asked: the entropy needs exp(t - m) and t - m at once.
+        ed = torch.exp(d)
+        partials[:, P_SCE] = ed.sum(1)
+        sent = _rowdot(ed, d)
+        if torch.isnan(sent).any():  # -inf logits: 0 * -inf in the dot, as for s2 above
+            sent = _rowdot(ed, d.clamp(min=torch.finfo(d.dtype).min))
+        partials[:, P_SENT] = sent
+        # torch.argmax returns the first maximal index: ties go to the lowest (global) index.
+        partials[:, P_AMAX] = t.argmax(1).to(t.dtype) + opts.vocab_start
+        d = ed  # what the z-loss gradient below expects
+    elif opts.need_lse:
         d.exp_()  # d now holds exp(t - m)
-        partials[:, 4] = d.sum(1)
+        partials[:, P_SCE] = d.sum(1)
     if grad_out is None:
         return partials
     valid = labels != opts.ignore_index
-    _, _, stats = finalize(partials, valid, opts)
+    _, _, stats = finalize(partials, valid, opts, labels)
     inv_s0 = torch.where(valid, torch.exp(-stats[:, S_LOGS0]), torch.zeros((), dtype=t.dtype))
     e.mul_(inv_s0[:, None])  # q * w
     e.scatter_add_(1, col[:, None], torch.where(inside, -stats[:, S_YCOEF], 0.0)[:, None])
@@ -129,7 +142,7 @@ def gem_forward_chunked(
     compute_grad: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """logits [N, V] (row stride free, unit column stride), labels [N] ->
-    (partials [N, 6] in the compute dtype, grad [N, V] in logits.dtype or None).
+    (partials [N, opts.num_partials] in the compute dtype, grad [N, V] in logits.dtype or None).
 
     With ``compute_grad`` the gradient of each row's loss (upstream gradient 1) is computed in the
     same pass; it needs the finished row statistics, so it is only for single-device use.
@@ -138,7 +151,7 @@ def gem_forward_chunked(
     """
     N, V = logits.shape
     cdt = _compute_dtype(logits.dtype)
-    partials = torch.zeros(N, NUM_PARTIALS, dtype=cdt, device=logits.device)
+    partials = torch.zeros(N, opts.num_partials, dtype=cdt, device=logits.device)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else None
     valid = labels != opts.ignore_index
     n_valid = int(valid.sum())

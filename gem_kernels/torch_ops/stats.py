@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import torch
 
-from ..options import NUM_STATS, P_M, P_S0, P_S1, P_S2, P_SCE, P_TY, GEMOptions
+from ..options import (NUM_STATS, P_AMAX, P_M, P_S0, P_S1, P_S2, P_SCE, P_SENT, P_TY, X_ACC, X_CE,
+                       X_ENTROPY, GEMOptions)
 
 
-def finalize(partials: torch.Tensor, valid: torch.Tensor, opts: GEMOptions):
-    """partials [N, 6] fp32 (see options.P_*), valid [N] bool ->
-    (loss [N] fp32, ce [N] fp32 or None, stats [N, 5] fp32 (see options.S_*)).
+def finalize(partials: torch.Tensor, valid: torch.Tensor, opts: GEMOptions, labels=None):
+    """partials [N, opts.num_partials] fp32 (see options.P_*), valid [N] bool ->
+    (loss [N] fp32, extras [N, opts.num_extras] fp32 or None, stats [N, 5] fp32 (see options.S_*)).
 
-    loss = s2 / s0 (+ z_loss_scale * lse^2), ce = lse - t_y; both 0 at ignored rows.
+    loss = s2 / s0 (+ z_loss_scale * lse^2). extras (options.X_*), all 0 at ignored rows:
+    ce = lse - t_y; with return_metrics also the entropy log(sce) - sent / sce and the token
+    accuracy [amax == label], which needs ``labels`` [N] (global ids).
     """
     m, s0, s1, s2, sce, ty = (partials[:, i] for i in (P_M, P_S0, P_S1, P_S2, P_SCE, P_TY))
     one = torch.ones((), dtype=s0.dtype, device=s0.device)
@@ -26,12 +29,21 @@ def finalize(partials: torch.Tensor, valid: torch.Tensor, opts: GEMOptions):
     stats[:, 1] = torch.log(s0_safe)
     stats[:, 2] = torch.where(valid, s1 / s0_safe, zero)
     stats[:, 3] = torch.where(valid, ty, zero)
-    ce = None
+    extras = None
     if opts.need_lse:
-        lse = torch.where(valid, m + torch.log(torch.where(valid, sce, one)), zero)
+        sce_safe = torch.where(valid, sce, one)
+        lse = torch.where(valid, m + torch.log(sce_safe), zero)
         stats[:, 4] = lse
         if opts.z_loss_scale:
             loss = loss + opts.z_loss_scale * lse * lse
-        if opts.return_ce:
-            ce = torch.where(valid, lse - ty, zero)
-    return loss, ce, stats
+        if opts.num_extras:
+            extras = torch.zeros(partials.shape[0], opts.num_extras, dtype=partials.dtype, device=partials.device)
+            extras[:, X_CE] = torch.where(valid, lse - ty, zero)
+        if opts.return_metrics:
+            if labels is None:
+                raise ValueError("finalize: return_metrics needs the labels")
+            ent = torch.log(sce_safe) - partials[:, P_SENT] / sce_safe
+            extras[:, X_ENTROPY] = torch.where(valid, ent, zero)
+            hit = partials[:, P_AMAX] == labels.to(partials.dtype)
+            extras[:, X_ACC] = (valid & hit).to(partials.dtype)
+    return loss, extras, stats

@@ -298,9 +298,9 @@ def test_gem_trainer_triton_end_to_end(tmp_path):
 
 def test_trainer_setup(tmp_path):
     model, batch = tiny_model("llama"), make_batch(n=2)
-    with pytest.raises(ValueError, match="compute_loss_func"):
+    with pytest.raises(ValueError, match="compute_loss_func"):  # only gem_compute_loss_func (the logits path)
         GEMTrainer(model=model, args=trainer_args(tmp_path, 2, 1), train_dataset=ListDataset(batch),
-                   compute_loss_func=gem_compute_loss_func())
+                   compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum())
     with pytest.raises(ValueError, match="beta"):
         GEMTrainer(model=model, args=trainer_args(tmp_path, 2, 1), gem_options=dict(beta=-1.0))
     trainer = GEMTrainer(model_init=lambda: tiny_model("llama"), args=trainer_args(tmp_path, 2, 1),

@@ -10,56 +10,84 @@ from typing import Optional
 
 from transformers import Trainer
 
+from ._metrics import MetricWindow
+
 
 class _GEMTrainerMixin:
-    """Shared by GEMTrainer and GEMSFTTrainer: patch the model, count target tokens over the shifted
-    labels, and log the plain CE beside GEM."""
+    """Shared by GEMTrainer and GEMSFTTrainer: patch the model (fused path) or use a
+    ``gem_compute_loss_func`` (logits path), count target tokens over the shifted labels, and log
+    the plain CE, the entropy and the token accuracy beside GEM."""
 
-    def _gem_prepare(self, gem_options: Optional[dict], log_ce: bool):
+    def _gem_prepare(self, gem_options: Optional[dict], log_ce: bool, log_metrics: bool = True):
         """Before Trainer.__init__ (which may already call model_init): validate and keep the options."""
         from .transformers import _COMMON_OPTIONS, _FUSED_ONLY, _check_gem_options
 
+        if not isinstance(log_metrics, bool):
+            raise TypeError(f"log_metrics must be a bool, got {log_metrics!r}")
         options = dict(gem_options or {})
+        self._gem_user_options = bool(gem_options)
         if log_ce:
             options.setdefault("return_ce", True)
+        if log_metrics:
+            options.setdefault("return_metrics", True)
         _check_gem_options({"beta": 0.7, "h": "linear", **options}, _COMMON_OPTIONS + _FUSED_ONLY)
         self._gem_options = options
+        self._gem_log_ce = log_ce
+        self._gem_log_metrics = log_metrics
+        self._gem_logits_fn = None
+        self._gem_window = MetricWindow()
         self._gem_ce_sum = None
         self._gem_ce_step = 0
 
     def _gem_setup(self):
-        """After Trainer.__init__: refuse conflicting settings and patch the model."""
-        from .transformers import apply_gem
+        """After Trainer.__init__: refuse conflicting settings and patch the model (fused path), or
+        adopt a gem_compute_loss_func (logits path)."""
+        from .transformers import GEMComputeLoss, apply_gem
 
-        if getattr(self, "compute_loss_func", None) is not None:
-            raise ValueError(f"{type(self).__name__} computes GEM itself; do not pass compute_loss_func")
+        fn = getattr(self, "compute_loss_func", None)
+        if fn is not None and not isinstance(fn, GEMComputeLoss):
+            raise ValueError(f"{type(self).__name__} computes GEM itself; do not pass compute_loss_func (other "
+                             f"than gem_compute_loss_func(...), which selects the logits path)")
+        if fn is not None and self._gem_user_options:
+            raise ValueError(f"{type(self).__name__}: with compute_loss_func=gem_compute_loss_func(...) give the "
+                             f"GEM options to gem_compute_loss_func, not gem_options")
         if getattr(self, "label_smoother", None) is not None:
             raise ValueError(f"{type(self).__name__} does not support label_smoothing_factor")
         if self.args.n_gpu > 1:
             raise ValueError(f"{type(self).__name__} does not support nn.DataParallel (several GPUs in one "
                              f"process); launch with torchrun / accelerate launch instead")
-        if self.model is not None:
-            apply_gem(self.model, **self._gem_options)
-        # The patched forward takes num_items_in_batch, and the loss shifts the labels, so Trainer
-        # must count the targets over labels[..., 1:] (or shift_labels).
-        self.model_accepts_loss_kwargs = True
+        # The loss shifts the labels, so Trainer must count the targets over labels[..., 1:] (or shift_labels).
         if hasattr(self, "_loss_shifts_labels"):
             self._loss_shifts_labels = True
+        if fn is not None:
+            # Logits path: the model is not patched; the callable records its own window.
+            fn.log_metrics = self._gem_log_metrics or self._gem_log_ce
+            self._gem_logits_fn = fn
+            return
+        if self.model is not None:
+            apply_gem(self.model, **self._gem_options)
+        # The patched forward takes num_items_in_batch.
+        self.model_accepts_loss_kwargs = True
 
     def call_model_init(self, trial=None):
         # Trainer(model_init=...) builds a fresh model per train() call: patch each one.
         from .transformers import apply_gem
 
-        return apply_gem(super().call_model_init(trial), **self._gem_options)
+        model = super().call_model_init(trial)
+        return model if self._gem_logits_fn is not None else apply_gem(model, **self._gem_options)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Trainer.compute_loss passes num_items_in_batch to the model and applies the
         # average_tokens_across_devices scaling; the CE gets the same scaling below.
         inputs = {**inputs, "use_cache": False}  # no KV cache while training or scoring
+        targets = _targets(inputs, self._gem_options.get("ignore_index", -100))
         loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
-        ce = outputs.get("ce") if hasattr(outputs, "get") else None
-        if ce is not None and model.training:
+        if self._gem_logits_fn is not None or not model.training:
+            return (loss, outputs) if return_outputs else loss
+        get = outputs.get if hasattr(outputs, "get") else (lambda name: None)
+        ce = get("ce") if self._gem_log_ce else None
+        if ce is not None:
             ce = ce.detach()
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
@@ -67,30 +95,57 @@ class _GEMTrainerMixin:
             if self._gem_ce_sum is None:  # first micro-batch of a logging window (also after a resume)
                 self._gem_ce_step = self.state.global_step
             self._gem_ce_sum = ce if self._gem_ce_sum is None else self._gem_ce_sum + ce
+        if self._gem_log_metrics and get("entropy") is not None and targets is not None:
+            metrics = {"entropy": get("entropy"), "token_accuracy": get("token_accuracy")}
+            self._gem_window.add(metrics, (targets != self._gem_options.get("ignore_index", -100)).sum(),
+                                 num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):
-        if self._gem_ce_sum is not None and "loss" in logs:
-            steps = max(self.state.global_step - self._gem_ce_step, 1)
-            total = self.accelerator.gather(self._gem_ce_sum.reshape(1)).mean().item()
-            logs["ce"] = total / steps
-            self._gem_ce_sum = None
-            self._gem_ce_step = self.state.global_step
+        if "loss" in logs and self._gem_logits_fn is not None:
+            logs.update(self._gem_logits_fn.window_logs(self.args, self.state))
+        elif "loss" in logs:
+            if self._gem_ce_sum is not None:
+                steps = max(self.state.global_step - self._gem_ce_step, 1)
+                total = self.accelerator.gather(self._gem_ce_sum.reshape(1)).mean().item()
+                logs["ce"] = total / steps
+                self._gem_ce_sum = None
+                self._gem_ce_step = self.state.global_step
+            window = self._gem_window.pop(lambda rows: self.accelerator.reduce(rows, reduction="sum"))
+            if window is not None:
+                logs.update(window)
         return super().log(logs, *args, **kwargs)
+
+
+def _targets(inputs, ignore_index: int):
+    """The shifted targets of a batch (``shift_labels``, or ``labels`` shifted by one), or None."""
+    from .transformers import shift_causal_labels
+
+    if inputs.get("shift_labels") is not None:
+        return inputs["shift_labels"]
+    if inputs.get("labels") is not None:
+        return shift_causal_labels(inputs["labels"], ignore_index)
+    return None
 
 
 class GEMTrainer(_GEMTrainerMixin, Trainer):
     """``transformers.Trainer`` training with GEM through the fused path (no logits in training).
 
     ``GEMTrainer(model=..., args=..., train_dataset=..., gem_options=dict(beta=0.7))`` takes every
-    ``Trainer`` argument plus ``gem_options`` (options of :func:`apply_gem`) and ``log_ce`` (default
-    True: the plain CE, a by-product of the same pass, is logged as ``ce`` beside ``loss``).
+    ``Trainer`` argument plus ``gem_options`` (options of :func:`apply_gem`), ``log_ce`` (default
+    True: the plain CE, a by-product of the same pass, is logged as ``ce`` beside ``loss``) and
+    ``log_metrics`` (default True: the entropy of the model's distribution and the token accuracy,
+    from the same pass, are logged as ``entropy`` and ``mean_token_accuracy``, averaged over the
+    logging window and the processes as TRL's SFTTrainer averages its own). Passing
+    ``compute_loss_func=gem_compute_loss_func(...)`` instead of ``gem_options`` selects the logits
+    path (the model is not patched), with the same logs.
     Gradient accumulation is exact: each micro-batch's summed loss is divided by Trainer's
     ``num_items_in_batch`` (target tokens of the whole accumulated batch, across devices with
     ``average_tokens_across_devices``). Evaluation computes GEM from the logits and returns them.
     """
 
-    def __init__(self, *args, gem_options: Optional[dict] = None, log_ce: bool = True, **kwargs):
-        self._gem_prepare(gem_options, log_ce)
+    def __init__(self, *args, gem_options: Optional[dict] = None, log_ce: bool = True, log_metrics: bool = True,
+                 **kwargs):
+        self._gem_prepare(gem_options, log_ce, log_metrics)
         super().__init__(*args, **kwargs)
         self._gem_setup()

@@ -25,14 +25,16 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from transformers import TrainerCallback
 
 from ..functional import gem_loss
 from ..functional._checks import check_options
+from ._metrics import MetricWindow, dist_sum
 from ._sharding import check_gathered, is_zero3_param
 
 # Options shared by gem_loss and fused_linear_gem_loss that a user may set once for a model.
 _COMMON_OPTIONS = ("beta", "h", "ignore_index", "logit_scale", "softcap", "z_loss_scale", "return_ce", "impl",
-                   "validate_labels")
+                   "validate_labels", "return_metrics")
 _FUSED_ONLY = ("chunk_size",)
 _LOGITS_ONLY = ("inplace_backward",)
 # Attribute under which apply_gem keeps its state on the patched model.
@@ -81,7 +83,7 @@ def _get_logits(outputs) -> torch.Tensor:
     return outputs[0]
 
 
-class GEMComputeLoss:
+class GEMComputeLoss(TrainerCallback):
     """``Trainer(compute_loss_func=...)`` callable: GEM from the model's full logits.
 
     Called by ``Trainer.compute_loss`` as ``fn(outputs, labels, num_items_in_batch=...)``. The
@@ -94,22 +96,82 @@ class GEMComputeLoss:
 
     The model's own logit transforms (Gemma-2 softcapping, Cohere's logit_scale) are already
     applied to ``outputs.logits``, so none are applied again unless passed explicitly.
+
+    With ``log_metrics`` (default) every training call (grad enabled) also computes, in the same
+    pass, the CE, the entropy and the token accuracy (``return_metrics``), keeps the last ones in
+    ``.last_ce`` / ``.last_metrics`` and records them for logging. ``GEMTrainer`` and
+    ``GEMSFTTrainer`` log them when given this callable as ``compute_loss_func``; with a plain
+    ``Trainer`` pass it as a callback too (``callbacks=[fn]``): it then adds ``ce``, ``entropy`` and
+    ``mean_token_accuracy`` to each training log (see :mod:`gem_kernels.integrations._metrics`).
     """
 
-    def __init__(self, **options):
+    def __init__(self, *, log_metrics: bool = True, **options):
+        if not isinstance(log_metrics, bool):
+            raise TypeError(f"log_metrics must be a bool, got {log_metrics!r}")
         self.options = _check_gem_options(options, _COMMON_OPTIONS + _LOGITS_ONLY)
         self.ignore_index = self.options.get("ignore_index", -100)
+        self.log_metrics = log_metrics
         self.last_ce: Optional[torch.Tensor] = None
+        self.last_metrics: Optional[dict] = None
+        self.window = MetricWindow()
+        self._ce_sum = None
+        self._ce_step = 0
 
     def __call__(self, outputs, labels, num_items_in_batch=None, shift_labels=None, **unused):
         if labels is None and shift_labels is None:
             raise ValueError("GEM compute_loss_func needs labels; the batch has no 'labels'")
         logits = _get_logits(outputs)
         targets = _aligned_targets(labels, shift_labels, self.ignore_index).to(logits.device)
-        out = gem_loss(logits, targets, num_items_in_batch=num_items_in_batch, **self.options)
+        training = torch.is_grad_enabled()
+        want_metrics = self.options.get("return_metrics", False) or (self.log_metrics and training)
+        options = {**self.options, "return_metrics": want_metrics}
+        out = gem_loss(logits, targets, num_items_in_batch=num_items_in_batch, **options)
+        if not isinstance(out, tuple):
+            return out
+        loss = out[0]
         if self.options.get("return_ce", False):
-            out, self.last_ce = out
-        return out
+            self.last_ce = out[1]
+        if want_metrics:
+            self.last_metrics = out[-1]
+            if self.last_ce is None or not self.options.get("return_ce", False):
+                self.last_ce = out[-1]["ce"]
+            if self.log_metrics and training:
+                self.window.add(out[-1], (targets != self.ignore_index).sum(), num_items_in_batch)
+                self._ce_sum = self.last_ce if self._ce_sum is None else self._ce_sum + self.last_ce
+        return loss
+
+    def pop_ce(self, steps: int, world: int, average_tokens: bool, sum_over_processes) -> Optional[float]:
+        """Mean CE per optimizer step of the window, as GEMTrainer logs it (then reset)."""
+        if self._ce_sum is None:
+            return None
+        total = sum_over_processes(self._ce_sum.detach().double().reshape(1))
+        self._ce_sum = None
+        return float(total.item()) / (1 if average_tokens else world) / max(steps, 1)
+
+    def window_logs(self, args, state) -> dict:
+        """The window's ``ce``, ``entropy`` and ``mean_token_accuracy`` (empty when nothing was
+        recorded), then a fresh window. ``ce`` is the mean over the window's optimizer steps of
+        each step's token-mean CE (as GEMTrainer logs it); entropy and accuracy follow TRL's rule
+        (see :mod:`gem_kernels.integrations._metrics`)."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        extra = self.window.pop(dist_sum) or {}
+        ce = self.pop_ce(state.global_step - self._ce_step, world, bool(args.average_tokens_across_devices), dist_sum)
+        self._ce_step = state.global_step
+        if ce is not None:
+            extra["ce"] = ce
+        return extra
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Plain Trainer with callbacks=[fn]: add the window's statistics to the training log and to
+        # the log_history entry Trainer appended for it just before calling the callbacks.
+        if logs is None or "loss" not in logs or not self.log_metrics:
+            return
+        extra = self.window_logs(args, state)
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
 
     def __repr__(self) -> str:
         return f"GEMComputeLoss({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
@@ -120,8 +182,10 @@ def gem_compute_loss_func(*, beta: float = 0.7, h: str = "linear", **options) ->
     model's logits: ``Trainer(..., compute_loss_func=gem_compute_loss_func(beta=0.7))``.
 
     Options are those of :func:`gem_kernels.gem_loss` (``ignore_index``, ``z_loss_scale``,
-    ``return_ce``, ``inplace_backward``, ``impl``, ...). With ``return_ce=True`` the callable
-    still returns only the loss and keeps the detached CE in ``.last_ce``. This path builds the
+    ``return_ce``, ``inplace_backward``, ``impl``, ...) plus ``log_metrics`` (default True: CE,
+    entropy and token accuracy from the same pass, logged by GEMTrainer / GEMSFTTrainer, or by a
+    plain Trainer given the callable as a callback too). The callable returns only the loss and
+    keeps the detached CE in ``.last_ce`` and the statistics in ``.last_metrics``. This path builds the
     full ``[batch, seq, V]`` logits in the model; :func:`apply_gem` / :class:`GEMTrainer` do not.
 
     Args:
@@ -251,27 +315,31 @@ class _GEMState:
                 if k in _COMMON_OPTIONS and k not in ("logit_scale", "softcap")}
 
 
-_CE_CLASSES: dict = {}
+_FIELD_CLASSES: dict = {}
 
 
 @torch.compiler.assume_constant_result  # dynamo calls it while tracing instead of tracing class creation
-def _with_ce_field(cls):
-    """``cls`` (a ModelOutput dataclass) plus a ``ce`` field, created once per class. A real field,
-    not an extra key: DDP and torch.compile flatten outputs as pytrees and rebuild them with
-    ``cls(**fields)``."""
-    if cls not in _CE_CLASSES:
-        _CE_CLASSES[cls] = cls if "ce" in {f.name for f in dataclasses.fields(cls)} else dataclasses.make_dataclass(
-            f"{cls.__name__}WithCE", [("ce", Optional[torch.Tensor], None)], bases=(cls,),
-            namespace={"__module__": __name__})
-    return _CE_CLASSES[cls]
+def _with_fields(cls, names: tuple):
+    """``cls`` (a ModelOutput dataclass) plus the fields ``names`` (``ce``, ``entropy``,
+    ``token_accuracy``), created once per class and names. Real fields, not extra keys: DDP and
+    torch.compile flatten outputs as pytrees and rebuild them with ``cls(**fields)``."""
+    key = (cls, names)
+    if key not in _FIELD_CLASSES:
+        have = {f.name for f in dataclasses.fields(cls)}
+        missing = [(n, Optional[torch.Tensor], None) for n in names if n not in have]
+        suffix = "With" + "".join(n.title().replace("_", "") for n, _, _ in missing)
+        _FIELD_CLASSES[key] = cls if not missing else dataclasses.make_dataclass(
+            f"{cls.__name__}{suffix}", missing, bases=(cls,), namespace={"__module__": __name__})
+    return _FIELD_CLASSES[key]
 
 
-def _rebuild(out, loss, ce, keep_logits: bool):
-    """A copy of the model output with ``loss`` (and ``ce``) set, ``logits`` dropped unless ``keep_logits``."""
+def _rebuild(out, loss, extras: dict, keep_logits: bool):
+    """A copy of the model output with ``loss`` and the detached ``extras`` ({name: tensor}) set,
+    ``logits`` dropped unless ``keep_logits``."""
     fields = {k: v for k, v in out.items() if k != "loss" and (keep_logits or k != "logits")}
-    if ce is None:
+    if not extras:
         return type(out)(loss=loss, **fields)
-    return _with_ce_field(type(out))(loss=loss, ce=ce, **fields)
+    return _with_fields(type(out), tuple(extras))(loss=loss, **extras, **fields)
 
 
 def _add_aux_loss(model, out, loss):
@@ -294,6 +362,7 @@ def _gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch
     targets = _aligned_targets(labels, shift_labels, ignore_index)
     return_tuple = kwargs.pop("return_dict", None) is False
     return_ce = bool(state.options.get("return_ce", False))
+    return_metrics = bool(state.options.get("return_metrics", False))
 
     if self.training:
         from .. import fused_linear_gem_loss  # written by the fused-kernel issue; imported late on purpose
@@ -333,7 +402,13 @@ def _gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch
             out = state.original_forward(*args, return_dict=True, **kwargs)
         if "result" not in box:
             raise RuntimeError(f"apply_gem: {type(self).__name__}'s forward never called its output embedding")
-        loss, ce = box["result"] if return_ce else (box["result"], None)
+        result = box["result"]
+        loss = result[0] if isinstance(result, tuple) else result
+        extras = {}
+        if return_ce:
+            extras["ce"] = result[1]
+        if return_metrics:
+            extras.update(result[-1])  # ce (the same value), entropy, token_accuracy
         if "head_output" in box:  # ZeRO-3: backward must pass the head's hooks (see _intercept_head)
             loss = loss + box["head_output"].sum().to(loss.dtype)
         keep_logits = False
@@ -341,10 +416,12 @@ def _gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch
         # Evaluation with labels: the logits are wanted anyway, so GEM is computed from them.
         out = state.original_forward(*args, return_dict=True, **kwargs)
         opts = state.logits_options()
-        opts.pop("return_ce", None)  # a scalar "ce" among the outputs would be gathered as a prediction
+        # scalar statistics among the outputs would be gathered as predictions
+        opts.pop("return_ce", None)
+        opts.pop("return_metrics", None)
         loss = gem_loss(out.logits, targets.to(out.logits.device), num_items_in_batch=num_items_in_batch, **opts)
-        ce, keep_logits = None, True
-    out = _rebuild(out, _add_aux_loss(self, out, loss), ce, keep_logits)
+        extras, keep_logits = {}, True
+    out = _rebuild(out, _add_aux_loss(self, out, loss), extras, keep_logits)
     return out.to_tuple() if return_tuple else out
 
 
@@ -363,14 +440,15 @@ def apply_gem(model, *, beta: float = 0.7, h: str = "linear", **options):
       its output embedding intercepted; at the head call, ``fused_linear_gem_loss(hidden [B, T, H],
       lm_head.weight [V, H], shifted labels [B, T], bias=lm_head.bias)`` computes the loss, and the
       output holds ``loss`` (float32 scalar: summed loss / ``num_items_in_batch``, or the mean over
-      target tokens), ``ce`` when ``return_ce=True``, and no ``logits``.
+      target tokens), ``ce`` when ``return_ce=True``, ``ce``, ``entropy`` and ``token_accuracy``
+      (reduced like the loss) when ``return_metrics=True``, and no ``logits``.
     * labels given, eval mode: the original forward builds the logits, the loss is GEM on them,
       and the output keeps its ``logits``.
     * no labels (generation, plain inference): the original forward, untouched.
 
     The config's ``final_logit_softcapping`` / ``logit_scale`` / ``logits_scaling`` are honoured
     (see :func:`logit_transform_from_config`); explicit ``logit_scale`` / ``softcap`` options win.
-    Other options: ``ignore_index``, ``z_loss_scale``, ``return_ce``, ``chunk_size``, ``impl``.
+    Other options: ``ignore_index``, ``z_loss_scale``, ``return_ce``, ``return_metrics``, ``chunk_size``, ``impl``.
     Calling it again replaces the options. Returns the same model, patched in place.
 
     Args:

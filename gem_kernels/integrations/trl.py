@@ -18,16 +18,17 @@ class GEMSFTTrainer(_GEMTrainerMixin, SFTTrainer):
     """``trl.SFTTrainer`` training with GEM: ``GEMSFTTrainer(..., gem_options=dict(beta=0.7))``.
 
     Takes every ``SFTTrainer`` argument plus ``gem_options`` (options of ``apply_gem``: ``beta``,
-    ``h``, ``z_loss_scale``, ``chunk_size``, ``impl``, ...) and ``log_ce`` (default True: the plain
-    CE is logged as ``ce`` beside the GEM ``loss``). Gradient accumulation is exact (the summed loss
-    of each micro-batch is divided by Trainer's ``num_items_in_batch``).
-
-    SFTTrainer's ``entropy`` and ``mean_token_accuracy`` training metrics need a pass over the full
-    vocabulary per token; this trainer does not log them (``num_tokens`` is logged as usual).
+    ``h``, ``z_loss_scale``, ``chunk_size``, ``impl``, ...), ``log_ce`` (default True: the plain
+    CE is logged as ``ce`` beside the GEM ``loss``) and ``log_metrics`` (default True: SFTTrainer's
+    ``entropy`` and ``mean_token_accuracy``, computed by GEM's own pass and averaged as SFTTrainer
+    averages them). Gradient accumulation is exact (the summed loss of each micro-batch is divided
+    by Trainer's ``num_items_in_batch``). ``num_tokens`` is logged as usual.
+    ``compute_loss_func=gem_compute_loss_func(...)`` selects the logits path, with the same logs.
     """
 
-    def __init__(self, *args, gem_options: Optional[dict] = None, log_ce: bool = True, **kwargs):
-        self._gem_prepare(gem_options, log_ce)
+    def __init__(self, *args, gem_options: Optional[dict] = None, log_ce: bool = True, log_metrics: bool = True,
+                 **kwargs):
+        self._gem_prepare(gem_options, log_ce, log_metrics)
         super().__init__(*args, **kwargs)
         self._gem_setup()
 

@@ -20,6 +20,10 @@ for each held-out prompt:
                along the sampled answers;
   * distinct - number of distinct valid answers among a prompt's samples (mean over prompts, max 4);
   * accuracy - share of sampled answers that are one of the category's valid answers.
+The GEM runs also report "train H": the entropy of the model's distribution at the training
+answers' tokens (teacher-forced, training prompts), which GEMTrainer logs for free from the loss's
+own pass (`entropy`, averaged over the eval_every steps before each checkpoint). The CE run uses
+the stock Trainer, which does not log it.
 
 Usage:
     python examples/diversity.py            # full run (CE, GEM beta 0.7 and 0.5), a few minutes
@@ -213,6 +217,8 @@ class History:
     metrics: List[Dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     path: str = ""  # how the loss was computed, for the record
+    # (step, entropy, token accuracy) that the trainer logged over the window ending at that step
+    train: List[tuple] = field(default_factory=list)
 
 
 def _make_callback(history: History, task, prompts, setting: Setting, seed: int):
@@ -230,6 +236,11 @@ def _make_callback(history: History, task, prompts, setting: Setting, seed: int)
             if state.global_step % setting.eval_every == 0 or state.global_step == state.max_steps:
                 self._record(state.global_step, model)
 
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # GEMTrainer's training statistics, from the same pass as the loss (no extra work)
+            if logs and "entropy" in logs:
+                history.train.append((state.global_step, logs["entropy"], logs["mean_token_accuracy"]))
+
     return DiversityCallback()
 
 
@@ -242,14 +253,15 @@ def gem_trainer(beta: float):
 
 
 def _train(model, trainer_cls, extra: dict, train_set, steps: int, setting: Setting, seed: int, workdir: str,
-           callbacks=()):
+           callbacks=(), log_every: Optional[int] = None):
     from transformers import PrinterCallback, TrainingArguments, default_data_collator
 
+    logging = dict(logging_strategy="steps", logging_steps=log_every) if log_every else dict(logging_strategy="no")
     args = TrainingArguments(
         output_dir=workdir, per_device_train_batch_size=setting.batch_size, max_steps=steps,
         learning_rate=setting.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=min(20, steps // 10),
         weight_decay=0.0, seed=seed, data_seed=seed, use_cpu=True, save_strategy="no", report_to=[],
-        logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        disable_tqdm=True, dataloader_num_workers=0, **logging,
     )
     trainer = trainer_cls(model=model, args=args, train_dataset=train_set, data_collator=default_data_collator,
                           callbacks=list(callbacks), **extra)
@@ -283,7 +295,8 @@ def finetune(loss: str, beta: Optional[float], base, task, train_set, heldout, s
     t0 = time.perf_counter()
     _train(make_model(seed, base), trainer_cls, extra, train_set, setting.steps, setting, seed,
            os.path.join(workdir, history.label.replace(" ", "_").replace("=", "")),
-           callbacks=[_make_callback(history, task, heldout, setting, seed + 1)])
+           callbacks=[_make_callback(history, task, heldout, setting, seed + 1)],
+           log_every=setting.eval_every if loss != "ce" else None)
     history.seconds = time.perf_counter() - t0
     return history
 
@@ -321,17 +334,22 @@ METRICS = (("entropy", "entropy (nats / answer token)"), ("distinct", "distinct 
 
 def table(result: Dict) -> str:
     setting, ref = result["setting"], result["reference"]
-    lines = [f"{'loss':<14}{'step':>6}{'entropy':>10}{'distinct':>10}{'accuracy':>10}"]
+    lines = [f"{'loss':<14}{'step':>6}{'entropy':>10}{'distinct':>10}{'accuracy':>10}{'train H':>10}"]
     for h in result["histories"]:
+        train = {step: ent for step, ent, _ in h.train}
         for step, m in zip(h.steps, h.metrics):
-            lines.append(f"{h.label:<14}{step:>6}{m['entropy']:>10.3f}{m['distinct']:>10.2f}{m['accuracy']:>10.3f}")
+            th = f"{train[step]:>10.3f}" if step in train else f"{'':>10}"
+            lines.append(f"{h.label:<14}{step:>6}{m['entropy']:>10.3f}{m['distinct']:>10.2f}{m['accuracy']:>10.3f}"
+                         + th)
         lines.append("")
     lines.append("summary: mean over the checkpoints of the second half of fine-tuning")
     for h in result["histories"]:
         late = [m for step, m in zip(h.steps, h.metrics) if step > setting.steps / 2] or h.metrics[-1:]
         mean = {k: sum(m[k] for m in late) / len(late) for k, _ in METRICS}
+        late_train = [ent for step, ent, _ in h.train if step > setting.steps / 2]
+        th = f"{sum(late_train) / len(late_train):>10.3f}" if late_train else ""
         lines.append(f"{h.label:<14}{'late':>6}{mean['entropy']:>10.3f}{mean['distinct']:>10.2f}"
-                     f"{mean['accuracy']:>10.3f}")
+                     f"{mean['accuracy']:>10.3f}" + th)
     lines.append(f"{'data':<14}{'':>6}{ref['entropy']:>10.3f}{ref['distinct']:>10.2f}{ref['accuracy']:>10.3f}"
                  f"   (a model reproducing the training distribution; n = {setting.samples})")
     return "\n".join(lines)
@@ -346,7 +364,10 @@ def plot(result: Dict, path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for ax, (key, title) in zip(axes, METRICS):
         for h in result["histories"]:
-            ax.plot(h.steps, [m[key] for m in h.metrics], marker="o", markersize=3, label=h.label)
+            line, = ax.plot(h.steps, [m[key] for m in h.metrics], marker="o", markersize=3, label=h.label)
+            if key == "entropy" and h.train:  # the trainer's logged training entropy, same colour
+                ax.plot([t[0] for t in h.train], [t[1] for t in h.train], linestyle=":", color=line.get_color(),
+                        label=f"{h.label} (training log)")
         ax.axhline(result["reference"][key], color="gray", linestyle="--", linewidth=1, label="training data")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step")

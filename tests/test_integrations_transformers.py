@@ -358,7 +358,7 @@ def _ddp_worker(out_dir: str, path: str):
     """Run by torchrun: one SGD step of a 4-row batch split over the processes."""
     model, batch = tiny_model("llama"), make_batch(n=4)
     start = {k: p.detach().clone() for k, p in model.named_parameters()}
-    args = trainer_args(out_dir, 1, 2, average_tokens_across_devices=True)
+    args = trainer_args(out_dir, 1, 2, average_tokens_across_devices=True, train_sampling_strategy="sequential")
     trainer = make_trainer(path, model, args, ListDataset(batch))
     trainer.train()
     if trainer.args.process_index == 0:
@@ -401,6 +401,14 @@ def test_two_process_ddp_step_equals_one_big_batch(tmp_path, path):
     if path == "gem_trainer":
         assert_close(torch.tensor(result["log"]["ce"]), full_batch_ce(model, batch), what="2-process logged CE",
                      dtype=torch.float32, atol=1e-5)
+        # entropy and accuracy: per micro-batch token means over both processes; with sequential
+        # sampling micro-batch k holds rows 2k (process 0) and 2k + 1 (process 1)
+        from tests.test_metrics_integrations import expected_logs
+
+        want_ent, want_acc = expected_logs(model, batch, 2)
+        assert_close(torch.tensor(result["log"]["entropy"]), want_ent, what="2-process logged entropy", atol=1e-5)
+        assert_close(torch.tensor(result["log"]["mean_token_accuracy"]), want_acc, what="2-process accuracy",
+                     atol=1e-6)
     for name, step in result["steps"].items():
         assert_close(step, t_grads[name], what=f"2-process {path} step of {name}", baseline=b_grads[name],
                      dtype=torch.float32)

@@ -77,7 +77,12 @@ def _chunk(z, labels, opts: GEMOptions, ty_given, grad_out: Optional[torch.Tenso
     ty, col, inside = _label_logit(t, labels, opts)
     if ty_given is not None:
         ty = ty_given.to(t.dtype)
-    m = t.amax(1, keepdim=True)
+    if opts.return_metrics:
+        # One reduction gives the max and its first index (torch.max documents the first maximal
+        # index, i.e. ties go to the lowest column); amax alone is cheaper when it is not needed.
+        m, first_max = t.max(1, keepdim=True)
+    else:
+        m = t.amax(1, keepdim=True)
     d = t - m
     # e = exp((t - m) / beta), built where the gradient will live when dtypes allow, to save a copy.
     direct = grad_out is not None and grad_out.dtype == t.dtype and grad_out.is_contiguous()
@@ -100,12 +105,10 @@ def _chunk(z, labels, opts: GEMOptions, ty_given, grad_out: Optional[torch.Tenso
         # One more block temporary, only when asked: the entropy needs exp(t - m) and t - m at once.
         ed = torch.exp(d)
         partials[:, P_SCE] = ed.sum(1)
-        sent = _rowdot(ed, d)
-        if torch.isnan(sent).any():  # -inf logits: 0 * -inf in the dot, as for s2 above
-            sent = _rowdot(ed, d.clamp(min=torch.finfo(d.dtype).min))
-        partials[:, P_SENT] = sent
-        # torch.argmax returns the first maximal index: ties go to the lowest (global) index.
-        partials[:, P_AMAX] = t.argmax(1).to(t.dtype) + opts.vocab_start
+        # d is not needed after this, so the product goes into it; nansum drops exactly the
+        # 0 * -inf = NaN terms of -inf logits (a masked vocabulary), which must add 0.
+        partials[:, P_SENT] = torch.nansum(d.mul_(ed), 1)
+        partials[:, P_AMAX] = first_max.squeeze(1).to(t.dtype) + opts.vocab_start
         d = ed  # what the z-loss gradient below expects
     elif opts.need_lse:
         d.exp_()  # d now holds exp(t - m)

@@ -102,6 +102,10 @@ def test_smoke_run_end_to_end(tmp_path):
             assert 0.0 <= m["entropy"] <= math.log(div.VOCAB_SIZE) + 1e-6
             assert 0.0 <= m["distinct"] <= min(div.ANSWERS_PER_CATEGORY, setting.samples)
             assert 0.0 <= m["accuracy"] <= 1.0
+    # GEMTrainer logged the training entropy (from the loss's own pass) at every checkpoint; CE did not
+    assert hist[0].train == [] and [step for step, _, _ in hist[1].train] == [3, 6]
+    for _, ent, acc in hist[1].train:
+        assert 0.0 < ent <= math.log(div.VOCAB_SIZE) + 1e-6 and 0.0 <= acc <= 1.0
     # both runs start from the same base model; the different losses then move it differently
     assert hist[0].metrics[0] == hist[1].metrics[0]
     assert hist[0].metrics[-1]["entropy"] != hist[1].metrics[-1]["entropy"]

@@ -108,15 +108,33 @@ def test_ties_go_to_the_lowest_index(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_metrics_leave_loss_and_gradient_unchanged(impl, dtype):
+@pytest.mark.parametrize("inplace", [False, True])
+def test_metrics_leave_loss_and_gradient_unchanged(impl, dtype, inplace):
     """Asking for the statistics changes nothing else: the same loss and gradient, bit for bit."""
     logits, labels = make_inputs(n=11, vocab=517, dtype=dtype, seed=5)
     results = []
     for metrics in (False, True):
         x = fresh(logits)
-        out = gem_loss(x, labels, impl=impl, z_loss_scale=1e-2, return_ce=True, return_metrics=metrics)
+        out = gem_loss(x * 1 if inplace else x, labels, impl=impl, z_loss_scale=1e-2, return_ce=True,
+                       return_metrics=metrics, inplace_backward=inplace)
         out[0].backward()
         results.append((out[0].detach(), out[1], x.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_metrics_leave_loss_and_gradients_unchanged(impl):
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(21, 8, generator=g), torch.randn(97, 8, generator=g)
+    labels = torch.randint(0, 97, (21,), generator=g)
+    labels[::3] = -100
+    results = []
+    for metrics in (False, True):
+        xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        out = fused_linear_gem_loss(xs, ws, labels, impl=impl, chunk_size=5, return_ce=True, return_metrics=metrics)
+        out[0].backward()
+        results.append((out[0].detach(), out[1], xs.grad, ws.grad))
     for a, b in zip(*results):
         assert torch.equal(a, b)
 

@@ -16,14 +16,15 @@ class GEMLoss(torch.nn.Module):
         its meaning, type and default: ``beta`` (float > 0, 0.7), ``h`` ("linear" / "logsigmoid"),
         ``ignore_index`` (int, -100), ``reduction`` ("mean" / "sum" / "none"), ``logit_scale``
         (float > 0, 1.0), ``softcap`` (None or float > 0), ``z_loss_scale`` (float >= 0, 0.0),
-        ``return_ce`` (bool), ``inplace_backward`` (bool), ``process_group`` / ``vocab_start``
+        ``return_ce`` (bool), ``return_metrics`` (bool), ``inplace_backward`` (bool), ``process_group`` / ``vocab_start``
         (vocabulary-parallel shard), ``validate_labels`` (bool, True: the label range check; see
         gem_loss for the risk of False), ``impl`` ("auto" / "triton" / "torch" / "reference").
     Args (call): ``logits`` [..., V] float32 / bfloat16 / float16; ``labels`` [...] integer, same
         leading shape and device; ``num_items_in_batch`` (None, an int / float >= 0 or a one-element
         tensor; "mean" only) as in gem_loss.
 
-    Returns: what gem_loss returns (float32 loss, or ``(loss, ce)`` with ``return_ce``).
+    Returns: what gem_loss returns (float32 loss; ``(loss, ce)`` with ``return_ce``, ``(loss, metrics)``
+        with ``return_metrics``, ``(loss, ce, metrics)`` with both).
 
     Raises: TypeError for an unknown option name, and gem_loss's ValueError / TypeError for a bad
         option value, both at construction; gem_loss's errors for bad tensors at the call.
@@ -58,7 +59,7 @@ class FusedLinearGEMLoss(torch.nn.Module):
 
     Args (construction, keyword only): every option of fused_linear_gem_loss except
         ``num_items_in_batch``: ``beta`` (float > 0, 0.7), ``h``, ``ignore_index``, ``reduction``,
-        ``logit_scale``, ``softcap``, ``z_loss_scale``, ``return_ce``, ``process_group`` /
+        ``logit_scale``, ``softcap``, ``z_loss_scale``, ``return_ce``, ``return_metrics``, ``process_group`` /
         ``vocab_start``, ``chunk_size`` (None or int >= 1, valid tokens per chunk),
         ``validate_labels`` (bool, True), ``impl``;
         meanings and defaults as in gem_loss. There is no ``inplace_backward`` (no logits exist).
@@ -66,7 +67,8 @@ class FusedLinearGEMLoss(torch.nn.Module):
         ``bias`` [V] with hidden's dtype and device; ``labels`` [...] integer with hidden's leading
         shape; ``num_items_in_batch`` as in gem_loss.
 
-    Returns: what fused_linear_gem_loss returns (float32 loss, or ``(loss, ce)``).
+    Returns: what fused_linear_gem_loss returns (float32 loss, ``(loss, ce)``, ``(loss, metrics)`` or
+        ``(loss, ce, metrics)``).
 
     Raises: TypeError for an unknown option (including ``inplace_backward``) and ValueError /
         TypeError for a bad option value at construction; fused_linear_gem_loss's errors at the call.

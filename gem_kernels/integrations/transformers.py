@@ -116,6 +116,7 @@ class GEMComputeLoss(TrainerCallback):
         self.window = MetricWindow()
         self._ce_sum = None
         self._ce_step = 0
+        self._ce_is_local_mean = False
 
     def __call__(self, outputs, labels, num_items_in_batch=None, shift_labels=None, **unused):
         if labels is None and shift_labels is None:
@@ -137,6 +138,7 @@ class GEMComputeLoss(TrainerCallback):
                 self.last_ce = out[-1]["ce"]
             if self.log_metrics and training:
                 self.window.add(out[-1], (targets != self.ignore_index).sum(), num_items_in_batch)
+                self._ce_is_local_mean = num_items_in_batch is None
                 self._ce_sum = self.last_ce if self._ce_sum is None else self._ce_sum + self.last_ce
         return loss
 
@@ -146,7 +148,10 @@ class GEMComputeLoss(TrainerCallback):
             return None
         total = sum_over_processes(self._ce_sum.detach().double().reshape(1))
         self._ce_sum = None
-        return float(total.item()) / (1 if average_tokens else world) / max(steps, 1)
+        # Each process's value is its share of the global token mean when Trainer counted the tokens
+        # over all processes (average_tokens_across_devices), else its own mean: then average.
+        per_process_mean = not average_tokens or self._ce_is_local_mean
+        return float(total.item()) / (world if per_process_mean else 1) / max(steps, 1)
 
     def window_logs(self, args, state) -> dict:
         """The window's ``ce``, ``entropy`` and ``mean_token_accuracy`` (empty when nothing was

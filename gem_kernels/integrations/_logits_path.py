@@ -1,0 +1,149 @@
+"""The logits path: ``GEMComputeLoss`` / ``gem_compute_loss_func``, GEM from the model's full logits
+for ``Trainer(compute_loss_func=...)``, recording the training statistics for logging.
+
+Import it from :mod:`gem_kernels.integrations.transformers`, which re-exports it (and imports this
+module at its end, so the helpers used here are already defined there).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers import TrainerCallback
+
+from ..functional import gem_loss
+from ._metrics import MetricWindow, dist_sum
+from .transformers import _COMMON_OPTIONS, _LOGITS_ONLY, _aligned_targets, _check_gem_options
+
+
+def _get_logits(outputs) -> torch.Tensor:
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, dict):
+        if outputs.get("logits") is None:
+            raise ValueError("compute_loss_func: the model outputs hold no 'logits' (was the model patched by "
+                             "apply_gem? then drop compute_loss_func: the model already returns the GEM loss)")
+        return outputs["logits"]
+    return outputs[0]
+
+
+class GEMComputeLoss(TrainerCallback):
+    """``Trainer(compute_loss_func=...)`` callable: GEM from the model's full logits.
+
+    Called by ``Trainer.compute_loss`` as ``fn(outputs, labels, num_items_in_batch=...)``. The
+    logits ``[B, T, V]`` are taken from ``outputs``; ``labels [B, T]`` are shifted here (or
+    ``shift_labels [B, T]`` is used as is). The summed per-token loss is divided by
+    ``num_items_in_batch`` (Trainer's count of target tokens over the whole accumulated batch), so
+    Trainer, which skips its own division by the accumulation steps whenever ``compute_loss_func``
+    is set, gets exactly the loss of one big batch. Without ``num_items_in_batch`` it is the mean
+    over this micro-batch's valid tokens.
+
+    The model's own logit transforms (Gemma-2 softcapping, Cohere's logit_scale) are already
+    applied to ``outputs.logits``, so none are applied again unless passed explicitly.
+
+    With ``log_metrics`` (default) every training call (grad enabled) also computes, in the same
+    pass, the CE, the entropy and the token accuracy (``return_metrics``), keeps the last ones in
+    ``.last_ce`` / ``.last_metrics`` and records them for logging. ``GEMTrainer`` and
+    ``GEMSFTTrainer`` log them when given this callable as ``compute_loss_func``; with a plain
+    ``Trainer`` pass it as a callback too (``callbacks=[fn]``): it then adds ``ce``, ``entropy`` and
+    ``mean_token_accuracy`` to each training log (see :mod:`gem_kernels.integrations._metrics`).
+    """
+
+    def __init__(self, *, log_metrics: bool = True, **options):
+        if not isinstance(log_metrics, bool):
+            raise TypeError(f"log_metrics must be a bool, got {log_metrics!r}")
+        self.options = _check_gem_options(options, _COMMON_OPTIONS + _LOGITS_ONLY)
+        self.ignore_index = self.options.get("ignore_index", -100)
+        self.log_metrics = log_metrics
+        self.last_ce: Optional[torch.Tensor] = None
+        self.last_metrics: Optional[dict] = None
+        self.window = MetricWindow()
+        self._ce_sum = None
+        self._ce_step = 0
+        self._ce_is_local_mean = False
+
+    def __call__(self, outputs, labels, num_items_in_batch=None, shift_labels=None, **unused):
+        if labels is None and shift_labels is None:
+            raise ValueError("GEM compute_loss_func needs labels; the batch has no 'labels'")
+        logits = _get_logits(outputs)
+        targets = _aligned_targets(labels, shift_labels, self.ignore_index).to(logits.device)
+        training = torch.is_grad_enabled()
+        want_metrics = self.options.get("return_metrics", False) or (self.log_metrics and training)
+        options = {**self.options, "return_metrics": want_metrics}
+        out = gem_loss(logits, targets, num_items_in_batch=num_items_in_batch, **options)
+        if not isinstance(out, tuple):
+            return out
+        loss = out[0]
+        if self.options.get("return_ce", False):
+            self.last_ce = out[1]
+        if want_metrics:
+            self.last_metrics = out[-1]
+            if self.last_ce is None or not self.options.get("return_ce", False):
+                self.last_ce = out[-1]["ce"]
+            if self.log_metrics and training:
+                self.window.add(out[-1], (targets != self.ignore_index).sum(), num_items_in_batch)
+                self._ce_is_local_mean = num_items_in_batch is None
+                self._ce_sum = self.last_ce if self._ce_sum is None else self._ce_sum + self.last_ce
+        return loss
+
+    def pop_ce(self, steps: int, world: int, average_tokens: bool, sum_over_processes) -> Optional[float]:
+        """Mean CE per optimizer step of the window, as GEMTrainer logs it (then reset)."""
+        if self._ce_sum is None:
+            return None
+        total = sum_over_processes(self._ce_sum.detach().double().reshape(1))
+        self._ce_sum = None
+        # Each process's value is its share of the global token mean when Trainer counted the tokens
+        # over all processes (average_tokens_across_devices), else its own mean: then average.
+        per_process_mean = not average_tokens or self._ce_is_local_mean
+        return float(total.item()) / (world if per_process_mean else 1) / max(steps, 1)
+
+    def window_logs(self, args, state) -> dict:
+        """The window's ``ce``, ``entropy`` and ``mean_token_accuracy`` (empty when nothing was
+        recorded), then a fresh window. ``ce`` is the mean over the window's optimizer steps of
+        each step's token-mean CE (as GEMTrainer logs it); entropy and accuracy follow TRL's rule
+        (see :mod:`gem_kernels.integrations._metrics`)."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        extra = self.window.pop(dist_sum) or {}
+        ce = self.pop_ce(state.global_step - self._ce_step, world, bool(args.average_tokens_across_devices), dist_sum)
+        self._ce_step = state.global_step
+        if ce is not None:
+            extra["ce"] = ce
+        return extra
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Plain Trainer with callbacks=[fn]: add the window's statistics to the training log and to
+        # the log_history entry Trainer appended for it just before calling the callbacks.
+        if logs is None or "loss" not in logs or not self.log_metrics:
+            return
+        extra = self.window_logs(args, state)
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+    def __repr__(self) -> str:
+        return f"GEMComputeLoss({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
+
+
+def gem_compute_loss_func(*, beta: float = 0.7, h: str = "linear", **options) -> GEMComputeLoss:
+    """A ``compute_loss_func`` for ``transformers.Trainer`` (and TRL trainers) computing GEM from the
+    model's logits: ``Trainer(..., compute_loss_func=gem_compute_loss_func(beta=0.7))``.
+
+    Options are those of :func:`gem_kernels.gem_loss` (``ignore_index``, ``z_loss_scale``,
+    ``return_ce``, ``inplace_backward``, ``impl``, ...) plus ``log_metrics`` (default True: CE,
+    entropy and token accuracy from the same pass, logged by GEMTrainer / GEMSFTTrainer, or by a
+    plain Trainer given the callable as a callback too). The callable returns only the loss and
+    keeps the detached CE in ``.last_ce`` and the statistics in ``.last_metrics``. This path builds the
+    full ``[batch, seq, V]`` logits in the model; :func:`apply_gem` / :class:`GEMTrainer` do not.
+
+    Args:
+        beta: float > 0, temperature of q (default 0.7). h: "linear" or "logsigmoid".
+        options: the other gem_loss keyword options (not ``num_items_in_batch``, ``reduction``,
+            ``logit_scale`` / ``softcap`` unless the model does not apply them itself).
+    Returns: a :class:`GEMComputeLoss`; called as ``fn(outputs, labels [B, T] integer,
+        num_items_in_batch=None, shift_labels=None)`` it returns a float32 scalar loss.
+    Raises: TypeError for an unknown option, ValueError / TypeError for a bad value (at once, not at
+        the first step); at the call, ValueError when there are no labels or no logits.
+    """
+    return GEMComputeLoss(beta=beta, h=h, **options)

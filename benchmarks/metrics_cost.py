@@ -68,7 +68,8 @@ def traffic_table() -> str:
 
 # (label, gem_loss options): the default call, the CE alone (what the trainers logged before), and
 # the three statistics.
-TIME_CASES = (("default", {}), ("return_ce=True", {"return_ce": True}), ("return_metrics=True", {"return_metrics": True}))
+TIME_CASES = (("default", {}), ("return_ce=True", {"return_ce": True}),
+              ("return_metrics=True", {"return_metrics": True}))
 
 
 def _step(z, y, options):

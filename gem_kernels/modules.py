@@ -16,8 +16,8 @@ class GEMLoss(torch.nn.Module):
         its meaning, type and default: ``beta`` (float > 0, 0.7), ``h`` ("linear" / "logsigmoid"),
         ``ignore_index`` (int, -100), ``reduction`` ("mean" / "sum" / "none"), ``logit_scale``
         (float > 0, 1.0), ``softcap`` (None or float > 0), ``z_loss_scale`` (float >= 0, 0.0),
-        ``return_ce`` (bool), ``return_metrics`` (bool), ``inplace_backward`` (bool), ``process_group`` / ``vocab_start``
-        (vocabulary-parallel shard), ``validate_labels`` (bool, True: the label range check; see
+        ``return_ce`` (bool), ``return_metrics`` (bool), ``inplace_backward`` (bool), ``process_group`` /
+        ``vocab_start`` (vocabulary-parallel shard), ``validate_labels`` (bool, True: the label range check; see
         gem_loss for the risk of False), ``impl`` ("auto" / "triton" / "torch" / "reference").
     Args (call): ``logits`` [..., V] float32 / bfloat16 / float16; ``labels`` [...] integer, same
         leading shape and device; ``num_items_in_batch`` (None, an int / float >= 0 or a one-element
@@ -59,8 +59,8 @@ class FusedLinearGEMLoss(torch.nn.Module):
 
     Args (construction, keyword only): every option of fused_linear_gem_loss except
         ``num_items_in_batch``: ``beta`` (float > 0, 0.7), ``h``, ``ignore_index``, ``reduction``,
-        ``logit_scale``, ``softcap``, ``z_loss_scale``, ``return_ce``, ``return_metrics``, ``process_group`` /
-        ``vocab_start``, ``chunk_size`` (None or int >= 1, valid tokens per chunk),
+        ``logit_scale``, ``softcap``, ``z_loss_scale``, ``return_ce``, ``return_metrics``,
+        ``process_group`` / ``vocab_start``, ``chunk_size`` (None or int >= 1, valid tokens per chunk),
         ``validate_labels`` (bool, True), ``impl``;
         meanings and defaults as in gem_loss. There is no ``inplace_backward`` (no logits exist).
     Args (call): ``hidden`` [..., H] float32 / bfloat16 / float16; ``weight`` [V, H] and optional

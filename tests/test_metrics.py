@@ -191,3 +191,33 @@ def test_modules_and_validation():
     huge = torch.zeros(1, 1).expand(1, (1 << 24) + 1)
     with pytest.raises(ValueError, match="return_metrics=True supports vocabularies of at most"):
         gem_loss(huge, torch.tensor([0]), return_metrics=True, impl="torch")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_metrics_under_torch_compile_fullgraph(fused):
+    """The compiled operators (autograd/compiled.py) carry the statistics with the same values as eager."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(4)
+    if fused:
+        x, w = torch.randn(20, 16, generator=g), torch.randn(97, 16, generator=g)
+        y = torch.randint(0, 97, (20,), generator=g)
+        y[::4] = -100
+
+        def call(x, w, y):
+            return fused_linear_gem_loss(x, w, y, impl="torch", return_ce=True, return_metrics=True)
+        args = (x.requires_grad_(True), w.requires_grad_(True), y)
+    else:
+        z, y = make_inputs(n=24, vocab=257, seed=1)
+
+        def call(z, y):
+            return gem_loss(z, y, impl="torch", return_metrics=True, num_items_in_batch=torch.tensor(11))
+        args = (z, y)
+    try:
+        out_c = torch.compile(call, fullgraph=True)(*args)
+        out_e = call(*args)
+        for name in NAMES:
+            assert_close(out_c[-1][name], out_e[-1][name], what=f"compiled {name} (fused={fused})",
+                         atol=1e-6, rtol=1e-6)
+        out_c[0].backward()
+    finally:
+        torch._dynamo.reset()

@@ -53,7 +53,8 @@ def _make_some_predictions_right(model, batch):
 
 def _trainer(path, model, args, dataset, **kw):
     if path == "fused":
-        return GEMTrainer(model=model, args=args, train_dataset=dataset, gem_options=dict(beta=BETA, impl="torch"), **kw)
+        return GEMTrainer(model=model, args=args, train_dataset=dataset, gem_options=dict(beta=BETA, impl="torch"),
+                          **kw)
     fn = gem_compute_loss_func(beta=BETA, impl="torch")
     if path == "logits":
         return GEMTrainer(model=model, args=args, train_dataset=dataset, compute_loss_func=fn, **kw)

@@ -42,12 +42,19 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _opt_args(opts: GEMOptions) -> tuple:
     """GEMOptions as the operators' scalar arguments (single device: vocab_start 0, no in-place)."""
-    return (opts.beta, opts.h, opts.ignore_index, opts.logit_scale, opts.softcap, opts.z_loss_scale, opts.return_ce)
+    return (opts.beta, opts.h, opts.ignore_index, opts.logit_scale, opts.softcap, opts.z_loss_scale, opts.return_ce,
+            opts.return_metrics)
 
 
-def _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce) -> GEMOptions:
+def _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics) -> GEMOptions:
     return GEMOptions(beta=beta, h=h, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
-                      z_loss_scale=z_loss_scale, return_ce=return_ce)
+                      z_loss_scale=z_loss_scale, return_ce=return_ce, return_metrics=return_metrics)
+
+
+def _extras_fake(like: Tensor, n: int, return_ce: bool, return_metrics: bool, dtype) -> Tensor:
+    """The per-token extras' shape (options.X_*): [n, 3] with return_metrics, [n, 1] with return_ce, else [0]."""
+    k = GEMOptions(return_ce=return_ce, return_metrics=return_metrics).num_extras
+    return like.new_empty((n, k) if k else (0,), dtype=dtype)
 
 
 def _scaled(g: Tensor, factor: Tensor) -> Tensor:
@@ -63,36 +70,39 @@ def _scaled(g: Tensor, factor: Tensor) -> Tensor:
 
 @torch.library.custom_op("gem_kernels::gem_torch_fwd", mutates_args=(), **_HOST_READ)
 def _gem_torch_fwd(logits: Tensor, labels: Tensor, beta: float, h: str, ignore_index: int, logit_scale: float,
-                   softcap: Optional[float], z_loss_scale: float, return_ce: bool,
+                   softcap: Optional[float], z_loss_scale: float, return_ce: bool, return_metrics: bool,
                    compute_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (loss [N], ce [N] or [0], stats [N, 5], gradient of each row's loss [N, V] or [0])."""
-    opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce)
+    """-> (loss [N], extras [N, k] (options.X_*) or [0], stats [N, 5], gradient of each row's loss
+    [N, V] or [0])."""
+    opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics)
     partials, grad = gem_forward_chunked(logits, labels, opts, compute_grad=compute_grad)
-    loss, ce, stats = finalize(partials, labels != ignore_index, opts)
+    loss, ce, stats = finalize(partials, labels != ignore_index, opts, labels)
     return (loss, ce if ce is not None else loss.new_empty(0), stats,
             grad if grad is not None else logits.new_empty(0))
 
 
 @_gem_torch_fwd.register_fake
-def _(logits, labels, beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, compute_grad):
+def _(logits, labels, beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics,
+      compute_grad):
     N = logits.shape[0]
     cdt = _compute_dtype(logits.dtype)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else logits.new_empty(0)
-    return (logits.new_empty(N, dtype=cdt), logits.new_empty(N if return_ce else 0, dtype=cdt),
+    return (logits.new_empty(N, dtype=cdt), _extras_fake(logits, N, return_ce, return_metrics, cdt),
             logits.new_empty(N, NUM_STATS, dtype=cdt), grad)
 
 
 @torch.library.custom_op("gem_kernels::gem_torch_bwd", mutates_args=())
 def _gem_torch_bwd(logits: Tensor, labels: Tensor, stats: Tensor, grad_loss: Tensor, beta: float, h: str,
                    ignore_index: int, logit_scale: float, softcap: Optional[float], z_loss_scale: float,
-                   return_ce: bool) -> Tensor:
+                   return_ce: bool, return_metrics: bool) -> Tensor:
     """d(sum_i grad_loss_i loss_i)/d logits from the saved row statistics."""
-    opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce)
+    opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics)
     return gem_grad_chunked(logits, labels, stats, grad_loss, opts)
 
 
 @_gem_torch_bwd.register_fake
-def _(logits, labels, stats, grad_loss, beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce):
+def _(logits, labels, stats, grad_loss, beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce,
+      return_metrics):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -113,14 +123,14 @@ def _gem_torch_backward(ctx, grad_loss, _grad_ce, _grad_stats, _grad_grad):
     else:
         logits, labels, stats = ctx.saved_tensors
         g = _gem_torch_bwd(logits, labels, stats, grad_loss, *ctx.opt)
-    return (g,) + (None,) * 9
+    return (g,) + (None,) * 10
 
 
 torch.library.register_autograd("gem_kernels::gem_torch_fwd", _gem_torch_backward, setup_context=_gem_torch_setup)
 
 
 def gem_torch_compiled(logits2d: Tensor, labels1d: Tensor, opts: GEMOptions, grad_enabled: bool):
-    """(per-token loss [N], per-token CE [N] or empty), as GEMTorchFunction, through the operators.
+    """(per-token loss [N], per-token extras [N, k] or empty), as GEMTorchFunction, through the operators.
     As there, fp16 logits get their gradient in backward (scaled before it is rounded)."""
     compute_grad = grad_enabled and logits2d.requires_grad and logits2d.dtype != torch.float16
     loss, ce, _, _ = _gem_torch_fwd(logits2d, labels1d, *_opt_args(opts), compute_grad)
@@ -134,11 +144,12 @@ def gem_torch_compiled(logits2d: Tensor, labels1d: Tensor, opts: GEMOptions, gra
 @torch.library.custom_op("gem_kernels::fused_linear_gem_fwd", mutates_args=(), **_HOST_READ)
 def _fused_fwd(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                token_scale: Optional[Tensor], beta: float, h: str, ignore_index: int, logit_scale: float,
-               softcap: Optional[float], z_loss_scale: float, return_ce: bool, impl: str, chunk_size: Optional[int],
-               need_gx: bool, need_gw: bool, need_gb: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (loss [N], ce [N] or [0], stats [N, 5] (deferred gradients) or [0, 5], grad_hidden,
-    grad_weight, grad_bias (precomputed for a reduced loss, each [0] when not computed))."""
-    opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce)
+               softcap: Optional[float], z_loss_scale: float, return_ce: bool, return_metrics: bool, impl: str,
+               chunk_size: Optional[int], need_gx: bool, need_gw: bool,
+               need_gb: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss [N], extras [N, k] (options.X_*) or [0], stats [N, 5] (deferred gradients) or [0, 5],
+    grad_hidden, grad_weight, grad_bias (precomputed for a reduced loss, each [0] when not computed))."""
+    opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics)
     # A compiled graph calls this operator under the caller's autocast state, whatever the
     # functional layer's autocast_off did while tracing: switch it off here too.
     with autocast_off(hidden2d.device.type):
@@ -167,14 +178,15 @@ def _fused_eager(hidden2d, token_scale, need_gx, need_gw, need_gb) -> bool:
 
 @_fused_fwd.register_fake
 def _(hidden2d, weight, bias, labels, token_scale, beta, h, ignore_index, logit_scale, softcap, z_loss_scale,
-      return_ce, impl, chunk_size, need_gx, need_gw, need_gb):
+      return_ce, return_metrics, impl, chunk_size, need_gx, need_gw, need_gb):
     N, H = hidden2d.shape
     V = weight.shape[0]
     cdt = _compute_dtype(hidden2d.dtype)
     eager = _fused_eager(hidden2d, token_scale, need_gx, need_gw, need_gb)
     deferred = (need_gx or need_gw or need_gb) and not eager
     new = hidden2d.new_empty
-    return (new(N, dtype=cdt), new(N if return_ce else 0, dtype=cdt), new(N if deferred else 0, NUM_STATS, dtype=cdt),
+    return (new(N, dtype=cdt), _extras_fake(hidden2d, N, return_ce, return_metrics, cdt),
+            new(N if deferred else 0, NUM_STATS, dtype=cdt),
             new((N, H) if eager and need_gx else (0,)), new((V, H) if eager and need_gw else (0,), dtype=weight.dtype),
             new((V,) if eager and need_gb and bias is not None else (0,), dtype=weight.dtype))
 
@@ -182,10 +194,10 @@ def _(hidden2d, weight, bias, labels, token_scale, beta, h, ignore_index, logit_
 @torch.library.custom_op("gem_kernels::fused_linear_gem_bwd", mutates_args=(), **_HOST_READ)
 def _fused_bwd(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, stats: Tensor,
                grad_loss: Tensor, beta: float, h: str, ignore_index: int, logit_scale: float, softcap: Optional[float],
-               z_loss_scale: float, return_ce: bool, impl: str, chunk_size: Optional[int], need_gx: bool,
-               need_gw: bool, need_gb: bool) -> Tuple[Tensor, Tensor, Tensor]:
+               z_loss_scale: float, return_ce: bool, return_metrics: bool, impl: str, chunk_size: Optional[int],
+               need_gx: bool, need_gw: bool, need_gb: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Deferred gradients (reduction "none", fp16): (grad_hidden, grad_weight, grad_bias), [0] when not needed."""
-    opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce)
+    opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics)
     rows, labels_v = valid_rows(labels, ignore_index)
     stats_v = stats if rows is None else stats.index_select(0, rows)
     chunk_rows = chunk_rows_for(chunk_size, labels_v.shape[0], hidden2d.shape[1], weight.shape[0])
@@ -197,7 +209,7 @@ def _fused_bwd(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels:
 
 @_fused_bwd.register_fake
 def _(hidden2d, weight, bias, labels, stats, grad_loss, beta, h, ignore_index, logit_scale, softcap, z_loss_scale,
-      return_ce, impl, chunk_size, need_gx, need_gw, need_gb):
+      return_ce, return_metrics, impl, chunk_size, need_gx, need_gw, need_gb):
     new = hidden2d.new_empty
     return (new(hidden2d.shape if need_gx else (0,)), new(weight.shape if need_gw else (0,)),
             new((weight.shape[0],) if need_gb and bias is not None else (0,)))
@@ -251,7 +263,7 @@ torch.library.register_autograd("gem_kernels::fused_linear_gem_fwd", _fused_back
 def fused_linear_gem_compiled(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels1d: Tensor,
                               opts: GEMOptions, impl: str, chunk_size: Optional[int], token_scale,
                               grad_enabled: bool):
-    """(per-token loss [N], per-token CE [N] or empty), as FusedLinearGEMFunction, through the operators."""
+    """(per-token loss [N], per-token extras [N, k] or empty), as FusedLinearGEMFunction, through the operators."""
     need_gx = grad_enabled and hidden2d.requires_grad
     need_gw = grad_enabled and weight.requires_grad
     need_gb = grad_enabled and bias is not None and bias.requires_grad

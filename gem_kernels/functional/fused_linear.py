@@ -171,8 +171,9 @@ def fused_linear_gem_loss(
 
     Raises:
         ValueError: the option errors of gem_loss (return_metrics with V > 2^24 included); ``weight``
-            not [V, H] with H = hidden.shape[-1] or with V = 0; ``bias`` not [V]; weight / bias / labels on another device; labels of another
-            shape or out of range; ``chunk_size`` not None or an int >= 1.
+            not [V, H] with H = hidden.shape[-1] or with V = 0; ``bias`` not [V]; weight / bias / labels
+            on another device; labels of another shape or out of range; ``chunk_size`` not None or an
+            int >= 1.
         TypeError: non-tensor or non-floating inputs, weight / bias of another dtype than hidden,
             non-integer labels, float64 with impl="triton", ``validate_labels`` not a bool, or
             ``inplace_backward`` passed.

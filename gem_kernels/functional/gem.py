@@ -128,9 +128,9 @@ def gem_loss(
 
     Raises:
         ValueError: beta, logit_scale or softcap not a finite number > 0; return_metrics with
-            V > 2^24; z_loss_scale < 0; an unknown h, reduction or impl; num_items_in_batch < 0, not one element, or given with a
-            reduction other than "mean"; logits without a vocabulary dimension; labels of another
-            shape or device, or outside [0, V) and not ignore_index; inplace_backward with
+            V > 2^24; z_loss_scale < 0; an unknown h, reduction or impl; num_items_in_batch < 0, not
+            one element, or given with a reduction other than "mean"; logits without a vocabulary
+            dimension; labels of another shape or device, or outside [0, V) and not ignore_index; inplace_backward with
             impl="reference" or overlapping rows; impl="triton" on CPU tensors without the interpreter.
         TypeError: logits or labels not tensors, logits not floating point (or float64 with
             impl="triton"), labels not integer, ignore_index not an int, return_ce,

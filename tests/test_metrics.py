@@ -5,7 +5,7 @@ import torch
 
 from gem_kernels import FusedLinearGEMLoss, GEMLoss, fused_linear_gem_loss, gem_loss
 from gem_kernels.reference import gem_loss_reference
-from helpers import assert_close, fresh, make_inputs
+from helpers import DEVICE, assert_close, fresh, make_inputs
 
 NAMES = ("ce", "entropy", "token_accuracy")
 IMPLS = ["triton", "torch"]
@@ -95,15 +95,15 @@ def test_metrics_reductions_ignored_and_neg_inf(impl, reduction):
 def test_ties_go_to_the_lowest_index(impl):
     """Equal maxima: the lowest vocabulary index is the arg-max, in every block position."""
     V = 4099  # two Triton blocks of 4096: ties inside a block and across blocks
-    z = torch.randn(4, V)
+    z = torch.randn(4, V, device=DEVICE)
     pairs = [(7, 200), (7, 4098), (4095, 4096), (0, V - 1)]
     for row, (a, b) in enumerate(pairs):
         z[row, a] = z[row, b] = 10.0
-    labels_low = torch.tensor([a for a, _ in pairs])
-    labels_high = torch.tensor([b for _, b in pairs])
+    labels_low = torch.tensor([a for a, _ in pairs], device=DEVICE)
+    labels_high = torch.tensor([b for _, b in pairs], device=DEVICE)
     for labels, want in ((labels_low, 1.0), (labels_high, 0.0)):
         _, m = gem_loss(z, labels, impl=impl, reduction="none", return_metrics=True)
-        assert torch.equal(m["token_accuracy"], torch.full((4,), want)), (impl, labels, m["token_accuracy"])
+        assert torch.equal(m["token_accuracy"].cpu(), torch.full((4,), want)), (impl, labels, m["token_accuracy"])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -126,8 +126,8 @@ def test_metrics_leave_loss_and_gradient_unchanged(impl, dtype, inplace):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fused_metrics_leave_loss_and_gradients_unchanged(impl):
     g = torch.Generator().manual_seed(2)
-    x, w = torch.randn(21, 8, generator=g), torch.randn(97, 8, generator=g)
-    labels = torch.randint(0, 97, (21,), generator=g)
+    x, w = torch.randn(21, 8, generator=g).to(DEVICE), torch.randn(97, 8, generator=g).to(DEVICE)
+    labels = torch.randint(0, 97, (21,), generator=g).to(DEVICE)
     labels[::3] = -100
     results = []
     for metrics in (False, True):
@@ -163,9 +163,9 @@ def test_float64_metrics_are_float64():
 def test_fused_linear_metrics(impl, dtype, reduction):
     g = torch.Generator().manual_seed(1)
     N, H, V = 23, 16, 301
-    x = torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype)
-    w = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.75).to(dtype)
-    labels = torch.randint(0, V, (N,), generator=g)
+    x = torch.randn(N, H, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    w = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.75).to(DEVICE, dtype)
+    labels = torch.randint(0, V, (N,), generator=g).to(DEVICE)
     labels[::4] = -100
     kw = dict(REDUCTIONS[reduction], softcap=6.0, h="logsigmoid")
     xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
@@ -181,7 +181,7 @@ def test_modules_and_validation():
     logits, labels = make_inputs(n=6, vocab=50)
     loss, m = GEMLoss(return_metrics=True, impl="torch")(logits, labels)
     assert set(m) == set(NAMES)
-    x, w = torch.randn(6, 8), torch.randn(50, 8)
+    x, w = torch.randn(6, 8, device=DEVICE), torch.randn(50, 8, device=DEVICE)
     loss, ce, m = FusedLinearGEMLoss(return_metrics=True, return_ce=True)(x, w, labels)
     assert torch.equal(ce, m["ce"])
     with pytest.raises(TypeError, match="return_metrics must be a bool"):
@@ -200,14 +200,14 @@ def test_metrics_under_torch_compile_fullgraph(fused):
     g = torch.Generator().manual_seed(4)
     if fused:
         x, w = torch.randn(20, 16, generator=g), torch.randn(97, 16, generator=g)
-        y = torch.randint(0, 97, (20,), generator=g)
+        y = torch.randint(0, 97, (20,), generator=g)  # CPU: the compiled torch path is what is tested
         y[::4] = -100
 
         def call(x, w, y):
             return fused_linear_gem_loss(x, w, y, impl="torch", return_ce=True, return_metrics=True)
         args = (x.requires_grad_(True), w.requires_grad_(True), y)
     else:
-        z, y = make_inputs(n=24, vocab=257, seed=1)
+        z, y = make_inputs(n=24, vocab=257, seed=1, device="cpu")
 
         def call(z, y):
             return gem_loss(z, y, impl="torch", return_metrics=True, num_items_in_batch=torch.tensor(11))

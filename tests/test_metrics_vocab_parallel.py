@@ -15,7 +15,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from helpers import assert_close, make_inputs  # noqa: E402
+from helpers import assert_close, make_inputs, only_on  # noqa: E402
+
+pytestmark = only_on("cpu", "gloo process groups of CPU processes, whose impl='triton' cases need the Triton "
+                            "interpreter")
 
 SHARDS = {2: [13, 24], 3: [5, 20, 12]}
 NAMES = ("ce", "entropy", "token_accuracy")
@@ -34,7 +37,7 @@ def _inputs(sizes, seed):
     """Logits [10, V] with ignored tokens, a shard of -inf in row 1, and equal maxima straddling
     shard boundaries (rows 2-5: the label at the lower or the higher of two equal maxima)."""
     V = sum(sizes)
-    full, labels = make_inputs(10, V, seed=seed, ignore_frac=0.2, requires_grad=False)
+    full, labels = make_inputs(10, V, seed=seed, ignore_frac=0.2, requires_grad=False, device="cpu")
     full = full.clone()
     full[1, : sizes[0]] = float("-inf")
     labels[1] = sizes[0]  # a finite column
@@ -74,7 +77,7 @@ def _check_fused(rank, sizes, group, impl, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(9, H, generator=g, dtype=torch.float64)
     w = torch.randn(V, H, generator=g, dtype=torch.float64)
-    _, labels = make_inputs(9, V, seed=seed, ignore_frac=0.25, requires_grad=False)
+    _, labels = make_inputs(9, V, seed=seed, ignore_frac=0.25, requires_grad=False, device="cpu")
     labels[0] = int((x[0] @ w.T).argmax())  # at least one token where the label is the arg-max
     start = sum(sizes[:rank])
     xs, ws = x.float().requires_grad_(True), w[start:start + sizes[rank]].float().requires_grad_(True)

@@ -19,7 +19,8 @@ setup(
         # never pulls a second torch into the build environment.
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.2", "numpy", "deepspeed>=0.19.8,<0.20"],
         "deepspeed": ["deepspeed>=0.19.8,<0.20"],
-        "hf": ["transformers", "trl", "accelerate"],
+        # peft: apply_gem on PEFT models (LoRA head refused, modules_to_save head fused; tested)
+        "hf": ["transformers", "trl", "accelerate", "peft"],
         "bench": ["liger-kernel", "cut-cross-entropy", "matplotlib", "triton>=3.2", "numpy"],
     },
     license="Apache-2.0",

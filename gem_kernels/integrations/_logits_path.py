@@ -12,6 +12,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..functional import gem_loss
+from ._guards import calling_trainer, foreign_count_message, trainer_batch
 from ._metrics import MetricWindow, dist_sum
 from .transformers import _COMMON_OPTIONS, _LOGITS_ONLY, _aligned_targets, _check_gem_options
 
@@ -41,6 +42,11 @@ class GEMComputeLoss(TrainerCallback):
     The model's own logit transforms (Gemma-2 softcapping, Cohere's logit_scale) are already
     applied to ``outputs.logits``, so none are applied again unless passed explicitly.
 
+    Called from a ``Trainer``, a ``shift_labels`` in the batch is read from the calling
+    ``compute_loss`` (Trainer does not pass it), and ``ignore_index`` other than -100 is refused
+    (ValueError) unless the trainer is a GEM trainer: Trainer counts ``num_items_in_batch`` as
+    ``labels != -100``.
+
     With ``log_metrics`` (default) every training call (grad enabled) also computes, in the same
     pass, the CE, the entropy and the token accuracy (``return_metrics``), keeps the last ones in
     ``.last_ce`` / ``.last_metrics`` and records them for logging. ``GEMTrainer`` and
@@ -61,8 +67,19 @@ class GEMComputeLoss(TrainerCallback):
         self._ce_sum = None
         self._ce_step = 0
         self._ce_is_local_mean = False
+        self.computes_gem = True  # recognised by the guard against Trainers that take the labels away
 
     def __call__(self, outputs, labels, num_items_in_batch=None, shift_labels=None, **unused):
+        trainer, frame = calling_trainer()
+        if trainer is not None:
+            # Trainer calls fn(outputs, labels, num_items_in_batch) without the batch's pre-shifted
+            # shift_labels (padding-free / context-parallel collators); its compute_loss holds them.
+            batch = trainer_batch(frame)
+            if shift_labels is None and batch is not None and batch.get("shift_labels") is not None:
+                shift_labels = batch["shift_labels"]
+            if (self.ignore_index != -100 and num_items_in_batch is not None
+                    and not getattr(trainer, "_gem_counts_ignore_index", False)):
+                raise ValueError(foreign_count_message(trainer, self.ignore_index, "gem_compute_loss_func"))
         if labels is None and shift_labels is None:
             raise ValueError("GEM compute_loss_func needs labels; the batch has no 'labels'")
         logits = _get_logits(outputs)
@@ -144,6 +161,8 @@ def gem_compute_loss_func(*, beta: float = 0.7, h: str = "linear", **options) ->
     Returns: a :class:`GEMComputeLoss`; called as ``fn(outputs, labels [B, T] integer,
         num_items_in_batch=None, shift_labels=None)`` it returns a float32 scalar loss.
     Raises: TypeError for an unknown option, ValueError / TypeError for a bad value (at once, not at
-        the first step); at the call, ValueError when there are no labels or no logits.
+        the first step); at the call, ValueError when there are no labels or no logits, and, called
+        from a plain Trainer, when ``ignore_index`` is not -100 (Trainer counts ``num_items_in_batch``
+        as ``labels != -100``). Called from a Trainer, the batch's ``shift_labels`` are used.
     """
     return GEMComputeLoss(beta=beta, h=h, **options)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from transformers import Trainer
 
 from ._metrics import MetricWindow
@@ -17,6 +18,10 @@ class _GEMTrainerMixin:
     """Shared by GEMTrainer and GEMSFTTrainer: patch the model (fused path) or use a
     ``gem_compute_loss_func`` (logits path), count target tokens over the shifted labels, and log
     the plain CE, the entropy and the token accuracy beside GEM."""
+
+    # num_items_in_batch is counted with the configured ignore_index (see _get_num_items_in_batch);
+    # the patched forward and GEMComputeLoss refuse other ignore_index values from plain Trainers.
+    _gem_counts_ignore_index = True
 
     def _gem_prepare(self, gem_options: Optional[dict], log_ce: bool, log_metrics: bool = True):
         """Before Trainer.__init__ (which may already call model_init): validate and keep the options."""
@@ -42,8 +47,14 @@ class _GEMTrainerMixin:
     def _gem_setup(self):
         """After Trainer.__init__: refuse conflicting settings and patch the model (fused path), or
         adopt a gem_compute_loss_func (logits path)."""
-        from .transformers import GEMComputeLoss, apply_gem
+        from .transformers import GEMComputeLoss
 
+        if getattr(self.args, "use_liger_kernel", False):
+            raise ValueError(f"{type(self).__name__} does not support use_liger_kernel=True: Trainer applies Liger "
+                             f"when train() starts, after GEM, and Liger's fused cross-entropy replaces the model's "
+                             f"forward, so the steps would train CE. Drop use_liger_kernel (GEM already fuses the "
+                             f"LM head), or apply Liger's other kernels to the model yourself with "
+                             f"fused_linear_cross_entropy=False before building this trainer")
         fn = getattr(self, "compute_loss_func", None)
         if fn is not None and not isinstance(fn, GEMComputeLoss):
             raise ValueError(f"{type(self).__name__} computes GEM itself; do not pass compute_loss_func (other "
@@ -65,24 +76,65 @@ class _GEMTrainerMixin:
             self._gem_logits_fn = fn
             return
         if self.model is not None:
-            apply_gem(self.model, **self._gem_options)
+            self._gem_apply(self.model)
         # The patched forward takes num_items_in_batch.
         self.model_accepts_loss_kwargs = True
 
-    def call_model_init(self, trial=None):
-        # Trainer(model_init=...) builds a fresh model per train() call: patch each one.
+    def _gem_apply(self, model):
         from .transformers import apply_gem
 
+        return apply_gem(model, **self._gem_options)
+
+    def call_model_init(self, trial=None):
+        # Trainer(model_init=...) builds a fresh model per train() call: patch each one.
         model = super().call_model_init(trial)
-        return model if self._gem_logits_fn is not None else apply_gem(model, **self._gem_options)
+        return model if self._gem_logits_fn is not None else self._gem_apply(model)
+
+    def _gem_ignore_index(self) -> int:
+        fn = getattr(self, "_gem_logits_fn", None)
+        return fn.ignore_index if fn is not None else self._gem_options.get("ignore_index", -100)
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        # Trainer counts targets as labels != -100; count those != ignore_index instead, through
+        # Trainer's own code (shift, cross-device sum) on copies of the labels where ignored is -100.
+        ignore_index = self._gem_ignore_index()
+        if ignore_index != -100:
+            batch_samples = [{**b, **{k: torch.where(b[k] == ignore_index, -100, b[k])
+                                      for k in ("labels", "shift_labels") if isinstance(b.get(k), torch.Tensor)}}
+                             if isinstance(b, dict) else b for b in batch_samples]
+        return super()._get_num_items_in_batch(batch_samples, device)
+
+    def _gem_extra_loss(self, loss, outputs, num_items_in_batch):
+        """Terms added to the fused path's GEM loss after Trainer's scaling (GEMSFTTrainer: the MoE
+        aux loss, by TRL's rule)."""
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Trainer.compute_loss passes num_items_in_batch to the model and applies the
         # average_tokens_across_devices scaling; the CE gets the same scaling below.
+        from ._guards import STATE_ATTR
+        from .transformers import _target_model, is_gem_applied
+
         inputs = {**inputs, "use_cache": False}  # no KV cache while training or scoring
         targets = _targets(inputs, self._gem_options.get("ignore_index", -100))
+        # Guard (fused path): a training step with labels must take its loss from GEM's fused path.
+        # The patched forward counts its fused calls; a forward replaced after apply_gem (Liger,
+        # another integration) or removed would leave the count unchanged.
+        fused = self._gem_logits_fn is None
+        guard = fused and model.training and targets is not None
+        state = getattr(_target_model(self.model), STATE_ATTR, None)
+        calls = None if state is None else state.fused_calls
         loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
+        if guard and (state is None or state.fused_calls == calls):
+            raise RuntimeError(f"{type(self).__name__}: the loss of this training step did not come from GEM: the "
+                               f"model's forward ran without apply_gem's fused path (is_gem_applied: "
+                               f"{is_gem_applied(self.model)}). Something replaced or removed the forward that "
+                               f"apply_gem installed (e.g. Liger's fused cross-entropy or another kernel integration "
+                               f"applied after GEM, or remove_gem); refusing to train on another loss. Apply such "
+                               f"integrations before building the trainer, without their loss.")
+        if fused:
+            loss = self._gem_extra_loss(loss, outputs, num_items_in_batch)
         if self._gem_logits_fn is not None or not model.training:
             return (loss, outputs) if return_outputs else loss
         get = outputs.get if hasattr(outputs, "get") else (lambda name: None)

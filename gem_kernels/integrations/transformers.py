@@ -20,13 +20,18 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import types
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
 from ..functional import gem_loss
 from ..functional._checks import check_options
+from ._guards import (
+    GEMForward, STATE_ATTR as _STATE_ATTR, calling_trainer, foreign_count_message, installed_forward,
+    refuse_if_trainer_took_labels, resolve_head,
+)
+from ._logit_transforms import check_probe, logit_transform_from_config, probe_values
 from ._sharding import check_gathered, is_zero3_param
 
 # Options shared by gem_loss and fused_linear_gem_loss that a user may set once for a model.
@@ -34,8 +39,6 @@ _COMMON_OPTIONS = ("beta", "h", "ignore_index", "logit_scale", "softcap", "z_los
                    "validate_labels", "return_metrics")
 _FUSED_ONLY = ("chunk_size",)
 _LOGITS_ONLY = ("inplace_backward",)
-# Attribute under which apply_gem keeps its state on the patched model.
-_STATE_ATTR = "_gem_kernels_state"
 
 
 def _check_gem_options(options: dict, allowed) -> dict:
@@ -69,60 +72,22 @@ def _aligned_targets(labels, shift_labels, ignore_index: int) -> torch.Tensor:
     return shift_causal_labels(labels, ignore_index)
 
 
-# How models that carry a logit multiplier in their config apply it between the LM head and the
-# logits (read from transformers' modeling code). Keyed by model_type prefix.
-_LOGITS_SCALING_DIVIDES = ("granite",)  # logits = lm_head(h) / logits_scaling
-_LOGITS_SCALING_MULTIPLIES = ("hyperclovax",)  # logits = lm_head(h) * logits_scaling
-_LOGITS_SCALING_ON_HIDDEN = ("minicpm",)  # h / logits_scaling before lm_head: nothing to add
-
-
-def logit_transform_from_config(config, *, logit_scale_given: bool = False) -> tuple:
-    """``(logit_scale, softcap)`` that the model's forward applies to ``lm_head(hidden)``.
-
-    Reads ``final_logit_softcapping`` (Gemma-2/3), ``logit_scale`` (Cohere), ``logits_scaling``
-    (Granite divides by it, HyperCLOVA X multiplies, MiniCPM3 scales the hidden states before the
-    head), ``lm_head_multiplier`` (Falcon-H1) and ``output_multiplier``. A ``logits_scaling`` on a
-    model type not listed here raises instead of guessing; a model applying any other transform
-    between its LM head and its logits is not detected: pass ``logit_scale`` / ``softcap`` to
-    :func:`apply_gem` yourself (explicit values override the config). ``logit_scale_given``: the
-    caller has its own scale, so no scale is derived (and an unknown ``logits_scaling`` is no error).
-    """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    model_type = str(getattr(text, "model_type", "") or getattr(config, "model_type", ""))
-    softcap = getattr(text, "final_logit_softcapping", None)
-    if logit_scale_given:
-        return 1.0, (None if not softcap else float(softcap))
-    scale = getattr(text, "logit_scale", None)
-    ls = getattr(text, "logits_scaling", None)
-    if scale is None and ls is not None and float(ls) != 1.0:
-        if model_type.startswith(_LOGITS_SCALING_DIVIDES):
-            scale = 1.0 / float(ls)
-        elif model_type.startswith(_LOGITS_SCALING_MULTIPLIES):
-            scale = float(ls)
-        elif not model_type.startswith(_LOGITS_SCALING_ON_HIDDEN):
-            raise ValueError(f"apply_gem: config has logits_scaling={ls} but how model_type {model_type!r} "
-                             f"applies it is unknown; pass logit_scale=... (the factor the logits are "
-                             f"multiplied by) explicitly")
-    if scale is None:
-        scale = getattr(text, "lm_head_multiplier", None)
-    if scale is None:
-        scale = getattr(text, "output_multiplier", None)
-    return (1.0 if scale is None else float(scale)), (None if not softcap else float(softcap))
-
-
 @contextlib.contextmanager
-def _intercept_head(head: torch.nn.Module, compute):
-    """While active, ``head(hidden)`` runs ``compute(head, hidden)`` instead of the projection and
-    returns an empty ``[..., 0]`` tensor in place of the logits.
+def _intercept_head(head: torch.nn.Module, compute, probe: bool = False):
+    """While active, ``head(hidden)`` runs ``compute(head, hidden) -> (result, dtype)`` instead of
+    the projection and returns an empty ``[..., 0]`` tensor in place of the logits, or with
+    ``probe`` the ``[..., len(PROBE)]`` probe of known raw values in ``dtype`` (see
+    ``_logit_transforms``), whose transformed values the model then returns as its logits.
 
     The head is still called through ``nn.Module.__call__``, so DeepSpeed ZeRO-3 / FSDP pre-forward
     hooks on it gather its weight before ``compute`` reads it, and whatever the model does to its
-    logits afterwards (softcapping, scaling) runs on an empty tensor for free.
+    logits afterwards (softcapping, scaling) runs on an empty (or tiny) tensor for free.
 
-    DeepSpeed ZeRO-3 (a partitioned head weight): the empty output is a view of the loss and
-    ``box["head_output"]`` keeps it as the head's hooks returned it; the caller adds its (zero) sum
-    to the loss, so backward passes the head's ZeRO-3 hooks, which gather the weight for autograd
-    to accumulate its [V, H] gradient and release it right after (see ``_sharding``).
+    DeepSpeed ZeRO-3 (a partitioned head weight): the empty output is a view of the loss (the probe
+    is tied to the loss with a zero factor) and ``box["head_output"]`` keeps it as the head's hooks
+    returned it; the caller adds its sum (times zero for the probe) to the loss, so backward passes
+    the head's ZeRO-3 hooks, which gather the weight for autograd to accumulate its [V, H] gradient
+    and release it right after (see ``_sharding``).
     """
     box = {}
     link = is_zero3_param(getattr(head, "weight", None))
@@ -131,10 +96,15 @@ def _intercept_head(head: torch.nn.Module, compute):
         if "result" in box:
             raise RuntimeError("apply_gem: the output embedding was called twice in one forward; this model "
                                "is not supported by the fused path (use gem_compute_loss_func instead)")
-        box["result"] = result = compute(head, hidden)
+        box["result"], box["dtype"] = result, dtype = compute(head, hidden)
+        output = probe_values(hidden.shape[:-1], dtype, hidden.device) if probe else None
         if link:
             loss = result[0] if isinstance(result, tuple) else result
-            return loss.to(hidden.dtype).reshape([1] * hidden.dim()).expand(*hidden.shape[:-1], 0)
+            if output is None:
+                return loss.to(hidden.dtype).reshape([1] * hidden.dim()).expand(*hidden.shape[:-1], 0)
+            return output + loss.to(dtype).reshape([1] * hidden.dim()) * 0
+        if output is not None:
+            return output
         return hidden.new_empty(*hidden.shape[:-1], 0)
 
     def keep_output(module, args, output):
@@ -171,6 +141,9 @@ class _GEMState:
         self.options = options
         self.logit_scale = logit_scale
         self.softcap = softcap
+        self.transform_checked = False  # the first training step checks the logit transform (check_probe)
+        self.fused_calls = 0  # training forwards whose loss came from the fused GEM path (the trainers' guard)
+        self.aux_loss_in_forward = True  # GEMSFTTrainer adds the MoE aux loss itself, with TRL's rule
 
     def fused_options(self) -> dict:
         opts = {k: v for k, v in self.options.items() if k in _COMMON_OPTIONS + _FUSED_ONLY}
@@ -226,8 +199,14 @@ def _gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch
     """Replacement forward installed by :func:`apply_gem` (see there)."""
     state: _GEMState = getattr(self, _STATE_ATTR)
     if labels is None and shift_labels is None:
+        if self.training and torch.is_grad_enabled():
+            refuse_if_trainer_took_labels(self)
         return state.original_forward(*args, **kwargs)
     ignore_index = state.options.get("ignore_index", -100)
+    if ignore_index != -100 and num_items_in_batch is not None:
+        trainer, _ = calling_trainer()
+        if trainer is not None and not getattr(trainer, "_gem_counts_ignore_index", False):
+            raise ValueError(foreign_count_message(trainer, ignore_index, "apply_gem"))
     targets = _aligned_targets(labels, shift_labels, ignore_index)
     return_tuple = kwargs.pop("return_dict", None) is False
     return_ce = bool(state.options.get("return_ce", False))
@@ -239,10 +218,6 @@ def _gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch
         opts = state.fused_options()
 
         def compute(head, hidden):
-            if not isinstance(head, torch.nn.Linear):
-                raise TypeError(f"apply_gem: the output embedding must be a torch.nn.Linear (got "
-                                f"{type(head).__name__}); adapters or quantised heads on the LM head are not "
-                                f"supported by the fused path")
             check_gathered(head.weight)
             weight, bias = _full(head.weight), _full(head.bias)
             if weight.device.type == "meta":
@@ -262,15 +237,17 @@ def _gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch
                 hidden = hidden.to(weight.dtype)
             with torch.autocast(device, enabled=False):
                 return fused_linear_gem_loss(hidden, weight, targets.to(hidden.device), bias=bias,
-                                             num_items_in_batch=num_items_in_batch, **opts)
+                                             num_items_in_batch=num_items_in_batch, **opts), hidden.dtype
 
-        head = self.get_output_embeddings()
-        if head is None:
-            raise TypeError(f"apply_gem: {type(self).__name__}.get_output_embeddings() returned None")
-        with _intercept_head(head, compute) as box:
+        head = resolve_head(self.get_output_embeddings(), type(self).__name__)
+        probe = not state.transform_checked
+        with _intercept_head(head, compute, probe=probe) as box:
             out = state.original_forward(*args, return_dict=True, **kwargs)
         if "result" not in box:
             raise RuntimeError(f"apply_gem: {type(self).__name__}'s forward never called its output embedding")
+        if probe:  # once: the model's own post-head transform must be the one the fused path applied
+            state.transform_checked = check_probe(out.get("logits"), box["dtype"], opts["logit_scale"],
+                                                  opts["softcap"], type(self).__name__)
         result = box["result"]
         loss = result[0] if isinstance(result, tuple) else result
         extras = {}
@@ -279,7 +256,9 @@ def _gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch
         if return_metrics:
             extras.update(result[-1])  # ce (the same value), entropy, token_accuracy
         if "head_output" in box:  # ZeRO-3: backward must pass the head's hooks (see _intercept_head)
-            loss = loss + box["head_output"].sum().to(loss.dtype)
+            tie = box["head_output"].sum()
+            loss = loss + (tie * 0 if probe else tie).to(loss.dtype)  # the probe's values are no loss
+        state.fused_calls += 1
         keep_logits = False
     else:
         # Evaluation with labels: the logits are wanted anyway, so GEM is computed from them.
@@ -290,7 +269,9 @@ def _gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch
         opts.pop("return_metrics", None)
         loss = gem_loss(out.logits, targets.to(out.logits.device), num_items_in_batch=num_items_in_batch, **opts)
         extras, keep_logits = {}, True
-    out = _rebuild(out, _add_aux_loss(self, out, loss), extras, keep_logits)
+    if state.aux_loss_in_forward:
+        loss = _add_aux_loss(self, out, loss)
+    out = _rebuild(out, loss, extras, keep_logits)
     return out.to_tuple() if return_tuple else out
 
 
@@ -315,26 +296,37 @@ def apply_gem(model, *, beta: float = 0.7, h: str = "linear", **options):
       and the output keeps its ``logits``.
     * no labels (generation, plain inference): the original forward, untouched.
 
-    The config's ``final_logit_softcapping`` / ``logit_scale`` / ``logits_scaling`` are honoured
-    (see :func:`logit_transform_from_config`); explicit ``logit_scale`` / ``softcap`` options win.
-    Other options: ``ignore_index``, ``z_loss_scale``, ``return_ce``, ``return_metrics``, ``chunk_size``, ``impl``.
-    Calling it again replaces the options. Returns the same model, patched in place.
+    The config's logit transforms (``final_logit_softcapping``, ``logits_soft_cap``,
+    ``output_logit_soft_cap``, ``logit_scale``, ``logits_scaling``, ...) are honoured (see
+    :func:`logit_transform_from_config`, which refuses unknown ones); explicit ``logit_scale`` /
+    ``softcap`` options win. The first training call checks them against the model's own forward
+    (a probe through the head) and raises ValueError when they differ.
+    Calling it again replaces the options. The patched model pickles, ``torch.save``-s and
+    deep-copies as patched.
 
     Args:
         model: a Hugging Face causal LM (``PreTrainedModel``, or a PEFT model wrapping one) whose output
-            embedding is an ``nn.Linear`` [V, H] (float32 / bfloat16 / float16, any device).
+            embedding is a plain ``nn.Linear`` [V, H] (float32 / bfloat16 / float16, any device), or
+            PEFT's ``modules_to_save`` copy of one.
         beta: float > 0 (default 0.7). h: "linear" or "logsigmoid" (the authors trained with
             "logsigmoid", beta 0.7).
         options: ``ignore_index`` (int), ``logit_scale`` (float > 0) / ``softcap`` (float > 0) to
-            override the config, ``z_loss_scale`` (float >= 0), ``return_ce`` (bool), ``chunk_size``
+            override the config, ``z_loss_scale`` (float >= 0), ``return_ce`` (bool), ``return_metrics``
+            (bool: ce, entropy and token_accuracy from the same pass), ``chunk_size``
             (None or int >= 1), ``validate_labels`` (bool, default True: the label range check; False
             skips it, see gem_loss), ``impl`` ("auto" / "triton" / "torch" / "reference").
     Returns: ``model`` (patched in place).
     Raises:
-        TypeError: an unknown option. ValueError: a bad option value, an encoder-decoder model, or a
-            config ``logits_scaling`` whose meaning for this model type is unknown (pass
-            ``logit_scale``). Errors of the head (not an ``nn.Linear``, offloaded to meta, a DeepSpeed
-            ZeRO-3 weight that no hook gathered) are raised at the first training forward.
+        TypeError: an unknown option; an output embedding that is not a plain ``nn.Linear`` (a LoRA
+            or a quantised head: the message names its class and what to use instead).
+        ValueError: a bad option value, an encoder-decoder model, or a config ``logits_scaling`` /
+            other logit-transform key whose meaning for this model type is unknown (pass
+            ``logit_scale`` / ``softcap``). At the first training forward: a logit transform the
+            fused path does not reproduce; errors of the head (offloaded to meta, a DeepSpeed ZeRO-3
+            weight that no hook gathered: RuntimeError). Called from a ``transformers.Trainer``:
+            ValueError when Trainer took the labels away (label smoothing, a non-GEM
+            ``compute_loss_func``) or counted ``num_items_in_batch`` with -100 while ``ignore_index``
+            is another value.
 
     Sharded training: FSDP2 and DeepSpeed ZeRO-1/2/3 need no extra step (under ZeRO-3 the loss is
     routed through the head's output so DeepSpeed gathers the weight for the head's backward; see
@@ -348,24 +340,27 @@ def apply_gem(model, *, beta: float = 0.7, h: str = "linear", **options):
     else:
         original, own = target.forward, "forward" in target.__dict__
     # explicit values win (see _GEMState); the config is only read for what was not given
-    scale, softcap = logit_transform_from_config(target.config, logit_scale_given="logit_scale" in options)
+    scale, softcap = logit_transform_from_config(target.config, logit_scale_given="logit_scale" in options,
+                                                 softcap_given="softcap" in options)
     if getattr(target.config, "is_encoder_decoder", False):
         raise ValueError("apply_gem supports causal LMs (labels shifted by one inside the model); "
                          f"{type(target).__name__} is an encoder-decoder model")
-    setattr(target, _STATE_ATTR, _GEMState(original, own, options, scale, softcap))
-    # A fresh function per model, carrying its class's signature (generate() and Trainer inspect it).
-    @functools.wraps(type(target).forward)
-    def forward(self, *args, **kwargs):
-        return _gem_forward(self, *args, **kwargs)
-
-    target.forward = types.MethodType(forward, target)
+    head = target.get_output_embeddings()
+    if head is not None:  # refuse an adapter / quantised head now rather than at the first step
+        resolve_head(head, type(target).__name__)
+    state = _GEMState(original, own, options, scale, softcap)
+    if previous is not None:
+        state.aux_loss_in_forward = previous.aux_loss_in_forward
+    setattr(target, _STATE_ATTR, state)
+    target.forward = GEMForward(target)
     # Trainer passes num_items_in_batch to forward only when the model says it accepts loss kwargs.
     target.accepts_loss_kwargs = True
     return model
 
 
 def remove_gem(model):
-    """Undo :func:`apply_gem`: restore the model's original forward. Returns the model.
+    """Undo :func:`apply_gem`: restore the model's original forward. Returns the model. A forward that
+    something else installed after apply_gem is left in place.
 
     Args:
         model: the model (or PEFT wrapper) given to apply_gem; a model that was never patched is
@@ -374,22 +369,26 @@ def remove_gem(model):
     target = _target_model(model)
     state = getattr(target, _STATE_ATTR, None)
     if state is not None:
-        if state.own_forward:
-            target.forward = state.original_forward
-        else:
-            del target.forward  # back to the class's forward
+        if installed_forward(target) is not None:
+            if state.own_forward:
+                target.forward = state.original_forward
+            else:
+                del target.forward  # back to the class's forward
         delattr(target, _STATE_ATTR)
         target.__dict__.pop("accepts_loss_kwargs", None)
     return model
 
 
 def is_gem_applied(model) -> bool:
-    """True when :func:`apply_gem` patched the model and :func:`remove_gem` has not undone it.
+    """True when a training call of ``model`` with labels runs apply_gem's GEM forward: the patch
+    state is there and the forward apply_gem installed is still the one called (False after
+    :func:`remove_gem`, and after e.g. Liger's fused cross-entropy replaced the forward).
 
     Args:
         model: any object (a model or PEFT wrapper); never raises.
     """
-    return getattr(_target_model(model), _STATE_ATTR, None) is not None
+    target = _target_model(model)
+    return getattr(target, _STATE_ATTR, None) is not None and installed_forward(target) is not None
 
 
 # The logits path and the Trainer subclass live in their own modules; they are part of this module's API.

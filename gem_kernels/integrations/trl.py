@@ -28,9 +28,37 @@ class GEMSFTTrainer(_GEMTrainerMixin, SFTTrainer):
 
     def __init__(self, *args, gem_options: Optional[dict] = None, log_ce: bool = True, log_metrics: bool = True,
                  **kwargs):
+        if (gem_options or {}).get("ignore_index", -100) != -100:
+            raise ValueError("GEMSFTTrainer: SFTTrainer labels the positions without loss -100 (prompt, padding, "
+                             "masks), so gem_options['ignore_index'] must stay -100")
         self._gem_prepare(gem_options, log_ce, log_metrics)
         super().__init__(*args, **kwargs)
         self._gem_setup()
+        if self._gem_ignore_index() != -100:
+            raise ValueError("GEMSFTTrainer: SFTTrainer labels the positions without loss -100 (prompt, padding, "
+                             "masks), so the compute_loss_func's ignore_index must stay -100")
+
+    def _gem_apply(self, model):
+        from ._guards import STATE_ATTR
+        from .transformers import _target_model
+
+        model = super()._gem_apply(model)
+        # The MoE aux loss follows SFTTrainer's rule, added in _gem_extra_loss, not the model's.
+        getattr(_target_model(model), STATE_ATTR).aux_loss_in_forward = False
+        return model
+
+    def _gem_extra_loss(self, loss, outputs, num_items_in_batch):
+        # SFTTrainer's rule (TRL 1.16): router_aux_loss_coef * aux_loss is a per-micro-batch mean added
+        # after the cross-device scaling and, since Trainer leaves gradient accumulation to a loss
+        # normalised by num_items_in_batch, divided by the accumulation steps. (On the logits path
+        # SFTTrainer adds none, and neither does this trainer.)
+        aux = outputs.get("aux_loss") if hasattr(outputs, "get") else None
+        if not self.aux_loss_enabled or aux is None:
+            return loss
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()).mean().item())
+        return loss + self.router_aux_loss_coef * aux.to(loss.device) / steps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"

@@ -42,11 +42,11 @@ def make_problem(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, ignor
     return x, w, b, labels
 
 
-def _gem(impl, chunk_size=None):
+def _gem(impl, chunk_size=None, low_memory=False):
     from gem_kernels import fused_linear_gem_loss
 
     def loss_fn(x, w, b, labels):
-        return fused_linear_gem_loss(x, w, labels, b, impl=impl, chunk_size=chunk_size)
+        return fused_linear_gem_loss(x, w, labels, b, impl=impl, chunk_size=chunk_size, low_memory=low_memory)
 
     return loss_fn
 
@@ -71,11 +71,13 @@ def _torch_ce(x, w, b, labels):
 
 
 # Methods that run no Triton kernel: their CPU wall time means something (--time).
-TIMEABLE = ("gem_torch", "naive_gem", "torch_ce")
+TIMEABLE = ("gem_torch", "gem_torch_lowmem", "naive_gem", "torch_ce")
 
 METHODS = {
     "gem_torch": lambda: _gem("torch"),
     "gem_triton": lambda: _gem("triton"),
+    "gem_torch_lowmem": lambda: _gem("torch", low_memory=True),
+    "gem_triton_lowmem": lambda: _gem("triton", low_memory=True),
     "liger_ce": lambda: _liger(),
     "liger_ce_fp32_accum": lambda: _liger(torch.float32),
     "naive_gem": lambda: _naive,

@@ -87,13 +87,18 @@ def _gem_reference(shape: Shape):
     return lambda logits, labels: gem_loss_reference(logits, labels, beta=BETA, softcap=shape.softcap)
 
 
-def _gem_fused(impl: str):
+def _gem_fused(impl: str, **extra):
     def build(shape: Shape):
         from gem_kernels import fused_linear_gem_loss
 
         return lambda hidden, weight, labels: fused_linear_gem_loss(hidden, weight, labels, beta=BETA,
-                                                                    softcap=shape.softcap, impl=impl)
+                                                                    softcap=shape.softcap, impl=impl, **extra)
     return build
+
+
+# The chunk-size sweep of the fused path (issue 10's table: time against chunk rows on a GPU). The
+# default policy (gem_kernels.chunk_policy.fused_chunk_rows) is the gem-fused row.
+FUSED_CHUNK_SWEEP = (512, 1024, 2048, 4096, 8192)
 
 
 def _torch_ce(shape: Shape):
@@ -142,6 +147,13 @@ PROVIDERS: List[Provider] = [
              _gem_fused("triton"), ("gem_kernels:fused_linear_gem_loss", "triton"), computes="gem"),
     Provider("gem-fused-torch", "GEM fused with the lm_head, PyTorch path (impl='torch')", "fused", False,
              _gem_fused("torch"), ("gem_kernels:fused_linear_gem_loss",), computes="gem"),
+    Provider("gem-fused-lowmem", "GEM fused, low_memory=True: d weight per vocabulary slice (8 x T x H x V "
+             "FLOPs, no [V, H] buffer besides the gradient)", "fused", True, _gem_fused("triton", low_memory=True),
+             ("gem_kernels:fused_linear_gem_loss", "triton"), computes="gem"),
+    *[Provider(f"gem-fused-chunk{c}", f"GEM fused (impl='triton') with chunk_size={c}", "fused", True,
+               _gem_fused("triton", chunk_size=c), ("gem_kernels:fused_linear_gem_loss", "triton"),
+               gpu_only="a chunk-size sweep: a GPU timing question", computes="gem")
+      for c in FUSED_CHUNK_SWEEP],
     Provider("gem-reference", "GEM, the authors' formula fully materialised (gem_loss_reference)", "logits",
              False, _gem_reference, ("gem_kernels.reference",), computes="gem"),
     Provider("torch-ce", "CE, torch F.cross_entropy on logits.float(), eager", "logits", False, _torch_ce),

@@ -61,7 +61,8 @@ class FusedLinearGEMLoss(torch.nn.Module):
         ``num_items_in_batch``: ``beta`` (float > 0, 0.7), ``h``, ``ignore_index``, ``reduction``,
         ``logit_scale``, ``softcap``, ``z_loss_scale``, ``return_ce``, ``return_metrics``,
         ``process_group`` / ``vocab_start``, ``chunk_size`` (None or int >= 1, valid tokens per chunk),
-        ``validate_labels`` (bool, True), ``impl``;
+        ``validate_labels`` (bool, True), ``low_memory`` (bool, default False: d weight per
+        vocabulary slice, no weight-sized buffer), ``impl``;
         meanings and defaults as in gem_loss. There is no ``inplace_backward`` (no logits exist).
     Args (call): ``hidden`` [..., H] float32 / bfloat16 / float16; ``weight`` [V, H] and optional
         ``bias`` [V] with hidden's dtype and device; ``labels`` [...] integer with hidden's leading
@@ -70,7 +71,8 @@ class FusedLinearGEMLoss(torch.nn.Module):
     Returns: what fused_linear_gem_loss returns (float32 loss, ``(loss, ce)``, ``(loss, metrics)`` or
         ``(loss, ce, metrics)``).
 
-    Raises: TypeError for an unknown option (including ``inplace_backward``) and ValueError /
+    Raises: TypeError for an unknown option (including ``inplace_backward``) or a non-bool
+        ``low_memory``, and ValueError /
         TypeError for a bad option value at construction; fused_linear_gem_loss's errors at the call.
     """
 
@@ -84,8 +86,10 @@ class FusedLinearGEMLoss(torch.nn.Module):
         if unknown:
             raise TypeError(f"FusedLinearGEMLoss got unknown option(s) {unknown}; allowed: {sorted(allowed)}")
         merged = {**defaults, **options}
-        for name in ("process_group", "vocab_start", "num_items_in_batch", "chunk_size"):
+        for name in ("process_group", "vocab_start", "num_items_in_batch", "chunk_size", "low_memory"):
             merged.pop(name)
+        if not isinstance(options.get("low_memory", False), bool):
+            raise TypeError(f"low_memory must be a bool, got {options['low_memory']!r}")
         check_options(num_items_in_batch=None, **merged)
         self.options = dict(options)
 

@@ -9,7 +9,6 @@ import torch
 
 from benchmarks.measure import count_flops, peak_memory
 from gem_kernels import FusedLinearGEMLoss, fused_linear_gem_loss
-from gem_kernels.autograd.fused_linear import default_chunk_rows
 from gem_kernels.reference import gem_loss_reference
 from tests.helpers import DEVICE, assert_close, only_on
 
@@ -54,10 +53,12 @@ def _reference(x, w, labels, b=None, **kw):
     return gem_loss_reference(torch.nn.functional.linear(x, w, b), labels, **kw)
 
 
-def _check(impl, dtype, x, w, b, labels, *, grads=(True, True, True), upstream=None, chunk_size=None, **kw):
+def _check(impl, dtype, x, w, b, labels, *, grads=(True, True, True), upstream=None, chunk_size=None,
+           low_memory=False, **kw):
     """Compare impl in dtype against the float64 truth, bounded by the same-dtype PyTorch error."""
     loss, ce, g = _forward_backward(fused_linear_gem_loss, x, w, b, labels, dtype, grads=grads,
-                                    upstream=upstream, impl=impl, chunk_size=chunk_size, **kw)
+                                    upstream=upstream, impl=impl, chunk_size=chunk_size, low_memory=low_memory,
+                                    **kw)
     t_loss, t_ce, t_g = _forward_backward(_reference, x, w, b, labels, torch.float64, grads=grads,
                                           upstream=upstream, **kw)
     if dtype == torch.float64:
@@ -278,13 +279,6 @@ def test_triton_impl_rejects_float64():
     x, w, b, labels = linear_inputs(dtype=torch.float64)
     with pytest.raises(TypeError, match="impl='triton' supports"):
         fused_linear_gem_loss(x, w, labels, b, impl="triton")
-
-
-def test_default_chunk_policy():
-    assert default_chunk_rows(2048, 256, 32000) == 32        # ceil(16.4) = 17 -> 32
-    assert default_chunk_rows(8192, 4096, 128256) == 272     # ceil(261.6) = 262 -> 272
-    assert default_chunk_rows(10, 4096, 1000) == 10          # never more than the valid tokens
-    assert default_chunk_rows(0, 16, 16) == 1
 
 
 # --- the properties the fused path exists for -------------------------------------------------

@@ -133,6 +133,15 @@ def test_fused_path_matches_reference(kind, impl):
     check_against_truth(model, out.loss, batch, num_items, what=f"{kind} fused path ({impl})")
 
 
+def test_fused_path_low_memory_matches_reference():
+    """low_memory=True reaches the fused path through apply_gem (and GEMTrainer's gem_options)."""
+    model, batch = tiny_model("llama"), make_batch(n=2, seq=8)
+    apply_gem(model, beta=BETA, impl="torch", low_memory=True)
+    model.train()
+    out = model(**batch)
+    check_against_truth(model, out.loss, batch, None, what="llama fused path (low_memory)")
+
+
 def test_fused_path_honours_shift_labels_and_return_ce():
     model, batch = tiny_model("llama"), make_batch(n=2, seq=8)
     apply_gem(model, beta=BETA, impl="torch", return_ce=True)
@@ -219,6 +228,8 @@ def test_bad_options_fail_early():
         gem_compute_loss_func(bta=0.5)
     with pytest.raises(ValueError, match="chunk_size"):
         apply_gem(tiny_model("llama"), chunk_size=0)
+    with pytest.raises(TypeError, match="low_memory must be a bool"):
+        apply_gem(tiny_model("llama"), low_memory="yes")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -129,7 +129,8 @@ def _run_fused_case(rank, sizes, group, seed, opts, n=9, H=6, bias=True, ignore_
     single_opts = {k: v for k, v in opts.items() if k != "vocab_start"}
     single = fused_linear_gem_loss(xs, wws, labels, bbs, **dict(single_opts, impl="torch"))
     xr, wwr, bbr = leaves(torch.float64, False)
-    ref_opts = {k: v for k, v in opts.items() if k not in ("impl", "return_ce", "chunk_size", "vocab_start")}
+    ref_opts = {k: v for k, v in opts.items()
+                if k not in ("impl", "return_ce", "chunk_size", "vocab_start", "low_memory")}
     ref = gem_loss_reference(torch.nn.functional.linear(xr, wwr, bbr), labels, **ref_opts)
     loss, single_loss = (out[0], single[0]) if opts.get("return_ce") else (out, single)
     if opts.get("return_ce"):
@@ -218,6 +219,9 @@ def _cases(rank, world, group):
         ("none_zloss", dict(reduction="none", z_loss_scale=0.02, return_ce=True, chunk_size=4)),
         ("sum_default_chunks", dict(reduction="sum", logit_scale=1.2)),
         ("mean_num_items_explicit_start", dict(num_items_in_batch=11, vocab_start=sum(sizes[:rank]))),
+        # low_memory: d weight per vocabulary slice of this rank's shard (offsets + the shard's start)
+        ("low_memory_mean", dict(low_memory=True, h="logsigmoid", softcap=4.0, return_ce=True, chunk_size=4)),
+        ("low_memory_none_explicit_start", dict(low_memory=True, reduction="none", vocab_start=sum(sizes[:rank]))),
     ]
     for name, options in fused_grid:
         for impl in IMPLS if name in TRITON_FUSED[world] else ("torch",):

@@ -145,7 +145,7 @@ def gem_torch_compiled(logits2d: Tensor, labels1d: Tensor, opts: GEMOptions, gra
 def _fused_fwd(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                token_scale: Optional[Tensor], beta: float, h: str, ignore_index: int, logit_scale: float,
                softcap: Optional[float], z_loss_scale: float, return_ce: bool, return_metrics: bool, impl: str,
-               chunk_size: Optional[int], need_gx: bool, need_gw: bool,
+               chunk_size: Optional[int], low_memory: bool, need_gx: bool, need_gw: bool,
                need_gb: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (loss [N], extras [N, k] (options.X_*) or [0], stats [N, 5] (deferred gradients) or [0, 5],
     grad_hidden, grad_weight, grad_bias (precomputed for a reduced loss, each [0] when not computed))."""
@@ -154,7 +154,7 @@ def _fused_fwd(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels:
     # functional layer's autocast_off did while tracing: switch it off here too.
     with autocast_off(hidden2d.device.type):
         fwd = fused_forward(hidden2d, weight, bias, labels, opts, impl, chunk_size, token_scale, None,
-                            need_gx, need_gw, need_gb)
+                            need_gx, need_gw, need_gb, low_memory)
     cdt = _compute_dtype(hidden2d.dtype)
     N = hidden2d.shape[0]
     if (need_gx or need_gw or need_gb) and not fwd.eager:
@@ -178,7 +178,7 @@ def _fused_eager(hidden2d, token_scale, need_gx, need_gw, need_gb) -> bool:
 
 @_fused_fwd.register_fake
 def _(hidden2d, weight, bias, labels, token_scale, beta, h, ignore_index, logit_scale, softcap, z_loss_scale,
-      return_ce, return_metrics, impl, chunk_size, need_gx, need_gw, need_gb):
+      return_ce, return_metrics, impl, chunk_size, low_memory, need_gx, need_gw, need_gb):
     N, H = hidden2d.shape
     V = weight.shape[0]
     cdt = _compute_dtype(hidden2d.dtype)
@@ -195,21 +195,22 @@ def _(hidden2d, weight, bias, labels, token_scale, beta, h, ignore_index, logit_
 def _fused_bwd(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, stats: Tensor,
                grad_loss: Tensor, beta: float, h: str, ignore_index: int, logit_scale: float, softcap: Optional[float],
                z_loss_scale: float, return_ce: bool, return_metrics: bool, impl: str, chunk_size: Optional[int],
-               need_gx: bool, need_gw: bool, need_gb: bool) -> Tuple[Tensor, Tensor, Tensor]:
+               low_memory: bool, need_gx: bool, need_gw: bool, need_gb: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Deferred gradients (reduction "none", fp16): (grad_hidden, grad_weight, grad_bias), [0] when not needed."""
     opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics)
     rows, labels_v = valid_rows(labels, ignore_index)
     stats_v = stats if rows is None else stats.index_select(0, rows)
-    chunk_rows = chunk_rows_for(chunk_size, labels_v.shape[0], hidden2d.shape[1], weight.shape[0])
+    chunk_rows = chunk_rows_for(chunk_size, labels_v.shape[0], hidden2d, weight.shape[0], low_memory)
     with autocast_off(hidden2d.device.type):
         grads = fused_backward_recompute(hidden2d, weight, bias, rows, labels_v, stats_v, grad_loss, opts, impl,
-                                         chunk_rows, (need_gx, need_gw, need_gb and bias is not None))
+                                         chunk_rows, (need_gx, need_gw, need_gb and bias is not None), None,
+                                         low_memory)
     return tuple(g if g is not None else hidden2d.new_empty(0) for g in grads)
 
 
 @_fused_bwd.register_fake
 def _(hidden2d, weight, bias, labels, stats, grad_loss, beta, h, ignore_index, logit_scale, softcap, z_loss_scale,
-      return_ce, return_metrics, impl, chunk_size, need_gx, need_gw, need_gb):
+      return_ce, return_metrics, impl, chunk_size, low_memory, need_gx, need_gw, need_gb):
     new = hidden2d.new_empty
     return (new(hidden2d.shape if need_gx else (0,)), new(weight.shape if need_gw else (0,)),
             new((weight.shape[0],) if need_gb and bias is not None else (0,)))
@@ -262,7 +263,7 @@ torch.library.register_autograd("gem_kernels::fused_linear_gem_fwd", _fused_back
 
 def fused_linear_gem_compiled(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels1d: Tensor,
                               opts: GEMOptions, impl: str, chunk_size: Optional[int], token_scale,
-                              grad_enabled: bool):
+                              grad_enabled: bool, low_memory: bool = False):
     """(per-token loss [N], per-token extras [N, k] or empty), as FusedLinearGEMFunction, through the operators."""
     need_gx = grad_enabled and hidden2d.requires_grad
     need_gw = grad_enabled and weight.requires_grad
@@ -270,5 +271,5 @@ def fused_linear_gem_compiled(hidden2d: Tensor, weight: Tensor, bias: Optional[T
     if token_scale is not None and not isinstance(token_scale, Tensor):
         token_scale = torch.tensor(token_scale, dtype=torch.float64, device=hidden2d.device)
     loss, ce, *_ = _fused_fwd(hidden2d, weight, bias, labels1d, token_scale, *_opt_args(opts), impl, chunk_size,
-                              need_gx, need_gw, need_gb)
+                              low_memory, need_gx, need_gw, need_gb)
     return loss, ce

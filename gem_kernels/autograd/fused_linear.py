@@ -7,7 +7,14 @@ scale with the valid tokens. Per chunk of ``c`` valid rows:
 2. the GEM forward gives the per-row partial sums, ``finalize`` the loss and row statistics;
 3. the GEM backward writes dLoss/dZ over ``Z`` itself (in place);
 4. ``grad_hidden[rows] = Z @ W``, ``grad_weight += Z.T @ x_c`` and ``grad_bias += Z.sum(0)``, the
-   last two accumulated in fp32 across chunks and cast to the parameter dtype once at the end.
+   last two accumulated in fp32 across chunks and cast to the parameter dtype once at the end
+   (``_fused_accumulate``: for a 2-byte weight the returned gradient's own storage holds half of
+   the fp32 sums, so the step never holds the fp32 sums and their cast together).
+
+The chunk size comes from ``chunk_policy.fused_chunk_rows`` (a cost model on CUDA, memory first
+on CPU) unless ``chunk_size`` is given. ``low_memory=True`` skips step 4's d weight / d bias and
+computes them afterwards per vocabulary slice over all valid tokens (``_fused_low_memory``):
+no [V, H] buffer besides the gradient, 8 instead of 6 x valid x H x V FLOPs.
 
 Matmul FLOPs: 2 * valid_tokens * H * V for step 1 and the same for each gradient requested, so
 6 * valid_tokens * H * V for hidden + weight gradients.
@@ -23,48 +30,20 @@ gradient matmuls (another 6 * valid * H * V), i.e. 8 instead of 6 * valid * H * 
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import NamedTuple, Optional, Union
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..chunk_policy import fused_chunk_rows
 from ..options import GEMOptions
 from ..torch_ops import finalize, gem_grad_chunked
 from . import vocab_parallel
 from ._scale import scale_grads_, upstream_scale
+from ._fused_accumulate import Accumulator
+from ._fused_low_memory import vocab_slice_grads
 from .gem import torch_partials, triton_grad, triton_partials
 
-# Default chunk policy: a chunk's logits hold about as many elements as the valid hidden states
-# (valid_tokens * H), the same budget Liger-Kernel uses, so the transient logits cost about what the
-# activations feeding the lm_head already cost. Rows are rounded up to a multiple of CHUNK_ROW_MULTIPLE
-# (a tensor-core tile height; also the minimum). On a GPU with a small H / V ratio the chunks are then
-# thin and each one re-reads W: pass a larger chunk_size there when memory allows.
-CHUNK_ROW_MULTIPLE = 16
-
-
-def default_chunk_rows(n_valid: int, hidden_size: int, vocab_size: int) -> int:
-    """Rows per chunk when ``chunk_size`` is None: ceil(n_valid * H / V) rounded up to a multiple
-    of 16, at most n_valid (and at least 1)."""
-    rows = -(-n_valid * hidden_size // max(vocab_size, 1))
-    rows = -(-rows // CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE
-    return max(1, min(rows, n_valid))
-
-
-@functools.lru_cache(maxsize=None)
-def _fp32_out_addmm_ok(device: torch.device) -> bool:
-    """True when ``torch.addmm(acc_fp32, a_lowp, b_lowp, out_dtype=float32, out=acc)`` runs on this
-    device (CUDA builds of torch >= 2.8): the low-precision product then accumulates straight into
-    the fp32 buffer with no temporary."""
-    if device.type != "cuda":
-        return False
-    try:
-        acc = torch.zeros(2, 2, device=device)
-        a = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
-        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-        return bool(acc[0, 0].item() == 2.0)
-    except (RuntimeError, TypeError):
-        return False
 
 
 def autocast_off(device_type: str):
@@ -76,56 +55,6 @@ def autocast_off(device_type: str):
     except (RuntimeError, ValueError, TypeError):
         enabled = False
     return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
-
-
-class _Accumulator:
-    """grad_weight [V, H] / grad_bias [V] accumulated in fp32 (or in the parameter dtype when that
-    is already fp32/fp64), cast once by ``result``."""
-
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], need_w: bool, need_b: bool,
-                 chunk_rows: int):
-        V, H = weight.shape
-        wide = weight.dtype in (torch.float32, torch.float64)
-        acc_dtype = weight.dtype if wide else torch.float32
-        self.dtype = weight.dtype
-        self.gw = torch.zeros(V, H, dtype=acc_dtype, device=weight.device) if need_w else None
-        self.gb = torch.zeros(V, dtype=acc_dtype, device=weight.device) if need_b else None
-        self.direct = wide or _fp32_out_addmm_ok(weight.device)
-        self.tmp = None
-        if need_w and not self.direct:
-            # Low-precision product of a vocabulary slice, added into the fp32 buffer: slices of
-            # about chunk_rows * V elements keep this temporary no bigger than the logits chunk.
-            self.v_step = max(1, min(V, (chunk_rows * V) // max(H, 1)))
-            self.tmp = torch.empty(self.v_step, H, dtype=weight.dtype, device=weight.device)
-
-    def add(self, dz: torch.Tensor, x: torch.Tensor) -> None:
-        """dz [c, V] (dLoss/dlogits of the chunk), x [c, H]."""
-        if self.gw is not None:
-            if self.direct and self.gw.dtype == dz.dtype:
-                self.gw.addmm_(dz.t(), x)
-            elif self.direct:
-                torch.addmm(self.gw, dz.t(), x, out_dtype=torch.float32, out=self.gw)
-            else:
-                V = dz.shape[1]
-                for s in range(0, V, self.v_step):
-                    e = min(s + self.v_step, V)
-                    tmp = self.tmp[: e - s]
-                    torch.mm(dz[:, s:e].t(), x, out=tmp)
-                    self.gw[s:e].add_(tmp)
-        if self.gb is not None:
-            self.gb.add_(dz.sum(0, dtype=self.gb.dtype))
-
-    def result(self):
-        """(grad_weight, grad_bias) in the parameter dtype (the single cast of the fp32 sums)."""
-        self.tmp = None
-        out = []
-        for acc in (self.gw, self.gb):
-            if acc is None:
-                out.append(None)
-                continue
-            out.append(acc if acc.dtype == self.dtype else acc.to(self.dtype))
-        self.gw = self.gb = None
-        return tuple(out)
 
 
 def _gem_partials(impl: str):
@@ -166,7 +95,7 @@ def _chunk_loop(hidden2d, weight, bias, rows, labels_v, opts: GEMOptions, impl: 
     grads = row_grad is not None
     need_gx, need_gw, need_gb = grads and need_gx, grads and need_gw, grads and need_gb and bias is not None
     gx = torch.zeros(N, H, dtype=dt, device=dev) if need_gx else None
-    acc = _Accumulator(weight, bias, need_gw, need_gb, chunk_rows)
+    acc = Accumulator(weight, bias, need_gw, need_gb, chunk_rows)
     if n_valid == 0:
         return loss, ce, stats_v, gx, acc
     new_stats = [] if keep_stats else None
@@ -232,9 +161,14 @@ def valid_rows(labels: torch.Tensor, ignore_index: int):
     return rows, (labels if rows is None else labels.index_select(0, rows))
 
 
-def chunk_rows_for(chunk_size: Optional[int], n_valid: int, hidden_size: int, vocab_size: int) -> int:
-    """Rows per chunk: ``chunk_size`` when given, else the default policy."""
-    return chunk_size if chunk_size is not None else default_chunk_rows(n_valid, hidden_size, vocab_size)
+def chunk_rows_for(chunk_size: Optional[int], n_valid: int, hidden2d: torch.Tensor, vocab_size: int,
+                   low_memory: bool = False) -> int:
+    """Rows per chunk: ``chunk_size`` when given, else ``chunk_policy.fused_chunk_rows`` for
+    hidden2d's device kind and element size."""
+    if chunk_size is not None:
+        return chunk_size
+    return fused_chunk_rows(n_valid, hidden2d.shape[1], vocab_size, device=hidden2d.device.type,
+                            itemsize=hidden2d.element_size(), low_memory=low_memory)
 
 
 class FusedForward(NamedTuple):
@@ -251,15 +185,14 @@ class FusedForward(NamedTuple):
 
 
 def fused_forward(hidden2d, weight, bias, labels, opts: GEMOptions, impl: str, chunk_size: Optional[int],
-                  token_scale, group, need_gx: bool, need_gw: bool, need_gb: bool) -> FusedForward:
+                  token_scale, group, need_gx: bool, need_gw: bool, need_gb: bool,
+                  low_memory: bool = False) -> FusedForward:
     """The forward of the fused path (shared by FusedLinearGEMFunction and the torch.compile custom
     operators in ``compiled.py``). See FusedLinearGEMFunction for the arguments."""
     any_grad = need_gx or need_gw or need_gb
-    N, H = hidden2d.shape
-    V = weight.shape[0]
     rows, labels_v = valid_rows(labels, opts.ignore_index)
-    chunk_rows = chunk_rows_for(chunk_size, labels_v.shape[0], H, V)
     n_valid = labels_v.shape[0]
+    chunk_rows = chunk_rows_for(chunk_size, n_valid, hidden2d, weight.shape[0], low_memory)
     # fp16 defers too: dZ must carry the upstream gradient (e.g. GradScaler's 2^16) before it is
     # rounded to fp16, or its small entries underflow; the upstream is only known in backward.
     eager = any_grad and token_scale is not None and hidden2d.dtype != torch.float16
@@ -268,51 +201,80 @@ def fused_forward(hidden2d, weight, bias, labels, opts: GEMOptions, impl: str, c
         cdt = torch.float64 if hidden2d.dtype == torch.float64 else torch.float32
         ts = torch.as_tensor(token_scale, dtype=cdt, device=hidden2d.device)
         row_grad = ts.reshape(()).expand(n_valid)
+    # Low-memory mode: the chunk loop makes only d hidden (no dZ at all when d hidden is not needed);
+    # it keeps the row statistics for the vocabulary pass.
+    loop_grad = None if low_memory and not need_gx else row_grad
     loss, ce, stats_v, gx, acc = _chunk_loop(
-        hidden2d, weight, bias, rows, labels_v, opts, impl, chunk_rows, row_grad=row_grad,
-        need_gx=need_gx, need_gw=need_gw, need_gb=need_gb, keep_stats=any_grad and not eager, group=group)
+        hidden2d, weight, bias, rows, labels_v, opts, impl, chunk_rows, row_grad=loop_grad,
+        need_gx=need_gx, need_gw=need_gw and not low_memory, need_gb=need_gb and not low_memory,
+        keep_stats=any_grad and (low_memory or not eager), group=group)
     grads = None
     if eager:
         _sum_over_shards(gx, group)
-        grads = (gx,) + acc.result()
+        gw, gb = acc.result()
+        if low_memory:
+            gw, gb = _vocab_pass(hidden2d, weight, bias, rows, labels_v, stats_v, row_grad, opts, impl,
+                                 need_gw, need_gb)
+        grads = (gx, gw, gb)
     return FusedForward(loss, ce, eager, grads, rows, labels_v, stats_v, chunk_rows)
 
 
 def fused_backward_recompute(hidden2d, weight, bias, rows, labels_v, stats_v, grad_loss, opts: GEMOptions,
-                             impl: str, chunk_rows: int, flags, group=None):
+                             impl: str, chunk_rows: int, flags, group=None, low_memory: bool = False):
     """Deferred gradients (reduction "none", fp16): recompute each chunk's logits from the saved row
-    statistics and fold the per-token upstream ``grad_loss`` [N] into dZ. Returns (gx, gw, gb)."""
+    statistics and fold the per-token upstream ``grad_loss`` [N] into dZ. Returns (gx, gw, gb).
+    Low-memory mode: the chunks give d hidden only, the vocabulary pass d weight / d bias."""
     need_gx, need_gw, need_gb = flags
     row_grad = grad_loss if rows is None else grad_loss.index_select(0, rows)
-    _, _, _, gx, acc = _chunk_loop(
-        hidden2d, weight, bias, rows, labels_v, opts, impl, chunk_rows,
-        row_grad=row_grad, stats_v=stats_v, need_gx=need_gx, need_gw=need_gw, need_gb=need_gb)
-    _sum_over_shards(gx, group)
-    return (gx,) + acc.result()
+    gx = gw = gb = None
+    if need_gx or not low_memory:  # low-memory mode without d hidden: no token-chunk pass at all
+        _, _, _, gx, acc = _chunk_loop(
+            hidden2d, weight, bias, rows, labels_v, opts, impl, chunk_rows, row_grad=row_grad, stats_v=stats_v,
+            need_gx=need_gx, need_gw=need_gw and not low_memory, need_gb=need_gb and not low_memory)
+        _sum_over_shards(gx, group)
+        gw, gb = acc.result()
+    if low_memory:
+        gw, gb = _vocab_pass(hidden2d, weight, bias, rows, labels_v, stats_v, row_grad, opts, impl, need_gw, need_gb)
+    return gx, gw, gb
+
+
+def _vocab_pass(hidden2d, weight, bias, rows, labels_v, stats_v, row_grad, opts, impl, need_gw, need_gb):
+    """Low-memory mode: d weight / d bias from vocabulary slices (see ``_fused_low_memory``)."""
+    def grad_inplace(z, y, st, rg, o):
+        _gem_grad_inplace(impl, z, y, st, rg, o)
+
+    return vocab_slice_grads(hidden2d, weight, bias, rows, labels_v, stats_v, row_grad, opts, grad_inplace,
+                             need_gw=need_gw, need_gb=need_gb)
 
 
 class FusedLinearGEMFunction(torch.autograd.Function):
     """(hidden2d [N, H], weight [V, H], bias [V] | None, labels [N], opts, impl, chunk_size,
-    token_scale) -> (per-token loss [N], detached per-token extras [N, opts.num_extras] (options.X_*)
-    or empty), fp32 (fp64 for fp64 input).
+    token_scale, group, grad_enabled, low_memory) -> (per-token loss [N], detached per-token extras
+    [N, opts.num_extras] (options.X_*) or empty), fp32 (fp64 for fp64 input).
 
     ``token_scale`` is d(reduced loss)/d(per-token loss) (a float or 0-d tensor: 1/count for
     "mean", 1 for "sum"): the gradients are then computed in forward with that factor and backward
     rescales them by upstream/token_scale. ``token_scale=None`` (reduction "none") defers all
     gradient work to backward (see the module docstring). impl is "triton" or "torch".
+    chunk_size None: ``chunk_policy.fused_chunk_rows`` for this device. low_memory: d weight / d bias
+    come from a second pass over vocabulary slices (``_fused_low_memory``) instead of the fp32
+    accumulator.
+
+    Host reads: one, of the valid-token count per forward (``valid_rows``: the chunking, and the
+    gathering of valid rows, are sized by it: this is what makes ignored tokens cost nothing).
     """
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, labels, opts: GEMOptions, impl: str,
                 chunk_size: Optional[int], token_scale: Union[None, float, torch.Tensor], group=None,
-                grad_enabled: bool = True):
+                grad_enabled: bool = True, low_memory: bool = False):
         # Under torch.no_grad() no backward can follow: compute the loss only.
         need_gx = grad_enabled and ctx.needs_input_grad[0]
         need_gw = grad_enabled and ctx.needs_input_grad[1]
         need_gb = grad_enabled and bias is not None and ctx.needs_input_grad[2]
         fwd = fused_forward(hidden2d, weight, bias, labels, opts, impl, chunk_size, token_scale, group,
-                            need_gx, need_gw, need_gb)
-        ctx.opts, ctx.impl, ctx.chunk_rows = opts, impl, fwd.chunk_rows
+                            need_gx, need_gw, need_gb, low_memory)
+        ctx.opts, ctx.impl, ctx.chunk_rows, ctx.low_memory = opts, impl, fwd.chunk_rows, low_memory
         ctx.flags = (need_gx, need_gw, need_gb)
         ctx.group = group
         ctx.device_type = hidden2d.device.type
@@ -338,7 +300,7 @@ class FusedLinearGEMFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_loss):
-        none = (None,) * 6
+        none = (None,) * 7
         if ctx.eager:
             grads = ctx.grads
             if grads is _CONSUMED:
@@ -353,13 +315,13 @@ class FusedLinearGEMFunction(torch.autograd.Function):
             else:
                 # No host read: the factor stays a 0-d device tensor (see scale_grads_ for precision).
                 scale_grads_(grads, upstream_scale(grad_loss, ctx.rows, ctx.token_scale))
-            return tuple(grads) + (None,) + none[:6]
+            return tuple(grads) + (None,) + none[:7]
         hidden2d, weight, bias, rows, labels_v, stats_v = ctx.saved_tensors
         if grad_loss is None:
             grad_loss = torch.zeros(hidden2d.shape[0], dtype=torch.float32, device=hidden2d.device)
         grads = fused_backward_recompute(hidden2d, weight, bias, rows, labels_v, stats_v, grad_loss, ctx.opts,
-                                         ctx.impl, ctx.chunk_rows, ctx.flags, ctx.group)
-        return tuple(grads) + (None,) + none[:6]
+                                         ctx.impl, ctx.chunk_rows, ctx.flags, ctx.group, ctx.low_memory)
+        return tuple(grads) + (None,) + none[:7]
 
 
 def _sum_over_shards(gx: Optional[torch.Tensor], group) -> None:

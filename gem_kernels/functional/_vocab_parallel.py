@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from ..autograd.vocab_parallel import VocabShard
+from ..chunk_policy import fused_chunk_rows
 from ._checks import check_labels
 
 # Integers each rank contributes to the layout all-gather.
@@ -102,14 +103,14 @@ def resolve_vocab_shard(process_group, vocab_start, lead: torch.Size, v_local: i
     return ShardLayout(VocabShard(process_group), sum(sizes[:rank]), sum(sizes))
 
 
-def shard_chunk_rows(layout: ShardLayout, n_valid: int, hidden_size: int, v_local: int) -> int:
+def shard_chunk_rows(layout: ShardLayout, n_valid: int, hidden_size: int, v_local: int, device: str = "cpu",
+                     itemsize: int = 2, low_memory: bool = False) -> int:
     """Default rows per chunk of the fused path under a process group. Every chunk runs collectives,
     so all ranks must use the same chunking: it is derived from replicated quantities (valid tokens,
-    H, the global V over the world size), never from the local shard size. With an explicit
-    vocab_start the global V costs one all-reduce of one integer (pass chunk_size to avoid it)."""
+    H, the global V over the world size), never from the local shard size, with the policy of
+    ``chunk_policy.fused_chunk_rows`` for the device kind. With an explicit vocab_start the global V
+    costs one all-reduce of one integer (pass chunk_size to avoid it)."""
     import torch.distributed as dist
-
-    from ..autograd.fused_linear import default_chunk_rows
 
     group = layout.shard.group
     vocab = layout.vocab_size
@@ -118,7 +119,8 @@ def shard_chunk_rows(layout: ShardLayout, n_valid: int, hidden_size: int, v_loca
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
         vocab = int(total.item())
     world = dist.get_world_size(group)
-    return default_chunk_rows(n_valid, hidden_size, -(-vocab // world))
+    return fused_chunk_rows(n_valid, hidden_size, -(-vocab // world), device=device, itemsize=itemsize,
+                            low_memory=low_memory)
 
 
 def _collective_device(group) -> torch.device:

@@ -18,15 +18,15 @@ from ._vocab_parallel import resolve_vocab_shard, shard_chunk_rows
 
 
 def apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts: GEMOptions, impl: str, chunk_size, token_scale,
-                           group=None):
+                           group=None, low_memory: bool = False):
     """The one place FusedLinearGEMFunction is applied: (per-token loss [N], detached per-token extras
     [N, opts.num_extras] or empty; see options.X_*).
     Under torch.compile (single device) the same bodies run as custom operators (autograd/compiled.py)."""
     if group is None and torch.compiler.is_compiling():
         return fused_linear_gem_compiled(hidden2d, weight, bias, labels1d, opts, impl, chunk_size, token_scale,
-                                         torch.is_grad_enabled())
+                                         torch.is_grad_enabled(), low_memory)
     return FusedLinearGEMFunction.apply(hidden2d, weight, bias, labels1d, opts, impl, chunk_size, token_scale,
-                                        group, torch.is_grad_enabled())
+                                        group, torch.is_grad_enabled(), low_memory)
 
 
 def _check_linear(hidden, weight, bias):
@@ -87,6 +87,12 @@ def _check_chunk_size(chunk_size):
     return int(chunk_size)
 
 
+def _check_low_memory(low_memory):
+    if not isinstance(low_memory, bool):
+        raise TypeError(f"low_memory must be a bool, got {low_memory!r}")
+    return low_memory
+
+
 def fused_linear_gem_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -107,6 +113,7 @@ def fused_linear_gem_loss(
     vocab_start: Optional[int] = None,
     chunk_size: Optional[int] = None,
     validate_labels: bool = True,
+    low_memory: bool = False,
     impl: str = "auto",
 ):
     """GEM loss of the logits ``hidden @ weight.T + bias`` against ``labels``, computed in chunks of
@@ -145,10 +152,19 @@ def fused_linear_gem_loss(
             replicated. The returned hidden gradient is the full one (all-reduced over the group), so
             do not all-reduce it again (e.g. no Megatron copy-to-tensor-parallel region before this
             call). ``chunk_size`` must then be the same on every rank. See docs/vocab_parallel.md.
-        chunk_size: None or an int >= 1, valid tokens per chunk. None: about
-            ``valid_tokens * H / V`` rows (rounded up to a multiple of 16), so a chunk of logits costs
-            about as much as the valid hidden states. Raise it for throughput on large GPUs when
-            memory allows.
+        chunk_size: valid tokens per chunk (an int >= 1). None: chosen per device by
+            ``gem_kernels.chunk_policy.fused_chunk_rows``: on CUDA the fewest chunks whose logits
+            cost at most 3/8 of the weight's bytes (about 0.375 x H rows; each chunk re-reads W and
+            the fp32 d weight sums), on CPU ``valid_tokens * H / V`` rows rounded up to 16 (a chunk
+            of logits costs about what the valid hidden states cost). The chunk count follows the
+            valid tokens, so ignored tokens cost nothing.
+        low_memory: False (default): d weight / d bias are summed in fp32 over the chunks; for a
+            bf16 / fp16 weight that costs one more weight-sized buffer (peak about 2.4 x the
+            weight's bytes + grad_hidden on CUDA). True: they are computed afterwards per
+            vocabulary slice, each slice over all valid tokens in one matmul (fp32 accumulation
+            inside the matmul, one rounding: the same accuracy), with no buffer of the weight's
+            size besides the gradient (peak about the weight's bytes + 1.6 x grad_hidden), for 8
+            instead of 6 x valid_tokens x H x V matmul FLOPs (10 with the deferred backward).
         validate_labels: bool, default True, as in gem_loss: False skips the label range check (no device-to-host
             read, no device-side assert under torch.compile); an out-of-range label then reads
             outside the logits chunk in the Triton kernels (garbage or an illegal memory access)
@@ -175,8 +191,8 @@ def fused_linear_gem_loss(
             on another device; labels of another shape or out of range; ``chunk_size`` not None or an
             int >= 1.
         TypeError: non-tensor or non-floating inputs, weight / bias of another dtype than hidden,
-            non-integer labels, float64 with impl="triton", ``validate_labels`` not a bool, or
-            ``inplace_backward`` passed.
+            non-integer labels, float64 with impl="triton", ``validate_labels`` or ``low_memory`` not a
+            bool, or ``inplace_backward`` passed.
         RuntimeError: impl="triton" without the triton package. Every check runs before any matmul.
     """
     check_options(beta=beta, h=h, ignore_index=ignore_index, reduction=reduction,
@@ -187,6 +203,7 @@ def fused_linear_gem_loss(
     H, V = _check_linear(hidden, weight, bias)
     labels = index_labels(labels)
     chunk_size = _check_chunk_size(chunk_size)
+    low_memory = _check_low_memory(low_memory)
     layout = None
     if process_group is not None or vocab_start is not None:
         layout = resolve_vocab_shard(process_group, vocab_start, hidden.shape[:-1], V, hidden.device, labels,
@@ -209,7 +226,8 @@ def fused_linear_gem_loss(
     labels1d = labels.reshape(-1).contiguous()  # the kernels index labels with unit stride
     valid = labels1d != ignore_index
     if layout is not None and chunk_size is None:  # every rank must cut the same chunks
-        chunk_size = shard_chunk_rows(layout, int(valid.sum()), H, V)
+        chunk_size = shard_chunk_rows(layout, int(valid.sum()), H, V, hidden.device.type, hidden.element_size(),
+                                      low_memory)
     # d(reduced loss)/d(per-token loss): lets the Function compute the gradients in the forward.
     if reduction == "none":
         token_scale = None
@@ -223,6 +241,6 @@ def fused_linear_gem_loss(
             torch.empty((), dtype=torch.float64, device=hidden.device))
     with autocast_off(hidden.device.type):
         per_token, extras = apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts, impl, chunk_size,
-                                                   token_scale, layout.shard if layout else None)
+                                                   token_scale, layout.shard if layout else None, low_memory)
     loss = reduce_tokens(per_token, valid, reduction, num_items_in_batch, labels.shape)
     return finish_outputs(loss, extras, valid, reduction, num_items_in_batch, labels.shape, return_ce, return_metrics)

@@ -37,7 +37,7 @@ from ._sharding import check_gathered, is_zero3_param
 # Options shared by gem_loss and fused_linear_gem_loss that a user may set once for a model.
 _COMMON_OPTIONS = ("beta", "h", "ignore_index", "logit_scale", "softcap", "z_loss_scale", "return_ce", "impl",
                    "validate_labels", "return_metrics")
-_FUSED_ONLY = ("chunk_size",)
+_FUSED_ONLY = ("chunk_size", "low_memory")
 _LOGITS_ONLY = ("inplace_backward",)
 
 
@@ -52,6 +52,8 @@ def _check_gem_options(options: dict, allowed) -> dict:
     chunk = options.get("chunk_size")
     if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk!r}")
+    if not isinstance(options.get("low_memory", False), bool):
+        raise TypeError(f"low_memory must be a bool, got {options['low_memory']!r}")
     return dict(options)
 
 
@@ -314,7 +316,8 @@ def apply_gem(model, *, beta: float = 0.7, h: str = "linear", **options):
             override the config, ``z_loss_scale`` (float >= 0), ``return_ce`` (bool), ``return_metrics``
             (bool: ce, entropy and token_accuracy from the same pass), ``chunk_size``
             (None or int >= 1), ``validate_labels`` (bool, default True: the label range check; False
-            skips it, see gem_loss), ``impl`` ("auto" / "triton" / "torch" / "reference").
+            skips it, see gem_loss), ``low_memory`` (bool: fused_linear_gem_loss's low-memory mode),
+            ``impl`` ("auto" / "triton" / "torch" / "reference").
     Returns: ``model`` (patched in place).
     Raises:
         TypeError: an unknown option; an output embedding that is not a plain ``nn.Linear`` (a LoRA

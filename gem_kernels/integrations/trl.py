@@ -18,7 +18,7 @@ class GEMSFTTrainer(_GEMTrainerMixin, SFTTrainer):
     """``trl.SFTTrainer`` training with GEM: ``GEMSFTTrainer(..., gem_options=dict(beta=0.7))``.
 
     Takes every ``SFTTrainer`` argument plus ``gem_options`` (options of ``apply_gem``: ``beta``,
-    ``h``, ``z_loss_scale``, ``chunk_size``, ``impl``, ...), ``log_ce`` (default True: the plain
+    ``h``, ``z_loss_scale``, ``chunk_size``, ``low_memory``, ``impl``, ...), ``log_ce`` (default True: the plain
     CE is logged as ``ce`` beside the GEM ``loss``) and ``log_metrics`` (default True: SFTTrainer's
     ``entropy`` and ``mean_token_accuracy``, computed by GEM's own pass and averaged as SFTTrainer
     averages them). Gradient accumulation is exact (the summed loss of each micro-batch is divided

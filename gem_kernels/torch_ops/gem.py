@@ -1,8 +1,8 @@
 """Chunked pure-PyTorch GEM: what CPU users run, and the same math as the Triton kernels.
 
-Rows are processed in blocks whose fp32 temporaries hold at most CHUNK_ELEMENTS elements and at
-most an eighth of the rows each, so the extra memory is a few blocks (never another [N, V] tensor
-beyond the gradient itself).
+Rows are processed in blocks sized by ``chunk_policy.torch_block_rows`` (per device: 8 MiB fp32
+temporaries on CPU, 64 MiB on CUDA, and at most an eighth of the input's bytes each), so the extra
+memory is a few blocks (never another [N, V] tensor beyond the gradient itself).
 """
 from __future__ import annotations
 
@@ -10,30 +10,13 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..chunk_policy import torch_block_rows
 from ..options import (LOGSIGMOID_TEMPERATURE, P_AMAX, P_SCE, P_SENT, S_LOGS0, S_LSE, S_M, S_TY, S_YCOEF,
                        GEMOptions)
 from .stats import finalize
 
-# 2^21 fp32 elements = 8 MiB per temporary. Measured at N=2048, V=32,000 on the 2-core development
-# machine (python -m benchmarks.torch_path): with 1 thread the block size hardly matters (2^18 to
-# 2^21 within 5%); with 2 threads every op ends in a thread barrier, so fewer, larger ops win
-# (2^18: 1.97x the time of F.cross_entropy, 2^21: 0.95x under load).
-CHUNK_ELEMENTS = 1 << 21
-# A block's fp32 temporaries never exceed 1/MAX_BLOCK_FRACTION of the [N, V] input's bytes (so
-# bf16/fp16 inputs get blocks of half as many rows), which bounds them relative to [N, V], unless that would make them smaller than MIN_BLOCK_ELEMENTS (256 KiB of fp32): below that
-# the per-op overhead of many tiny blocks costs more time than the few hundred KiB save.
-MAX_BLOCK_FRACTION = 8
-MIN_BLOCK_ELEMENTS = 1 << 16
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _rows_per_chunk(N: int, V: int, elsize: int = 4) -> int:
-    V = max(V, 1)
-    rows = min(CHUNK_ELEMENTS // V, -(-N * elsize // (4 * MAX_BLOCK_FRACTION)))
-    return max(1, rows, min(N, MIN_BLOCK_ELEMENTS // V))
 
 
 def _transform(z: torch.Tensor, opts: GEMOptions) -> torch.Tensor:
@@ -130,8 +113,8 @@ def _chunk(z, labels, opts: GEMOptions, ty_given, grad_out: Optional[torch.Tenso
     return partials
 
 
-def _row_blocks(N: int, V: int, elsize: int = 4):
-    step = _rows_per_chunk(N, V, elsize)
+def _row_blocks(N: int, V: int, elsize: int = 4, device: str = "cpu"):
+    step = torch_block_rows(N, V, elsize, device)
     for start in range(0, N, step):
         yield start, min(start + step, N)
 
@@ -167,7 +150,7 @@ def gem_forward_chunked(
         rows = valid.nonzero().squeeze(1)
         if grad is not None:
             grad[~valid] = 0
-    for a, b in _row_blocks(n_valid, V, logits.element_size()):
+    for a, b in _row_blocks(n_valid, V, logits.element_size(), logits.device.type):
         if rows is None:
             z, y, sl = logits[a:b], labels[a:b], slice(a, b)
         else:
@@ -203,7 +186,7 @@ def gem_grad_chunked(
     N, V = logits.shape
     if out is None:
         out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    for a, b in _row_blocks(N, V, logits.element_size()):
+    for a, b in _row_blocks(N, V, logits.element_size(), logits.device.type):
         z, y, st = logits[a:b], labels[a:b], stats[a:b]
         t = _transform(z, opts)
         _, col, inside = _label_logit(t, y, opts)

@@ -129,6 +129,28 @@ def test_fused_compiles_fullgraph_and_matches_eager(reduction, items):
         assert_close(gc, gr, what=f"{reduction}/{items} compiled grad_{name} vs reference", dtype=torch.float32)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_low_memory_compiles_fullgraph_and_matches_eager(reduction):
+    """low_memory=True travels through the custom operators (eager and deferred gradients)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(20, 24, generator=g, requires_grad=True)
+    w = (torch.randn(257, 24, generator=g) * 0.5).requires_grad_()
+    y = torch.randint(0, 257, (20,), generator=g)
+    y[::4] = -100
+
+    def call(x, w, y):
+        return fused_linear_gem_loss(x, w, y, reduction=reduction, impl="torch", low_memory=True)
+
+    xc, wc = (t.detach().clone().requires_grad_() for t in (x, w))
+    out_c = torch.compile(call, fullgraph=True)(xc, wc, y)
+    grads_c = _grads(out_c, (xc, wc), reduction)
+    out_e = fused_linear_gem_loss(x, w, y, reduction=reduction, impl="torch")
+    grads_e = _grads(out_e, (x, w), reduction)
+    assert_close(out_c, out_e, what=f"{reduction} low_memory compiled vs eager loss", atol=1e-6, rtol=1e-6)
+    for name, gc, ge in zip("xw", grads_c, grads_e):
+        assert_close(gc, ge, what=f"{reduction} low_memory compiled vs eager grad_{name}", atol=1e-6, rtol=1e-5)
+
+
 def test_fused_compiled_all_ignored_deferred():
     """reduction='none' (gradients deferred to backward) with every label ignored: zeros, no NaN."""
     x, w = torch.randn(20, 24, requires_grad=True), torch.randn(257, 24, requires_grad=True)

@@ -174,14 +174,14 @@ def vocab_pass_plan(n_valid: int, n_tokens: int, hidden_size: int, vocab_size: i
     8192 tokens, below Liger-Kernel's 1.10 GiB (d weight + grad_hidden + a 256-row logits chunk).
 
     The valid rows are gathered (work proportional to the valid tokens) when they fit with a
-    slice of at least min(128, H) columns; otherwise (more than about 60 % valid with some ignored) the
-    pass runs over all tokens and ignored rows give zero dZ. cols is a multiple of 128 when >= 128,
-    at least 1 and at most V. Same on every device (memory is the point of this mode).
+    slice of at least min(128, H / 4) columns (so half the tokens valid still gathers); otherwise
+    (more than about 60 % valid with some ignored) the pass runs over all tokens and ignored rows
+    give zero dZ. cols is a multiple of 128 when >= 128, at least 1 and at most V. Same on every device (memory is the point of this mode).
     """
     N, H, V = max(n_tokens, 1), max(hidden_size, 1), max(vocab_size, 1)
     n = max(n_valid, 1)
     budget = N * H * 5 // 8
-    gather = n_valid < n_tokens and n * (H + min(CUDA_TILE_ROWS, H)) <= budget
+    gather = n_valid < n_tokens and n * (H + min(CUDA_TILE_ROWS, max(1, H // 4))) <= budget
     rows = n if (gather or n_valid == n_tokens) else N
     room = budget - (n * H if gather else 0)
     cols = max(1, room // rows)

@@ -1,8 +1,11 @@
 """Benchmarks of gem_kernels against cross-entropy kernels: ``python -m benchmarks --help``.
 
 Modules: shapes (what is run), providers (the loss implementations compared and what each row
-includes), runner (memory / time / traffic / FLOPs of one provider at one shape), report (tables,
-CSV, plots), traffic (Triton global-memory traffic under the interpreter), measure (peak memory
-and FLOP counting). Importing this package imports neither torch nor triton, so ``__main__`` can
-switch the Triton interpreter on first.
+includes), runner (memory / time / traffic / FLOPs of one provider at one shape in one table),
+roofline (logical bytes of the Triton providers, copy bandwidth and matmul rate measured in the
+run, derived columns), report (tables, CSV, plots), traffic (Triton global-memory traffic under the
+interpreter), ncu (opt-in Nsight Compute DRAM bytes), measure (peak memory and FLOP counting).
+core_figures, torch_path and fused_memory are focused measurements quoted in the README.
+Importing this package imports neither torch nor triton, so ``__main__`` can switch the Triton
+interpreter on first.
 """

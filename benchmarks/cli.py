@@ -1,9 +1,11 @@
 """Command line of ``python -m benchmarks``.
 
-Runs providers x shapes x {forward, backward, forward+backward} sized for the machine: real
-Llama-3 / Qwen2.5 / Gemma-2 lm_head shapes on a GPU, the same shapes divided by {scale} on a CPU (where
-Triton kernels run in the interpreter, so they get memory and traffic figures but no timings).
-Prints Markdown tables and writes a CSV and two PNG plots to --out.
+Runs providers x shapes x {forward, backward, forward+backward} in two tables per shape, the loss
+on given logits and the full lm_head step, sized for the machine: real Llama-3 / Qwen2.5 / Gemma-2
+lm_head shapes on a GPU (plus Llama-3 with half the labels ignored), the same shapes divided by
+{scale} on a CPU (where Triton kernels run in the interpreter, so they get memory and traffic
+figures but no timings). Each run measures its own copy bandwidth and matmul rates for the
+roofline columns. Prints Markdown tables and writes a CSV and two PNG plots to --out.
 """
 from __future__ import annotations
 
@@ -45,6 +47,12 @@ def parse_args(argv=None):
                    help="torch CPU threads for a CPU run (default 1: repeatable timings on a shared machine)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    p.add_argument("--tables", type=_csv, default=["loss", "step"],
+                   help="comma-separated: loss (loss on given logits), step (lm_head step); default both")
+    p.add_argument("--no-masked", action="store_true", help="leave out the shape with half the labels ignored")
+    p.add_argument("--ncu", action="store_true",
+                   help="also read DRAM bytes per kernel with Nsight Compute (GPU, ncu on PATH; minutes per "
+                        "provider and shape)")
     p.add_argument("--list", action="store_true", help="list the providers and exit")
     return p.parse_args(argv)
 
@@ -72,6 +80,29 @@ def choose_device(requested: str) -> str:
     return device
 
 
+def _ncu(records, shape_list, args, device) -> list:
+    """Fill ncu_dram_bytes of each ok forward+backward record; return Markdown lines per kernel."""
+    from . import ncu
+
+    if device != "cuda":
+        print("--ncu: skipped (Nsight Compute profiles GPU kernels; this run is on the CPU)", file=sys.stderr)
+        return []
+    if ncu.ncu_path() is None:
+        print("--ncu: skipped (ncu not found on PATH; it ships with the CUDA toolkit)", file=sys.stderr)
+        return ["\nNsight Compute: not run (ncu not found on PATH).\n"]
+    by_label = {s.label: s for s in shape_list}
+    lines = ["\n## Nsight Compute: DRAM bytes (read + write) per kernel, one forward + backward\n"]
+    for r in records:
+        if r["phase"] != "forward+backward" or r["status"] != "ok":
+            continue
+        total, note, kernels = ncu.measure(r["provider"], by_label[r["shape"]], r["table"], r["dtype"])
+        r["ncu_dram_bytes"] = total
+        lines.append(f"\n{r['shape']} | {r['table']} | {r['provider']}: "
+                     + (f"{total:,} bytes" if total is not None else note) + "\n")
+        lines += [f"- {name[:100]}: {b:,}\n" for name, b in kernels]
+    return lines
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = choose_device(args.device)
@@ -79,7 +110,7 @@ def main(argv=None) -> int:
     import torch
 
     from . import providers as prov
-    from . import report, runner, shapes
+    from . import report, roofline, runner, shapes
 
     if args.list:
         for p in prov.PROVIDERS:
@@ -91,31 +122,45 @@ def main(argv=None) -> int:
         shape_list = [shapes.parse_shape(s) for s in args.shape]
     else:
         shape_list = shapes.grid(device, which="quick" if args.quick else args.grid, models=args.models,
-                                 tokens=args.tokens)
+                                 tokens=args.tokens, masked=not args.no_masked)
+    tables = [t for t in runner.TABLES if t in args.tables]
+    if not tables or set(args.tables) - set(runner.TABLES):
+        raise ValueError(f"--tables takes {runner.TABLES}, got {args.tables}")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     if device == "cpu":
         torch.set_num_threads(args.threads)
     settings = runner.Settings(device=device, dtype=dtype,
-                               cpu_reps=10 if args.quick else 30, cpu_budget_s=0.3 if args.quick else 1.0)
+                               cpu_reps=10 if args.quick else 20, cpu_budget_s=0.1 if args.quick else 0.25)
     command = "python -m benchmarks" + "".join(" " + shlex.quote(a) for a in (argv if argv is not None
                                                                                else sys.argv[1:]))
     meta = report.machine_info(device, command)
     meta["torch_threads"] = str(torch.get_num_threads()) if device == "cpu" else ""
 
     start = time.perf_counter()
+    calib = None
+    if not args.no_timing:
+        calib = roofline.copy_bandwidth(device)
+        roofline.matmul_rate(calib, shape_list, dtype)
     records = []
-    bar = report.progress(len(shape_list) * len(chosen))
-    for shape in shape_list:
-        for p in chosen:
-            bar.set_description(f"{shape.label} | {p.name}")
-            records += runner.run(p, shape, settings, timing=not args.no_timing)
-            bar.update(1)
+    work = [(s, t, p) for s in shape_list for t in tables for p in chosen if t == "step" or p.in_loss_table]
+    bar = report.progress(len(work))
+    for shape, table, p in work:
+        bar.set_description(f"{shape.label} | {table} | {p.name}")
+        records += runner.run(p, shape, settings, timing=not args.no_timing, table=table)
+        bar.update(1)
     bar.close()
+    kernels = _ncu(records, shape_list, args, device) if args.ncu else []
+    ce_names = [p.name for p in prov.PROVIDERS if p.computes == "ce"]
+    roofline.derive(records, calib, ce_names)
     elapsed = time.perf_counter() - start
 
     os.makedirs(args.out, exist_ok=True)
     meta["wall_time_s"] = f"{elapsed:.0f}"
-    text = report.markdown(records, meta) + f"\nWall time of the run: {elapsed:.0f} s.\n"
+    if calib is not None:
+        meta["copy_bytes_per_s"] = f"{calib.copy_bytes_per_s:.4g}"
+    text = report.markdown(records, meta, calib.describe() if calib else "",
+                           calib.matmul_flops_per_s if calib else None)
+    text += "".join(kernels) + f"\nWall time of the run: {elapsed:.0f} s.\n"
     print(text)
     with open(os.path.join(args.out, "benchmark.md"), "w") as f:
         f.write(text)

@@ -7,7 +7,7 @@ import os
 import platform
 import sys
 from importlib import metadata
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -48,6 +48,7 @@ def machine_info(device: str, command: str) -> Dict[str, str]:
         "gem_kernels": getattr(gem_kernels, "__version__", _version("gem-kernels")),
         "liger_kernel": _version("liger-kernel"),
         "cut_cross_entropy": _version("cut-cross-entropy"),
+        "trl": _version("trl"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
         "command": command,
     }
@@ -73,83 +74,169 @@ def _mib(b) -> str:
     return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
 
 
+def _bytes(b, logits_bytes) -> str:
+    """Bytes with their size in passes over the logits, e.g. '6.01 GiB (3.00 passes)'."""
+    if b is None:
+        return ""
+    size = f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / MIB:.2f} MiB"
+    return f"{size} ({b / logits_bytes:.2f} passes)"
+
+
 def _time(r: Dict) -> str:
     if r["time_ms_p50"] is None:
         return r["time_note"]
     return f"{r['time_ms_p50']:.2f} ({r['time_ms_p20']:.2f}-{r['time_ms_p80']:.2f})"
 
 
+def _pct(x) -> str:
+    return "" if x is None else f"{100 * x:.0f}%" if x >= 0.1 else f"{100 * x:.1f}%"
+
+
+def _x(r: Dict) -> str:
+    return "" if r["x_fastest_ce"] is None else f"{r['x_fastest_ce']:.2f}"
+
+
 def _shape_key(r: Dict):
-    return (r["model"], r["tokens"], r["vocab"], r["hidden"], r["softcap"])
+    return r["shape"]
 
 
-def markdown(records: Sequence[Dict], meta: Dict[str, str]) -> str:
-    """One table per shape: a row per provider, columns per phase."""
+def _counted(r: Dict, device: str, logits_bytes: int) -> str:
+    if r.get("ncu_dram_bytes") is not None:
+        return _bytes(r["ncu_dram_bytes"], logits_bytes) + " ncu DRAM"
+    if r["traffic_bytes"] is not None:
+        return _bytes(r["traffic_bytes"], logits_bytes)
+    return "n/a (no Triton kernels)" if r["traffic_note"] == "n/a (no Triton kernels)" else (
+        "n/a (interpreter off; --ncu reads DRAM bytes)" if device == "cuda" else "n/a")
+
+
+LOSS_HEAD = ("| provider | h | peak fwd+bwd MiB | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd x fastest CE "
+             "| logical bytes fwd+bwd | counted bytes fwd+bwd | GB/s | of copy bandwidth |")
+STEP_HEAD = ("| provider | kind | h | peak fwd MiB | peak bwd MiB | peak fwd+bwd MiB | fwd ms | bwd ms | fwd+bwd ms "
+             "| fwd+bwd x fastest CE | of matmul floor | GFLOP fwd+bwd | Triton logical bytes fwd+bwd "
+             "| counted bytes fwd+bwd |")
+
+
+def _row(table: str, name: str, f: Dict, b: Dict, fb: Dict, device: str, logits_bytes: int) -> str:
+    counted = _counted(fb, device, logits_bytes)
+    if table == "loss":
+        gbps = "" if fb["achieved_bytes_per_s"] is None else f"{fb['achieved_bytes_per_s'] / 1e9:.0f}"
+        return (f"| {name} | {fb['h'] or '-'} | {_mib(fb['peak_bytes'])} | {_time(f)} | {_time(b)} | {_time(fb)} "
+                f"| {_x(fb)} | {_bytes(fb['model_bytes'], logits_bytes)} | {counted} | {gbps} "
+                f"| {_pct(fb['copy_fraction'])} |")
+    gflop = f"{fb['matmul_flops'] / 1e9:.3f}" if fb["matmul_flops"] is not None else ""
+    return (f"| {name} | {fb['kind']} | {fb['h'] or '-'} | {_mib(f['peak_bytes'])} | {_mib(b['peak_bytes'])} "
+            f"| {_mib(fb['peak_bytes'])} | {_time(f)} | {_time(b)} | {_time(fb)} | {_x(fb)} "
+            f"| {_pct(fb['floor_fraction'])} | {gflop} | {_bytes(fb['model_bytes'], logits_bytes)} | {counted} |")
+
+
+def header(meta: Dict[str, str], calib_text: str = "") -> List[str]:
     hw = meta["gpu"] if meta["device"] == "cuda" else (f"{meta['cpu']} ({meta['cpu_cores']} cores, "
                                                         f"{meta.get('torch_threads', '?')} torch thread(s))")
+    interp = meta["triton_interpret"] not in ("", "0")
     lines = [f"# GEM / cross-entropy benchmark ({meta['date_utc']} UTC)", "",
              f"{hw}; torch {meta['torch']}, triton {meta['triton']}, gem_kernels {meta['gem_kernels']}, "
-             f"liger-kernel {meta['liger_kernel']}, cut-cross-entropy {meta['cut_cross_entropy']}"
-             + ("; Triton kernels in the interpreter (TRITON_INTERPRET=1): not timed" if meta["triton_interpret"]
-                not in ("", "0") else ""),
-             f"Command: `{meta['command']}`", "",
-             "Peak = MiB allocated during the call above what existed before it (inputs not counted). "
-             "Time = ms p50 (p20-p80). Traffic = global-memory bytes of the Triton kernels, as passes over "
-             "the logits (bytes / (T*V*element size)) and bytes per token. GFLOP = matmul FLOPs seen by "
-             "PyTorch (not those inside Triton kernels).", ""]
-    shapes = []
-    for r in records:
-        if _shape_key(r) not in shapes:
-            shapes.append(_shape_key(r))
+             f"liger-kernel {meta['liger_kernel']}, cut-cross-entropy {meta['cut_cross_entropy']}, "
+             f"trl {meta.get('trl', '?')}"
+             + ("; Triton kernels in the interpreter (TRITON_INTERPRET=1): not timed" if interp else ""),
+             f"Command: `{meta['command']}`", ""]
+    if calib_text:
+        lines += [f"Measured in this run: {calib_text}.", ""]
+    lines += [
+        "Two tables per shape. *Loss on given logits*: logits [T, V] -> mean loss -> d logits (the loss kernels "
+        "alone). *lm_head step*: hidden [T, H], weight [V, H] -> mean loss -> d hidden, d weight (logits "
+        "providers include the lm_head matmul; fused providers never hold [T, V]).",
+        "Peak = MiB allocated during the call above what existed before it (inputs not counted). "
+        "Time = ms p50 (p20-p80). x fastest CE = fwd+bwd time / that of the fastest cross-entropy provider "
+        "of the same table. Logical bytes = global-memory bytes of the Triton kernels from their design "
+        "(benchmarks/roofline.py; per-token terms of labels and statistics left out); counted bytes = what "
+        "the Triton interpreter counts (CPU) or Nsight Compute reads from DRAM (--ncu, GPU). GB/s = logical "
+        "bytes / time; of copy bandwidth = that over the copy bandwidth above. Of matmul floor = the time "
+        "of 6 x valid tokens x H x V FLOPs at this shape's matmul rate above, over the time. GFLOP = matmul "
+        "FLOPs seen by PyTorch (not those inside Triton kernels).",
+        ""]
+    return lines
+
+
+def markdown(records: Sequence[Dict], meta: Dict[str, str], calib_text: str = "",
+             rates: Optional[Dict[str, float]] = None) -> str:
+    """Per shape: the loss-on-logits table, then the lm_head step table; a row per provider."""
+    lines = header(meta, calib_text)
+    shapes = list(dict.fromkeys(_shape_key(r) for r in records))
+    titles = {"loss": "loss on given logits", "step": "lm_head step"}
     for key in shapes:
         rows = [r for r in records if _shape_key(r) == key]
         first = rows[0]
         cap = f", softcap {first['softcap']}" if first["softcap"] != "" else ""
-        logits_mib = first["tokens"] * first["vocab"] * torch.empty((), dtype=getattr(torch, first["dtype"])).element_size() / MIB
-        lines += [f"## {first['model']}: T={first['tokens']}, V={first['vocab']}, H={first['hidden']}{cap}, "
-                  f"{first['dtype']} (logits [T, V] = {logits_mib:.1f} MiB)", "",
-                  "| provider | peak fwd MiB | peak bwd MiB | peak fwd+bwd MiB | fwd ms | bwd ms | fwd+bwd ms "
-                  "| traffic fwd+bwd (passes) | traffic B/token | GFLOP fwd+bwd |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        notes = []
-        for name in dict.fromkeys(r["provider"] for r in rows):
-            by_phase = {r["phase"]: r for r in rows if r["provider"] == name}
-            f, b, fb = by_phase["forward"], by_phase["backward"], by_phase["forward+backward"]
-            if fb["status"] == "skipped":
-                notes.append(f"- {name}: skipped ({fb['note']})")
+        masked = (f", {first['tokens'] - first['valid_tokens']} of {first['tokens']} labels ignored"
+                  if first["valid_tokens"] != first["tokens"] else "")
+        element = torch.empty((), dtype=getattr(torch, first["dtype"])).element_size()
+        logits_bytes = first["tokens"] * first["vocab"] * element
+        lines += [f"## {first['model']}: T={first['tokens']}, V={first['vocab']}, H={first['hidden']}{cap}{masked}, "
+                  f"{first['dtype']} (logits [T, V] = {logits_bytes / MIB:.1f} MiB)", ""]
+        if rates and key in rates:
+            lines += [f"Matmul rate of this shape's lm_head product: {rates[key] / 1e12:.1f} TFLOP/s.", ""]
+        for table in ("loss", "step"):
+            trows = [r for r in rows if r.get("table", "step") == table]
+            if not trows:
                 continue
-            if fb["status"] != "ok":
-                lines.append(f"| {name} | {fb['status'].upper()} | | | | | | | | |")
-                notes.append(f"- {name}: {fb['status']} ({fb['note']})")
-                continue
-            passes = f"{fb['logits_passes']:.3f}" if fb["logits_passes"] is not None else fb["traffic_note"]
-            bpt = f"{fb['traffic_bytes_per_token']:,.0f}" if fb["traffic_bytes_per_token"] is not None else ""
-            gflop = f"{fb['matmul_flops'] / 1e9:.3f}" if fb["matmul_flops"] is not None else ""
-            lines.append(f"| {name} | {_mib(f['peak_bytes'])} | {_mib(b['peak_bytes'])} | {_mib(fb['peak_bytes'])} "
-                         f"| {_time(f)} | {_time(b)} | {_time(fb)} | {passes} | {bpt} | {gflop} |")
-        lines += [""] + notes + ([""] if notes else [])
+            lines += [f"### {titles[table]}", "", LOSS_HEAD if table == "loss" else STEP_HEAD,
+                      "|" + "---|" + "---:|" * ((LOSS_HEAD if table == "loss" else STEP_HEAD).count("|") - 2)]
+            notes = []
+            for name in dict.fromkeys(r["provider"] for r in trows):
+                by_phase = {r["phase"]: r for r in trows if r["provider"] == name}
+                f, b, fb = by_phase["forward"], by_phase["backward"], by_phase["forward+backward"]
+                if fb["status"] == "skipped":
+                    if fb["note"] != "takes hidden states, not logits":
+                        notes.append(f"- {name}: skipped ({fb['note']})")
+                    continue
+                if fb["status"] != "ok":
+                    cells = (LOSS_HEAD if table == "loss" else STEP_HEAD).count("|") - 3
+                    lines.append(f"| {name} | {fb['status'].upper()} |" + " |" * cells)
+                    notes.append(f"- {name}: {fb['status']} ({fb['note']})")
+                    continue
+                lines.append(_row(table, name, f, b, fb, meta["device"], logits_bytes))
+            lines += [""] + notes + ([""] if notes else [])
     return "\n".join(lines)
 
 
 def _series(records: Sequence[Dict], vary: str, fixed: str):
-    """{provider: [(x, peak MiB)]} of forward+backward peaks over the largest group of shapes that
-    share ``fixed`` and differ in ``vary`` (e.g. vary vocab at one token count)."""
-    ok = [r for r in records if r["phase"] == "forward+backward" and r["status"] == "ok"]
+    """Forward+backward peaks of the step table over the largest group of unmasked shapes that share
+    ``fixed`` and differ in ``vary`` (e.g. vary vocab at one token count).
+
+    Returns (the fixed value, {provider: [(x, MiB)]}, {provider: [(x, why missing)]}, {x: model name})."""
+    rows = [r for r in records if r["phase"] == "forward+backward" and r.get("table", "step") == "step"
+            and not r.get("ignore_frac")]
     groups: Dict = {}
-    for r in ok:
+    for r in rows:
         groups.setdefault(r[fixed], set()).add(r[vary])
     if not groups:
-        return None, {}
+        return None, {}, {}, {}
     best = max(groups, key=lambda k: (len(groups[k]), k))
     series: Dict[str, List] = {}
-    for r in ok:
-        if r[fixed] == best:
+    missing: Dict[str, List] = {}
+    models = {}
+    for r in rows:
+        if r[fixed] != best:
+            continue
+        models[r[vary]] = r["model"]
+        if r["status"] == "ok":
             series.setdefault(r["provider"], []).append((r[vary], r["peak_bytes"] / MIB))
-    return best, {k: sorted(v) for k, v in series.items()}
+        else:
+            missing.setdefault(r["provider"], []).append((r[vary], f"{r['status']}: {r['note']}"))
+    return best, {k: sorted(v) for k, v in series.items()}, missing, models
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(x1 == x2 and abs(y1 - y2) <= 0.01 * max(abs(y2), 1e-9)
+                                    for (x1, y1), (x2, y2) in zip(a, b))
 
 
 def plots(records: Sequence[Dict], meta: Dict[str, str], outdir: str) -> List[str]:
-    """memory_vs_vocab.png and memory_vs_tokens.png: forward+backward peak, one line per provider."""
+    """memory_vs_vocab.png and memory_vs_tokens.png: forward+backward peak of the lm_head step, one
+    line per provider. A plot needs at least two x values (it is skipped, with a message, otherwise);
+    providers missing at a shape are marked x on the axis and listed under the plot; a line that
+    coincides with another is drawn wider beneath it and named in the legend; on the vocabulary
+    plot every point is labelled with its model, since H and the softcap change with it."""
     try:
         import matplotlib
     except ImportError:
@@ -160,25 +247,52 @@ def plots(records: Sequence[Dict], meta: Dict[str, str], outdir: str) -> List[st
 
     written = []
     hw = meta["gpu"] if meta["device"] == "cuda" else f"CPU ({meta['cpu_cores']} cores)"
+    dtype = records[0]["dtype"] if records else ""
     for vary, fixed, fname, xlabel in (("vocab", "tokens", "memory_vs_vocab.png", "vocabulary size V"),
                                        ("tokens", "vocab", "memory_vs_tokens.png", "tokens T")):
-        best, series = _series(records, vary, fixed)
-        if not series:
+        best, series, missing, models = _series(records, vary, fixed)
+        xs_all = sorted(models)
+        if len(xs_all) < 2:
+            print(f"{fname} skipped: the run has a single {xlabel} (run the default grid for the sweep)",
+                  file=sys.stderr)
             continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(8, 5.2))
         kinds = {r["provider"]: r["kind"] for r in records}
-        markers = "osD^vPX*<>"
+        markers = "osD^vPX*<>hp"
+        drawn = []
         for i, (name, pts) in enumerate(series.items()):
             xs, ys = zip(*pts)
-            # fused providers dashed; distinct markers so coinciding lines stay visible
-            ax.plot(xs, ys, marker=markers[i % len(markers)], linestyle="--" if kinds[name] == "fused" else "-",
-                    label=name, alpha=0.85)
+            twin = next((n for n, p in drawn if _same(pts, p)), None)
+            label = name + (f" (same as {twin})" if twin else "")
+            style = dict(marker=markers[i % len(markers)], linestyle="--" if kinds[name] == "fused" else "-",
+                         label=label, alpha=0.9)
+            if twin:  # drawn wider and hollow beneath the line it coincides with
+                style.update(linewidth=4, markersize=11, markerfacecolor="none", alpha=0.5, zorder=1)
+            ax.plot(xs, ys, **style)
+            drawn.append((name, pts))
+        foot = []
+        for name, gaps in missing.items():
+            for x, why in gaps:
+                ax.plot([x], [0], marker="x", color="red", markersize=8, linestyle="none", clip_on=False)
+                foot.append(f"{name} at {vary}={x}: {why[:90]}")
+        if vary == "vocab":
+            top = ax.get_ylim()[1]
+            for x in xs_all:
+                ax.annotate(models[x], (x, top), textcoords="offset points", xytext=(0, -12), ha="center",
+                            fontsize=7, color="dimgray")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("peak memory, forward+backward (MiB)")
-        ax.set_title(f"Peak memory vs {xlabel} ({fixed} = {best}; {hw}, {records[0]['dtype']})", fontsize=10)
+        what = (f"models at T = {best}: H and softcap change with the model" if vary == "vocab"
+                else f"{models[xs_all[0]]}, V = {best}")
+        ax.set_title(f"Peak memory of the lm_head step vs {xlabel}\n({what}; {hw}, {dtype})", fontsize=9)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        ax.legend(fontsize=7, ncol=2)
+        if foot:
+            fig.text(0.01, 0.01, "x = not measured: " + "; ".join(foot[:6]) + (" ..." if len(foot) > 6 else ""),
+                     fontsize=6, wrap=True, va="bottom")
+            fig.tight_layout(rect=(0, 0.06, 1, 1))
+        else:
+            fig.tight_layout()
         path = os.path.join(outdir, fname)
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -1,8 +1,12 @@
-"""Measuring one provider at one shape: memory, time, global-memory traffic and matmul FLOPs.
+"""Measuring one provider at one shape in one table: memory, time, global-memory traffic and FLOPs.
 
-Per (provider, shape) the forward is run once under every instrument (memory, traffic when the
-Triton interpreter is on, FLOPs), then the backward of that loss once, and the forward+backward
-figures are derived from the two (see ``combine``). Timings are separate repeated runs.
+Tables (``TABLES``): "step" is the full lm_head step (hidden, weight -> loss -> d hidden, d weight);
+"loss" is the loss on given logits (logits -> loss -> d logits). Per (provider, shape, table) the
+forward is run once under every instrument (memory, traffic when the Triton interpreter is on,
+FLOPs), then the backward of that loss once, and the forward+backward figures are derived from the
+two (see ``combine``). Timings are separate repeated runs. In the loss table, in-place providers
+(liger-ce in its forward, gem-triton-inplace in its backward) overwrite the given logits, so their
+repeated timed calls run on overwritten values; no kernel's work depends on the values.
 """
 from __future__ import annotations
 
@@ -19,11 +23,13 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .measure import count_flops, peak_memory, quiet_fd2
+from .roofline import BYTES_SOURCES, model_bytes
 from .providers import Provider
 from .shapes import Shape
 from .traffic import count_traffic, interpreter_active
 
 PHASES = ("forward", "backward", "forward+backward")
+TABLES = ("loss", "step")
 QUANTILES = (0.2, 0.5, 0.8)
 
 
@@ -41,14 +47,26 @@ class Settings:
 
 
 def make_inputs(shape: Shape, settings: Settings):
-    """hidden [T, H] ~ N(0, 1), weight [V, H] ~ N(0, 4/H) (logits of std ~2), labels [T] uniform in [0, V)."""
+    """hidden [T, H] ~ N(0, 1), weight [V, H] ~ N(0, 4/H) (logits of std ~2), labels [T] uniform in [0, V)
+    with exactly ``shape.ignored`` of them (at random positions) set to -100."""
     g = torch.Generator(device=settings.device).manual_seed(settings.seed)
     kw = dict(device=settings.device, generator=g)
     hidden = torch.randn(shape.tokens, shape.hidden, **kw).to(settings.dtype).requires_grad_()
     weight = (torch.randn(shape.vocab, shape.hidden, **kw) * (2.0 / math.sqrt(shape.hidden)))
     weight = weight.to(settings.dtype).requires_grad_()
     labels = torch.randint(0, shape.vocab, (shape.tokens,), **kw)
+    if shape.ignored:
+        labels[torch.randperm(shape.tokens, **kw)[:shape.ignored]] = -100
     return hidden, weight, labels
+
+
+def make_logits(shape: Shape, settings: Settings):
+    """The loss table's inputs: logits [T, V] = hidden @ weight.T of ``make_inputs`` (a leaf requiring
+    grad, in the run's dtype) and the same labels."""
+    hidden, weight, labels = make_inputs(shape, settings)
+    with torch.no_grad():
+        logits = hidden @ weight.t()
+    return logits.requires_grad_(), labels
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -195,21 +213,29 @@ def _separate_flops(step: Callable, args):
             t.grad = None
 
 
-def _base_record(provider: Provider, shape: Shape, settings: Settings, phase: str) -> Dict:
+def _base_record(provider: Provider, shape: Shape, settings: Settings, phase: str, table: str) -> Dict:
     return {
-        "provider": provider.name, "kind": provider.kind, "model": shape.model, "tokens": shape.tokens,
+        "table": table, "provider": provider.name, "kind": provider.kind, "h": provider.h,
+        "computes": provider.computes, "shape": shape.label, "model": shape.model, "tokens": shape.tokens,
+        "valid_tokens": shape.valid, "ignore_frac": shape.ignore_frac,
         "vocab": shape.vocab, "hidden": shape.hidden, "softcap": shape.softcap or "",
         "dtype": str(settings.dtype).replace("torch.", ""), "device": settings.device, "phase": phase,
         "status": "ok", "note": "", "peak_bytes": None, "largest_alloc_bytes": None,
         "time_ms_p20": None, "time_ms_p50": None, "time_ms_p80": None, "time_note": "",
         "loaded_bytes": None, "stored_bytes": None, "traffic_bytes": None, "traffic_bytes_per_token": None,
         "logits_passes": None, "traffic_note": "", "matmul_flops": None, "loss": None,
+        "model_bytes": None, "bytes_source": "", "achieved_bytes_per_s": None, "copy_fraction": None,
+        "matmul_floor_ms": None, "floor_fraction": None, "x_fastest_ce": None, "fastest_ce": "",
+        "ncu_dram_bytes": None,
     }
 
 
-def run(provider: Provider, shape: Shape, settings: Settings, timing: bool = True) -> List[Dict]:
-    """The three phase records of one provider at one shape (status skipped/failed/oom with a note)."""
-    records = [_base_record(provider, shape, settings, p) for p in PHASES]
+def run(provider: Provider, shape: Shape, settings: Settings, timing: bool = True, table: str = "step") -> List[Dict]:
+    """The three phase records of one provider at one shape in one table ("step" or "loss"; status
+    skipped/failed/oom with a note)."""
+    if table not in TABLES:
+        raise ValueError(f"table must be one of {TABLES}, got {table!r}")
+    records = [_base_record(provider, shape, settings, p, table) for p in PHASES]
 
     def mark(status, note):
         for r in records:
@@ -222,13 +248,29 @@ def run(provider: Provider, shape: Shape, settings: Settings, timing: bool = Tru
     interp = settings.interpreter
     if provider.triton and settings.device == "cpu" and not interp:
         return mark("skipped", "Triton on CPU needs TRITON_INTERPRET=1 before triton is imported")
+    if table == "loss" and not provider.in_loss_table:
+        return mark("skipped", "takes hidden states, not logits")
     try:
-        step = provider.step(shape)
-        hidden, weight, labels = make_inputs(shape, settings)
-        args = (hidden, weight, labels)
+        if table == "step":
+            step = provider.step(shape)
+            args = make_inputs(shape, settings)
+            leaves = list(args[:2])
+        else:
+            step = provider.loss(shape)
+            args = make_logits(shape, settings)
+            leaves = [args[0]]
+        saved = args[0].detach().clone() if table == "loss" else None  # in-place providers overwrite logits
+
+        def restore():
+            for t in leaves:
+                t.grad = None
+            if saved is not None:
+                with torch.no_grad():
+                    args[0].copy_(saved)
+
         if settings.device == "cuda":  # compile / autotune outside every measurement
             step(*args).backward()
-            hidden.grad = weight.grad = None
+            restore()
             _sync(settings.device)
         traffic = provider.triton and interp
         # On CPU the FLOP counter rides along in the measured (interpreted, slow) run; on GPU it
@@ -240,9 +282,10 @@ def run(provider: Provider, shape: Shape, settings: Settings, timing: bool = Tru
         bwd.pop("result")
         loss_value = float(loss.detach().float())
         del loss
-        hidden.grad = weight.grad = None
+        restore()
         if provider.count_flops and not nested_flops:
             fwd["flops"], bwd["flops"] = _separate_flops(step, args)
+            restore()
         phases = {"forward": fwd, "backward": bwd, "forward+backward": combine(fwd, bwd)}
     except Exception as exc:  # one provider failing must not end the run
         _clean(settings.device)
@@ -252,7 +295,7 @@ def run(provider: Provider, shape: Shape, settings: Settings, timing: bool = Tru
 
     times, time_failure = {}, ""
     if timing and (settings.device == "cuda" or not provider.triton):
-        grads = [hidden, weight]
+        grads = leaves
         try:  # a failure here (e.g. OOM from timing's repeated calls) keeps the memory figures
             times["forward"] = time_calls(lambda _: step(*args), settings, grads)
             times["backward"] = time_calls(lambda loss: loss.backward(), settings, grads,
@@ -263,11 +306,15 @@ def run(provider: Provider, shape: Shape, settings: Settings, timing: bool = Tru
         finally:
             _clean(settings.device)
 
-    logits_bytes = shape.tokens * shape.vocab * hidden.element_size()
+    element = args[0].element_size()
+    logits_bytes = shape.tokens * shape.vocab * element
+    modelled = model_bytes(provider.bytes_model, shape.tokens, shape.valid, shape.vocab, element)
     for r in records:
         m = phases[r["phase"]]
         r["peak_bytes"], r["largest_alloc_bytes"] = m["peak_bytes"], m["largest_alloc_bytes"]
         r["matmul_flops"], r["loss"] = m["flops"], loss_value
+        if modelled:
+            r["model_bytes"], r["bytes_source"] = modelled[r["phase"]], BYTES_SOURCES[provider.bytes_model]
         if m["loaded_bytes"] is not None:
             total = m["loaded_bytes"] + m["stored_bytes"]
             r.update(loaded_bytes=m["loaded_bytes"], stored_bytes=m["stored_bytes"], traffic_bytes=total,

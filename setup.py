@@ -21,7 +21,8 @@ setup(
         "deepspeed": ["deepspeed>=0.19.8,<0.20"],
         # peft: apply_gem on PEFT models (LoRA head refused, modules_to_save head fused; tested)
         "hf": ["transformers", "trl", "accelerate", "peft"],
-        "bench": ["liger-kernel", "cut-cross-entropy", "matplotlib", "triton>=3.2", "numpy"],
+        # trl: its fused LM head (SFTTrainer's default loss) is a provider of the benchmark
+        "bench": ["liger-kernel", "cut-cross-entropy", "trl", "matplotlib", "triton>=3.2", "numpy"],
     },
     license="Apache-2.0",
 )

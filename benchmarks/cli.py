@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--ncu", action="store_true",
                    help="also read DRAM bytes per kernel with Nsight Compute (GPU, ncu on PATH; minutes per "
                         "provider and shape)")
+    p.add_argument("--plots-from", metavar="CSV", default=None,
+                   help="only redraw the plots of an earlier run's benchmark.csv into --out, then exit")
     p.add_argument("--list", action="store_true", help="list the providers and exit")
     return p.parse_args(argv)
 
@@ -112,6 +114,11 @@ def main(argv=None) -> int:
     from . import providers as prov
     from . import report, roofline, runner, shapes
 
+    if args.plots_from:
+        records, meta = report.read_csv(args.plots_from)
+        os.makedirs(args.out, exist_ok=True)
+        print("wrote " + ", ".join(report.plots(records, meta, args.out)), file=sys.stderr)
+        return 0
     if args.list:
         for p in prov.PROVIDERS:
             note = p.unavailable(device)

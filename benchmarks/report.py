@@ -67,6 +67,22 @@ def write_csv(records: Sequence[Dict], meta: Dict[str, str], path: str) -> None:
             w.writerow({**meta, **{k: ("" if v is None else v) for k, v in r.items()}})
 
 
+def read_csv(path: str):
+    """(records, meta) of a benchmark.csv written by ``write_csv`` (numbers parsed back), e.g. to
+    redraw its plots with ``python -m benchmarks --plots-from CSV``."""
+    ints = ("tokens", "vocab", "hidden", "valid_tokens")
+    floats = ("ignore_frac", "peak_bytes", "largest_alloc_bytes", "time_ms_p20", "time_ms_p50", "time_ms_p80")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ints:
+            r[k] = int(r[k])
+        for k in floats:
+            r[k] = float(r[k]) if r.get(k) not in (None, "") else None
+    meta = {k: rows[0][k] for k in ("device", "gpu", "cpu", "cpu_cores", "date_utc", "command")} if rows else {}
+    return rows, meta
+
+
 def _mib(b) -> str:
     if b is None:
         return ""
@@ -226,9 +242,9 @@ def _series(records: Sequence[Dict], vary: str, fixed: str):
     return best, {k: sorted(v) for k, v in series.items()}, missing, models
 
 
-def _same(a, b) -> bool:
-    return len(a) == len(b) and all(x1 == x2 and abs(y1 - y2) <= 0.01 * max(abs(y2), 1e-9)
-                                    for (x1, y1), (x2, y2) in zip(a, b))
+def _same(a, b, tol: float) -> bool:
+    """Two series that would be drawn on top of each other: same xs, every y within ``tol``."""
+    return len(a) == len(b) and all(x1 == x2 and abs(y1 - y2) <= tol for (x1, y1), (x2, y2) in zip(a, b))
 
 
 def plots(records: Sequence[Dict], meta: Dict[str, str], outdir: str) -> List[str]:
@@ -260,9 +276,11 @@ def plots(records: Sequence[Dict], meta: Dict[str, str], outdir: str) -> List[st
         kinds = {r["provider"]: r["kind"] for r in records}
         markers = "osD^vPX*<>hp"
         drawn = []
+        tol = 0.015 * max((y for pts in series.values() for _, y in pts), default=1.0)  # 1.5% of the y range
         for i, (name, pts) in enumerate(series.items()):
-            xs, ys = zip(*pts)
-            twin = next((n for n, p in drawn if _same(pts, p)), None)
+            have = dict(pts)  # a missing x breaks the line (NaN) instead of bridging it
+            xs, ys = xs_all, [have.get(x, float("nan")) for x in xs_all]
+            twin = next((n for n, p in drawn if _same(pts, p, tol)), None)
             label = name + (f" (same as {twin})" if twin else "")
             style = dict(marker=markers[i % len(markers)], linestyle="--" if kinds[name] == "fused" else "-",
                          label=label, alpha=0.9)
@@ -274,9 +292,11 @@ def plots(records: Sequence[Dict], meta: Dict[str, str], outdir: str) -> List[st
         for name, gaps in missing.items():
             for x, why in gaps:
                 ax.plot([x], [0], marker="x", color="red", markersize=8, linestyle="none", clip_on=False)
-                foot.append(f"{name} at {vary}={x}: {why[:90]}")
+                foot.append(f"{name} at {vary}={x} ({why[:80]})")
         if vary == "vocab":
-            top = ax.get_ylim()[1]
+            bottom, top = ax.get_ylim()
+            top += 0.08 * (top - bottom)  # room for the model names above the highest point
+            ax.set_ylim(bottom, top)
             for x in xs_all:
                 ax.annotate(models[x], (x, top), textcoords="offset points", xytext=(0, -12), ha="center",
                             fontsize=7, color="dimgray")
@@ -288,9 +308,12 @@ def plots(records: Sequence[Dict], meta: Dict[str, str], outdir: str) -> List[st
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
         if foot:
-            fig.text(0.01, 0.01, "x = not measured: " + "; ".join(foot[:6]) + (" ..." if len(foot) > 6 else ""),
-                     fontsize=6, wrap=True, va="bottom")
-            fig.tight_layout(rect=(0, 0.06, 1, 1))
+            import textwrap
+
+            text = "x = not measured: " + "; ".join(foot[:8]) + (" ..." if len(foot) > 8 else "")
+            wrapped = textwrap.wrap(text, 160)
+            fig.text(0.01, 0.01, "\n".join(wrapped), fontsize=6, va="bottom")
+            fig.tight_layout(rect=(0, 0.02 + 0.022 * len(wrapped), 1, 1))
         else:
             fig.tight_layout()
         path = os.path.join(outdir, fname)

@@ -242,28 +242,33 @@ def _series(records: Sequence[Dict], vary: str, fixed: str):
     return best, {k: sorted(v) for k, v in series.items()}, missing, models
 
 
-def _same(a, b, tol: float) -> bool:
-    """Two series that would be drawn on top of each other: same xs, every y within ``tol``."""
-    return len(a) == len(b) and all(x1 == x2 and abs(y1 - y2) <= tol for (x1, y1), (x2, y2) in zip(a, b))
+def _same(a, b, rel: float = 0.03) -> bool:
+    """Series ``a`` would be drawn on top of ``b``: every x of ``a`` is in ``b`` with a y within ``rel``."""
+    other = dict(b)
+    return all(x in other and abs(y - other[x]) <= rel * max(abs(y), abs(other[x]), 1e-12) for x, y in a)
 
 
 def plots(records: Sequence[Dict], meta: Dict[str, str], outdir: str) -> List[str]:
     """memory_vs_vocab.png and memory_vs_tokens.png: forward+backward peak of the lm_head step, one
-    line per provider. A plot needs at least two x values (it is skipped, with a message, otherwise);
-    providers missing at a shape are marked x on the axis and listed under the plot; a line that
-    coincides with another is drawn wider beneath it and named in the legend; on the vocabulary
-    plot every point is labelled with its model, since H and the softcap change with it."""
+    line per provider (GEM with h="linear"; the logsigmoid rows are in the tables), log scale. A
+    plot needs at least two x values (it is skipped, with a message, otherwise); providers missing
+    at a shape are marked x on the axis and listed under the plot; a line that coincides with
+    another is drawn wider beneath it and named in the legend; on the vocabulary plot every point is
+    labelled with its model, since H and the softcap change with it."""
     try:
         import matplotlib
     except ImportError:
         print("plots skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         return []
     matplotlib.use("Agg")
+    import textwrap
+
     import matplotlib.pyplot as plt
 
     written = []
     hw = meta["gpu"] if meta["device"] == "cuda" else f"CPU ({meta['cpu_cores']} cores)"
     dtype = records[0]["dtype"] if records else ""
+    records = [r for r in records if not r["provider"].endswith("-logsigmoid")]
     for vary, fixed, fname, xlabel in (("vocab", "tokens", "memory_vs_vocab.png", "vocabulary size V"),
                                        ("tokens", "vocab", "memory_vs_tokens.png", "tokens T")):
         best, series, missing, models = _series(records, vary, fixed)
@@ -272,50 +277,46 @@ def plots(records: Sequence[Dict], meta: Dict[str, str], outdir: str) -> List[st
             print(f"{fname} skipped: the run has a single {xlabel} (run the default grid for the sweep)",
                   file=sys.stderr)
             continue
-        fig, ax = plt.subplots(figsize=(8, 5.2))
+        fig, ax = plt.subplots(figsize=(10, 5.6))
         kinds = {r["provider"]: r["kind"] for r in records}
         markers = "osD^vPX*<>hp"
         drawn = []
-        tol = 0.015 * max((y for pts in series.values() for _, y in pts), default=1.0)  # 1.5% of the y range
         for i, (name, pts) in enumerate(series.items()):
             have = dict(pts)  # a missing x breaks the line (NaN) instead of bridging it
-            xs, ys = xs_all, [have.get(x, float("nan")) for x in xs_all]
-            twin = next((n for n, p in drawn if _same(pts, p, tol)), None)
-            label = name + (f" (same as {twin})" if twin else "")
+            ys = [have.get(x, float("nan")) for x in xs_all]
+            twin = next((n for n, p in drawn if _same(pts, p)), None)
             style = dict(marker=markers[i % len(markers)], linestyle="--" if kinds[name] == "fused" else "-",
-                         label=label, alpha=0.9)
+                         label=name + (f" (same as {twin})" if twin else ""), alpha=0.9)
             if twin:  # drawn wider and hollow beneath the line it coincides with
-                style.update(linewidth=4, markersize=11, markerfacecolor="none", alpha=0.5, zorder=1)
-            ax.plot(xs, ys, **style)
+                style.update(linewidth=5, markersize=12, markerfacecolor="none", alpha=0.45, zorder=1)
+            ax.plot(xs_all, ys, **style)
             drawn.append((name, pts))
+        ax.set_yscale("log")
         foot = []
+        axis_y = ax.get_xaxis_transform()  # x in data, y in axes fractions: marks sit on the x axis
         for name, gaps in missing.items():
-            for x, why in gaps:
-                ax.plot([x], [0], marker="x", color="red", markersize=8, linestyle="none", clip_on=False)
-                foot.append(f"{name} at {vary}={x} ({why[:80]})")
+            ax.plot([x for x, _ in gaps], [0.0] * len(gaps), marker="x", color="red", markersize=8,
+                    linestyle="none", transform=axis_y, clip_on=False)
+            where = ", ".join(str(x) for x, _ in gaps)
+            foot.append(f"{name} at {vary} = {where} ({gaps[0][1][:110]})")
         if vary == "vocab":
-            bottom, top = ax.get_ylim()
-            top += 0.08 * (top - bottom)  # room for the model names above the highest point
-            ax.set_ylim(bottom, top)
             for x in xs_all:
-                ax.annotate(models[x], (x, top), textcoords="offset points", xytext=(0, -12), ha="center",
-                            fontsize=7, color="dimgray")
+                ax.annotate(models[x], (x, 1.0), xycoords=axis_y, textcoords="offset points", xytext=(0, 3),
+                            ha="center", fontsize=7, color="dimgray")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("peak memory, forward+backward (MiB)")
+        ax.set_ylabel("peak memory, forward+backward (MiB, log scale)")
         what = (f"models at T = {best}: H and softcap change with the model" if vary == "vocab"
                 else f"{models[xs_all[0]]}, V = {best}")
-        ax.set_title(f"Peak memory of the lm_head step vs {xlabel}\n({what}; {hw}, {dtype})", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.set_title(f"Peak memory of the lm_head step vs {xlabel}; GEM rows h=linear\n({what}; {hw}, {dtype})",
+                     fontsize=9, pad=14)
+        ax.grid(True, alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        wrapped = []
         if foot:
-            import textwrap
-
-            text = "x = not measured: " + "; ".join(foot[:8]) + (" ..." if len(foot) > 8 else "")
-            wrapped = textwrap.wrap(text, 160)
+            for line in ["x = not measured:"] + foot:
+                wrapped += textwrap.wrap(line, 170)
             fig.text(0.01, 0.01, "\n".join(wrapped), fontsize=6, va="bottom")
-            fig.tight_layout(rect=(0, 0.02 + 0.022 * len(wrapped), 1, 1))
-        else:
-            fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.02 + 0.02 * len(wrapped), 1, 1))
         path = os.path.join(outdir, fname)
         fig.savefig(path, dpi=110)
         plt.close(fig)

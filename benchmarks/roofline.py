@@ -146,7 +146,7 @@ def derive(records, calib: Optional[Calibration], ce_names: Sequence[str]) -> No
             continue
         t = r["time_ms_p50"]
         b = r.get("model_bytes")
-        if t and b is not None and calib is not None:
+        if r["table"] == "loss" and t and b is not None and calib is not None:  # the step is bound by its matmuls
             r["achieved_bytes_per_s"] = b / (t / 1e3)
             r["copy_fraction"] = r["achieved_bytes_per_s"] / calib.copy_bytes_per_s
         rate = calib.matmul_flops_per_s.get(r["shape"]) if calib is not None else None

@@ -10,12 +10,9 @@ repeated timed calls run on overwritten values; no kernel's work depends on the 
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
-import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional

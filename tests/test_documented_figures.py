@@ -104,7 +104,8 @@ def test_integration_step_memory_matches_its_command():
     got = {k: float(v) for k, v in re.findall(r"(logits|fused) path:\s+peak ([\d.]+) MiB", out.stdout)}
     assert set(got) == {"logits", "fused"}, out.stdout
     for doc in ("README.md", "docs/integrations.md"):
-        for key, row in (("logits", "| logits path (`gem_compute_loss_func`)"), ("fused", "| fused path (`apply_gem`)")):
+        rows = (("logits", "| logits path (`gem_compute_loss_func`)"), ("fused", "| fused path (`apply_gem`)"))
+        for key, row in rows:
             mib = _table_mib(doc, row)
             assert abs(got[key] - mib) <= 0.02 * mib + 0.01, (
                 f"{doc}: {key} path peak documented as {mib} MiB, its command now prints {got[key]} MiB")

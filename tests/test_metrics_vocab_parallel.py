@@ -8,7 +8,9 @@ import os
 import socket
 import traceback
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported in the children too
+# conftest.py already chose: "1" on the CPU test device (inherited by the children), "0" on CUDA, where
+# this module is skipped; setdefault keeps a CUDA run's compiled kernels and impl="auto" choice intact.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

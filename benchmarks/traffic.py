@@ -10,6 +10,12 @@ What the number means: bytes *requested* by the kernel's memory instructions. Fo
 kernel that touches each byte once this is its DRAM traffic; a kernel that re-reads data which
 would sit in a GPU cache is charged again for each re-read (so the count is an upper bound on
 DRAM traffic, and an exact count of what the kernel asks of the memory system).
+
+``reread_bytes`` (part of ``loaded_bytes``) counts loads of addresses the same program (one grid
+point of one launch) has already loaded: a kernel that reads a row and then reads it again (the
+GEM gradient-in-forward kernel) has its second read counted there. On a GPU such a re-read is
+served from L2 when the program's working set is still resident, so ``loaded_bytes - reread_bytes``
+is the DRAM read traffic when it is; whether it is can only be measured on the GPU.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ class TrafficReport:
 
     loaded_bytes: int = 0
     stored_bytes: int = 0
+    reread_bytes: int = 0  # loaded bytes at addresses the same program had loaded before (see above)
     loads: int = 0  # memory instructions executed (one per program per tl.load), for diagnostics
     stores: int = 0
     result: Any = None
@@ -56,15 +63,61 @@ def _active_lanes(ptr_handle, mask_handle) -> int:
     return int(np.count_nonzero(np.broadcast_to(mask, np.asarray(ptr_handle.data).shape)))
 
 
-def _add(loaded: int = 0, stored: int = 0) -> None:
+def _add(loaded: int = 0, stored: int = 0, reread: int = 0) -> None:
     if not _ACTIVE:
         return
     with _LOCK:
         for rep in _ACTIVE:
             rep.loaded_bytes += loaded
             rep.stored_bytes += stored
+            rep.reread_bytes += reread
             rep.loads += loaded > 0
             rep.stores += stored > 0
+
+
+class _ProgramReads:
+    """Byte intervals [lo, hi) the current program has loaded, merged and sorted; reset whenever
+    the interpreter moves to another grid point (or launch)."""
+
+    def __init__(self):
+        self.lo = np.empty(0, dtype=np.int64)
+        self.hi = np.empty(0, dtype=np.int64)
+
+    def reset(self) -> None:
+        self.lo = np.empty(0, dtype=np.int64)
+        self.hi = np.empty(0, dtype=np.int64)
+
+    def add(self, addrs: np.ndarray, nbytes: int) -> int:
+        """Record a load of the byte ranges [a, a + nbytes) for a in addrs; returns how many of
+        those bytes had been loaded before by this program."""
+        if addrs.size == 0:
+            return 0
+        a = np.unique(addrs.astype(np.int64))
+        # Runs of contiguous elements become one interval each.
+        breaks = np.nonzero(np.diff(a) != nbytes)[0]
+        starts = np.concatenate(([a[0]], a[breaks + 1]))
+        ends = np.concatenate((a[breaks], [a[-1]])) + nbytes
+        seen = 0
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            # overlap of [s, e) with the recorded disjoint intervals
+            i = np.searchsorted(self.hi, s, side="right")
+            j = np.searchsorted(self.lo, e, side="left")
+            if j > i:
+                seen += int(np.sum(np.minimum(self.hi[i:j], e) - np.maximum(self.lo[i:j], s)))
+        lo = np.concatenate((self.lo, starts))
+        hi = np.concatenate((self.hi, ends))
+        order = np.argsort(lo, kind="stable")
+        lo, hi = lo[order], hi[order]
+        # merge overlapping or touching intervals
+        run_hi = np.maximum.accumulate(hi)
+        new_run = np.concatenate(([True], lo[1:] > run_hi[:-1]))
+        idx = np.nonzero(new_run)[0]
+        self.lo = lo[idx]
+        self.hi = np.maximum.reduceat(hi, idx) if idx.size else hi
+        return seen
+
+
+_READS = _ProgramReads()
 
 
 def _install() -> None:
@@ -83,9 +136,22 @@ def _install() -> None:
         orig_rmw = cls.create_atomic_rmw
         orig_cas = cls.create_atomic_cas
 
+        orig_set_grid_idx = cls.set_grid_idx
+
+        @functools.wraps(orig_set_grid_idx)
+        def set_grid_idx(self, x, y, z):
+            _READS.reset()  # a new program (of this or of another launch) starts
+            return orig_set_grid_idx(self, x, y, z)
+
         @functools.wraps(orig_load)
         def create_masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
-            _add(loaded=_active_lanes(ptrs, mask) * _element_bytes(ptrs))
+            if _ACTIVE:
+                nbytes = _element_bytes(ptrs)
+                addrs = np.asarray(ptrs.data)
+                if mask is not None:
+                    addrs = addrs[np.broadcast_to(np.asarray(mask.data), addrs.shape)]
+                addrs = addrs.reshape(-1)
+                _add(loaded=addrs.size * nbytes, reread=_READS.add(addrs, nbytes))
             return orig_load(self, ptrs, mask, other, cache_policy, is_volatile)
 
         @functools.wraps(orig_store)
@@ -105,6 +171,7 @@ def _install() -> None:
             _add(loaded=nbytes, stored=nbytes)
             return orig_cas(self, ptr, cmp, val, sem, scope)
 
+        cls.set_grid_idx = set_grid_idx
         cls.create_masked_load = create_masked_load
         cls.create_masked_store = create_masked_store
         cls.create_atomic_rmw = create_atomic_rmw

@@ -197,13 +197,20 @@ def test_torch_path_second_backward_is_a_clear_error():
         loss.backward()
 
 
-def test_triton_path_supports_retain_graph():
+def test_triton_path_retain_graph():
+    """A reduced loss has its gradient computed in forward (one backward, as impl='torch'); the split
+    design (reduction='none') supports repeated backward."""
     logits, labels = make_inputs(n=4, vocab=50)
     loss = gem_loss(logits, labels, impl="triton")
     loss.backward(retain_graph=True)
-    first = logits.grad.clone()
-    loss.backward()
-    assert_close(logits.grad, 2 * first, what="accumulated second backward")
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
+    x = fresh(logits)
+    per_token = gem_loss(x, labels, impl="triton", reduction="none")
+    per_token.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    per_token.sum().backward()
+    assert_close(x.grad, 2 * first, what="accumulated second backward")
 
 
 def test_module_matches_functional():

@@ -1,4 +1,5 @@
-"""The kernels build for real GPUs (sm_80, sm_90) without spills, and index with 64-bit offsets.
+"""The kernels build for real GPUs (sm_80, sm_90) without spills, with every launch configuration
+of ops/config.py (every autotune candidate), and index with 64-bit offsets.
 
 The build runs in a subprocess without TRITON_INTERPRET (interpreted kernels cannot be compiled).
 """
@@ -11,34 +12,52 @@ import sys
 import pytest
 
 from gem_kernels import gpu_build
+from gem_kernels.ops import config
 
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_build") / "builds.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "gem_kernels.gpu_build", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "gem_kernels.gpu_build", "--jobs", "2", "--json", str(out)],
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"GPU build check failed:\n{proc.stdout}\n{proc.stderr}"
     return json.loads(out.read_text())
 
 
+def _key(cfg):
+    return cfg.block_v, cfg.lanes, cfg.num_warps, cfg.num_stages
+
+
 def test_every_kernel_and_config_is_built(builds):
-    built = {(b["kernel"], b["arch"], b["dtype"]) for b in builds}
-    expected = {(k, a, d) for k in ("gem_fwd", "gem_bwd") for a in gpu_build.ARCHS for d in gpu_build.DTYPES}
+    """Every (kernel, launch configuration, dtype it serves, arch), all features off and on."""
+    configs = {"gem_fwd": config.FORWARD_CONFIGS, "gem_fwd_grad": config.FORWARD_GRAD_CONFIGS,
+               "gem_bwd": (config.BACKWARD,), "gem_scale": (config.SCALE,)}
+    expected = set()
+    for kernel, cfgs in configs.items():
+        for cfg in cfgs:
+            for dtype in gpu_build.DTYPES:
+                if cfg.element_size in (0, gpu_build.ELEMENT_SIZE[dtype]):
+                    expected |= {(kernel, _key(cfg), arch, dtype) for arch in gpu_build.ARCHS}
+    built = {(b["kernel"], (b["config"]["BLOCK_V"], b["config"].get("LANES", 0), b["config"]["num_warps"],
+                            b["config"]["num_stages"]), b["arch"], b["dtype"]) for b in builds}
     assert built == expected
-    assert len(builds) == 2 * len(expected)  # all-features-off and all-features-on of each
+    for kernel in ("gem_fwd", "gem_fwd_grad", "gem_bwd"):
+        variants = [b for b in builds if b["kernel"] == kernel]
+        assert any(all(v for k, v in b["flags"].items() if k != "SCALE") for b in variants), kernel
+        assert any(not any(b["flags"].values()) for b in variants), kernel
 
 
 def test_no_local_memory_spills(builds):
-    spilled = [(b["kernel"], b["arch"], b["dtype"], b["flags"]) for b in builds
+    spilled = [(b["kernel"], b["config"], b["arch"], b["dtype"], b["flags"]) for b in builds
                if b["local_bytes"] or b["stack_bytes"]]
     assert not spilled, f"kernels spill to local memory: {spilled}"
     assert all(0 < b["registers"] <= 255 for b in builds)
 
 
-@pytest.mark.parametrize("kernel,pointer", [("gem_fwd", "logits_ptr"), ("gem_bwd", "logits_ptr"),
-                                            ("gem_bwd", "grad_ptr")])
+@pytest.mark.parametrize("kernel,pointer", [("gem_fwd", "logits_ptr"), ("gem_fwd_grad", "logits_ptr"),
+                                            ("gem_fwd_grad", "grad_ptr"), ("gem_bwd", "logits_ptr"),
+                                            ("gem_bwd", "grad_ptr"), ("gem_scale", "grad_ptr")])
 def test_row_offsets_are_64_bit(builds, kernel, pointer):
     """N * V >= 2^31 must not overflow: the row offset added to each [N, V] base pointer is i64
     even though the row stride argument was compiled as i32 (Triton's narrowest specialisation)."""

@@ -110,3 +110,41 @@ def test_refuses_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         count_traffic(lambda: None)
+
+
+@triton.jit
+def _twice_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    # Every program reads the whole input twice (as a two-pass row kernel does) and writes one block.
+    pid = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(src_ptr + offs, mask=offs < n, other=0.0)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(src_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(dst_ptr + pid * BLOCK + tl.arange(0, BLOCK), acc)
+
+
+def test_rereads_within_a_program_are_counted_separately():
+    n, block, programs = 1000, 128, 3
+    src = torch.randn(n)
+    dst = torch.empty(programs * block)
+
+    def run():
+        _twice_kernel[(programs,)](src, dst, n, BLOCK=block)
+
+    rep = count_traffic(run)
+    # Each program loads n elements twice; only its second pass re-reads what it loaded before.
+    # Other programs reading the same addresses are not re-reads (they are separate grid points).
+    assert rep.loaded_bytes == programs * 2 * n * 4
+    assert rep.reread_bytes == programs * n * 4
+    assert rep.stored_bytes == programs * block * 4
+
+
+def test_streaming_kernels_have_no_rereads():
+    src = torch.randn(777)
+    rep = count_traffic(_copy, src, 128)
+    assert rep.reread_bytes == 0
+    rep2 = count_traffic(_copy, src, 128)  # a second launch over the same data is not a re-read
+    assert rep2.reread_bytes == 0

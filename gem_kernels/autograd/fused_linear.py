@@ -5,7 +5,10 @@ scale with the valid tokens. Per chunk of ``c`` valid rows:
 
 1. ``Z = x_c @ W.T + b`` into one reused [c, V] buffer (the only vocabulary-sized temporary);
 2. the GEM forward gives the per-row partial sums, ``finalize`` the loss and row statistics;
-3. the GEM backward writes dLoss/dZ over ``Z`` itself (in place);
+3. the GEM backward writes dLoss/dZ over ``Z`` itself (in place). With impl="triton" on one device,
+   when the gradients are computed in the forward, steps 2 and 3 are one kernel (gradient in forward,
+   ops/gem_fwd_grad.py): each chunk's logits are then read twice (the second read from L2 on a GPU)
+   and written once, instead of read by two kernels;
 4. ``grad_hidden[rows] = Z @ W``, ``grad_weight += Z.T @ x_c`` and ``grad_bias += Z.sum(0)``, the
    last two accumulated in fp32 across chunks and cast to the parameter dtype once at the end
    (``_fused_accumulate``: for a 2-byte weight the returned gradient's own storage holds half of
@@ -42,7 +45,7 @@ from . import vocab_parallel
 from ._scale import scale_grads_, upstream_scale
 from ._fused_accumulate import Accumulator
 from ._fused_low_memory import vocab_slice_grads
-from .gem import torch_partials, triton_grad, triton_partials
+from .gem import torch_partials, triton_grad, triton_partials, triton_partials_and_grad
 
 
 
@@ -119,10 +122,16 @@ def _chunk_loop(hidden2d, weight, bias, rows, labels_v, opts: GEMOptions, impl: 
         else:
             torch.mm(x, wt, out=z)
         y = labels_v[a:b]
+        # Gradient in forward: one kernel gives the chunk's partials and writes dZ over Z (its rows'
+        # statistics are complete on one device; a vocabulary shard must combine them first).
+        one_kernel = grads and want_loss and group is None and impl == "triton"
         if not want_loss:
             st = stats_v[a:b]
         else:
-            partials = vocab_parallel.combined_partials(partials_fn, z, y, opts, group)
+            if one_kernel:
+                partials = triton_partials_and_grad(z, y, row_grad[a:b].float(), opts, out=z)
+            else:
+                partials = vocab_parallel.combined_partials(partials_fn, z, y, opts, group)
             l_c, ce_c, st = finalize(partials, y != opts.ignore_index, opts, y)
             if new_stats is not None:
                 new_stats.append(st)
@@ -131,7 +140,8 @@ def _chunk_loop(hidden2d, weight, bias, rows, labels_v, opts: GEMOptions, impl: 
                 _put(ce, idx, a, b, ce_c)
         if not grads:
             continue
-        _gem_grad_inplace(impl, z, y, st, row_grad[a:b], opts)
+        if not one_kernel:
+            _gem_grad_inplace(impl, z, y, st, row_grad[a:b], opts)
         if need_gx:
             if idx is None:
                 torch.mm(z, weight, out=gx[a:b])

@@ -41,6 +41,17 @@ def triton_grad(logits, labels, stats, grad_loss, opts: GEMOptions, out: torch.T
     return out
 
 
+def triton_partials_and_grad(logits, labels, row_scale, opts: GEMOptions, out: torch.Tensor) -> torch.Tensor:
+    """partials [N, 6] of every row, and d(sum_i row_scale_i loss_i)/d logits written into ``out``
+    (which may be ``logits``), by the gradient-in-forward kernel. row_scale [N] fp32 (0-stride for
+    one scalar). Single device only: a vocabulary shard needs the combined partials first."""
+    from ..ops import gem_forward_grad
+
+    return gem_forward_grad(logits, labels, row_scale, out, need_lse=opts.need_lse,
+                            z_loss_scale=float(opts.z_loss_scale), metrics=opts.return_metrics,
+                            **_kernel_opts(opts))
+
+
 def torch_partials(logits, labels, opts: GEMOptions, label_logits=None):
     return gem_forward_chunked(logits, labels, opts, label_logits=label_logits)[0]
 
@@ -57,24 +68,66 @@ def _zeros_if_none(grad_loss: Optional[torch.Tensor], n: int, like: torch.Tensor
 
 
 class GEMTritonFunction(torch.autograd.Function):
-    """Triton path: forward kernel (one read of the logits) + backward kernel (one read, one write)."""
+    """Triton path, two designs (docs/kernels.md):
+
+    - gradient in forward (a reduced loss on one device, logits that need a gradient, not fp16): one
+      kernel writes the statistics and the gradient of each row already multiplied by ``token_scale``
+      (d reduced loss / d per-token loss, a 0-d fp32 device tensor); backward only rescales rows
+      whose upstream differs from it, a check made on the device. One backward per forward: the
+      gradient is handed to autograd without a copy (a second backward raises a clear error).
+    - statistics-only forward + 2-D backward kernel (``token_scale`` None, i.e. reduction="none";
+      vocabulary shards; fp16, whose gradient must carry the upstream factor, e.g. a GradScaler's
+      2^16, before it is rounded; no_grad). Supports repeated backward unless in place.
+    """
 
     @staticmethod
-    def forward(ctx, logits, labels, opts: GEMOptions, group, grad_enabled: bool = True):
+    def forward(ctx, logits, labels, opts: GEMOptions, group, grad_enabled: bool = True, token_scale=None):
         valid = labels != opts.ignore_index
+        ctx.opts = opts
+        ctx.grad = None
+        eager = (grad_enabled and ctx.needs_input_grad[0] and token_scale is not None and group is None
+                 and logits.dtype != torch.float16)
+        if eager:
+            ts = token_scale.reshape(1)
+            if opts.inplace_backward:
+                grad = logits
+                # The logits are overwritten now, not in backward: any other autograd node that saved
+                # them fails with autograd's version-counter error instead of using the gradient.
+                torch.autograd.graph.increment_version(logits)
+            else:
+                grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+            partials = triton_partials_and_grad(logits, labels, ts.expand(logits.shape[0]), opts, out=grad)
+            loss, extras, _ = finalize(partials, valid, opts, labels)
+            ctx.grad = grad
+            ctx.save_for_backward(labels, ts)
+            return _outputs(ctx, loss, extras)
         partials = vocab_parallel.combined_partials(triton_partials, logits, labels, opts, group)
         loss, extras, stats = finalize(partials, valid, opts, labels)
         ctx.save_for_backward(logits, labels, stats)
-        ctx.opts = opts
         return _outputs(ctx, loss, extras)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_extras):
-        logits, labels, stats = ctx.saved_tensors
         opts: GEMOptions = ctx.opts
+        if ctx.grad is not None:
+            grad = ctx.grad
+            if grad is _CONSUMED:
+                raise RuntimeError(
+                    "gem_loss(impl='triton') computes the gradient of a reduced loss in its forward and hands "
+                    "it to autograd without a copy, so it supports one backward per forward; run the forward "
+                    "again instead of retain_graph=True (or use reduction='none' and reduce yourself)")
+            ctx.grad = _CONSUMED  # drop the reference: autograd may then keep the buffer as .grad
+            labels, ts = ctx.saved_tensors
+            if grad_loss is None:
+                return grad.zero_(), None, None, None, None, None
+            from ..ops import gem_scale_rows
+
+            gem_scale_rows(grad, labels, grad_loss, ts, opts.ignore_index)
+            return grad, None, None, None, None, None
+        logits, labels, stats = ctx.saved_tensors
         grad_loss = _zeros_if_none(grad_loss, logits.shape[0], logits)
         out = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
-        return triton_grad(logits, labels, stats, grad_loss, opts, out), None, None, None, None
+        return triton_grad(logits, labels, stats, grad_loss, opts, out), None, None, None, None, None
 
 
 class GEMTorchFunction(torch.autograd.Function):
@@ -83,7 +136,7 @@ class GEMTorchFunction(torch.autograd.Function):
     otherwise backward recomputes it chunk by chunk from the saved statistics."""
 
     @staticmethod
-    def forward(ctx, logits, labels, opts: GEMOptions, group, grad_enabled: bool = True):
+    def forward(ctx, logits, labels, opts: GEMOptions, group, grad_enabled: bool = True, token_scale=None):
         valid = labels != opts.ignore_index
         # fp16 is excluded: its gradient must be scaled by the upstream gradient (e.g. GradScaler's
         # 2^16) before it is rounded to fp16, or small entries underflow; it is recomputed in backward.
@@ -113,16 +166,16 @@ class GEMTorchFunction(torch.autograd.Function):
                 )
             ctx.grad = _CONSUMED
             if grad_loss is None:
-                return grad.zero_(), None, None, None, None
+                return grad.zero_(), None, None, None, None, None
             if grad_loss.dim() == 1 and grad_loss.stride(0) == 0 and grad_loss.numel() > 0:
                 grad.mul_(grad_loss[0].to(grad.dtype))  # expanded scalar: one multiply, no sync
             else:
                 grad.mul_(grad_loss.to(grad.dtype)[:, None])
-            return grad, None, None, None, None
+            return grad, None, None, None, None, None
         logits, labels, stats = ctx.saved_tensors
         grad_loss = _zeros_if_none(grad_loss, logits.shape[0], logits)
         out = logits if opts.inplace_backward else None
-        return gem_grad_chunked(logits, labels, stats, grad_loss, opts, out=out), None, None, None, None
+        return gem_grad_chunked(logits, labels, stats, grad_loss, opts, out=out), None, None, None, None, None
 
 
 _CONSUMED = object()

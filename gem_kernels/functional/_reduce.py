@@ -48,3 +48,21 @@ def finish_outputs(loss, extras, valid, reduction, num_items_in_batch, shape, re
     if return_metrics:
         out.append(dict(zip(METRIC_NAMES, cols)))
     return tuple(out)
+
+
+def token_weight(reduction: str, valid: torch.Tensor, num_items_in_batch):
+    """d(reduced loss)/d(per-token loss) as a 0-d fp32 tensor on the labels' device, or None for
+    "none": 1 for "sum", 1 / n_valid (at least 1) or 1 / num_items_in_batch for "mean". No host
+    synchronisation. It is computed with the very operation autograd applies in the backward of
+    ``reduce_tokens`` (1 / denominator in fp32), so for an upstream gradient of exactly 1 the per-token
+    upstream equals it bit for bit, which the gradient-in-forward path checks on the device."""
+    if reduction == "none":
+        return None
+    one = torch.ones((), dtype=torch.float32, device=valid.device)
+    if reduction == "sum":
+        return one
+    if num_items_in_batch is None:
+        return one / valid.sum().clamp(min=1).to(one.dtype)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.detach()
+    return one / items_denominator(num_items_in_batch, one)

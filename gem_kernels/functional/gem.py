@@ -12,21 +12,28 @@ from ..options import GEMOptions
 from ..reference import gem_loss_reference
 from ._checks import (check_float_tensor, check_labels, check_metrics_vocab, check_options, index_labels,
                       resolve_impl)
-from ._reduce import finish_outputs, reduce_tokens
+from ._reduce import finish_outputs, reduce_tokens, token_weight
 from ._vocab_parallel import resolve_vocab_shard
 
 _FUNCTIONS = {"triton": GEMTritonFunction, "torch": GEMTorchFunction}
 
 
-def apply_gem(logits2d: torch.Tensor, labels1d: torch.Tensor, opts: GEMOptions, impl: str, group=None):
+def apply_gem(logits2d: torch.Tensor, labels1d: torch.Tensor, opts: GEMOptions, impl: str, group=None,
+              token_scale: Optional[torch.Tensor] = None):
     """The one place a GEM autograd Function is applied: (per-token loss [N], detached per-token extras
     [N, opts.num_extras] or empty; see options.X_*).
-    The grad mode is passed in because inside Function.forward it is always off. Under torch.compile
-    the torch path runs as custom operators (autograd/compiled.py); the Triton path's kernels are
-    triton_ops, traced as they are."""
-    if impl == "torch" and group is None and torch.compiler.is_compiling():
-        return gem_torch_compiled(logits2d, labels1d, replace(opts, inplace_backward=False), torch.is_grad_enabled())
-    return _FUNCTIONS[impl].apply(logits2d, labels1d, opts, group, torch.is_grad_enabled())
+    The grad mode is passed in because inside Function.forward it is always off. ``token_scale``
+    (0-d fp32 tensor, d reduced loss / d per-token loss; None for reduction="none") lets the Triton
+    path compute the gradient in its forward. Under torch.compile the torch path runs as custom
+    operators (autograd/compiled.py); the Triton path's kernels are triton_ops, traced as they are,
+    with the split design (statistics forward + 2-D backward): the gradient-in-forward Function
+    hands a buffer from forward to backward through its context, which is kept out of traced graphs."""
+    if torch.compiler.is_compiling():
+        if impl == "torch" and group is None:
+            return gem_torch_compiled(logits2d, labels1d, replace(opts, inplace_backward=False),
+                                      torch.is_grad_enabled())
+        token_scale = None
+    return _FUNCTIONS[impl].apply(logits2d, labels1d, opts, group, torch.is_grad_enabled(), token_scale)
 
 
 def gem_loss(
@@ -93,10 +100,12 @@ def gem_loss(
             return_ce), "entropy" (logsumexp(z) - sum_j p_j z_j, nats) and "token_accuracy" (1.0
             where the label is the arg-max of z, else 0.0; among equal maxima the lowest vocabulary
             index is the arg-max, on every impl and across vocabulary shards). Needs V <= 2^24.
-        inplace_backward: bool; write the gradient into the storage of ``logits`` during backward, so
-            no second [tokens, V] buffer exists. The caller's logits are overwritten (do not use them
-            after ``backward()``), and it saves memory only when the logits flatten to [N, V] without
-            a copy. Not available with impl="reference"; refused for overlapping rows (expanded tensors).
+        inplace_backward: bool; write the gradient into the storage of ``logits``, so no second
+            [tokens, V] buffer exists. The caller's logits are overwritten: with impl="triton" and a
+            "mean"/"sum" loss that needs a gradient (the gradient is computed in the forward, see
+            docs/kernels.md) already during this call, otherwise during backward; do not use them
+            after the call. It saves memory only when the logits flatten to [N, V] without a copy.
+            Not available with impl="reference"; refused for overlapping rows (expanded tensors).
         process_group: vocabulary-parallel (tensor-parallel) torch.distributed group; ``logits`` is
             then this rank's vocabulary shard [..., V_local] (shards may be uneven) and ``labels``
             are replicated on every rank with global vocabulary ids. Every rank gets the same loss
@@ -176,6 +185,7 @@ def gem_loss(
                          f"expanded tensor); got row stride {logits2d.stride(0)} for V={V}")
     labels1d = labels.reshape(-1).contiguous()  # the kernels index labels with unit stride
     valid = labels1d != ignore_index
-    per_token, extras = apply_gem(logits2d, labels1d, opts, impl, shard)
+    token_scale = token_weight(reduction, valid, num_items_in_batch) if torch.is_grad_enabled() else None
+    per_token, extras = apply_gem(logits2d, labels1d, opts, impl, shard, token_scale)
     loss = reduce_tokens(per_token, valid, reduction, num_items_in_batch, labels.shape)
     return finish_outputs(loss, extras, valid, reduction, num_items_in_batch, labels.shape, return_ce, return_metrics)

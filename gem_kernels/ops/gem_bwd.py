@@ -13,7 +13,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..options import NUM_STATS
-from ._common import transform_grad, transform_logits
+from ._common import grad_block, transform_logits
 from .config import BACKWARD, MAX_GRID_Y
 
 
@@ -54,19 +54,17 @@ def _gem_bwd_kernel(
         m = tl.load(st + 0)
         log_s0 = tl.load(st + 1)
         y_coef = tl.load(st + 2)
+        ty = 0.0
+        lse = 0.0
+        if LOGSIGMOID:
+            ty = tl.load(st + 3)
+        if Z_LOSS:
+            lse = tl.load(st + 4)
         g_up = tl.load(grad_loss_ptr + row * stride_grad_loss).to(tl.float32)
         z = tl.load(logits_ptr + row * stride_row + offs, mask=mask, other=0.0).to(tl.float32)
         t = transform_logits(z, logit_scale, softcap, SCALE, SOFTCAP)
-        g = tl.exp((t - m) * inv_beta - log_s0)
-        if LOGSIGMOID:
-            ty = tl.load(st + 3)
-            g = g * tl.sigmoid((t - ty) * 0.01)
-        g = tl.where(offs == label - vocab_start, g - y_coef, g)
-        if Z_LOSS:
-            lse = tl.load(st + 4)
-            g += (2.0 * z_loss_scale * lse) * tl.exp(t - lse)
-        if SCALE or SOFTCAP:
-            g = g * transform_grad(t, logit_scale, softcap, SCALE, SOFTCAP)
+        g = grad_block(t, offs == label - vocab_start, m, log_s0, y_coef, ty, lse, inv_beta, z_loss_scale,
+                       logit_scale, softcap, LOGSIGMOID, Z_LOSS, SCALE, SOFTCAP)
         g = g * g_up
         tl.store(out_ptr, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -125,7 +123,7 @@ def gem_backward(
         softcap if softcap > 0 else 1.0,
         LOGSIGMOID=logsigmoid,
         Z_LOSS=z_loss_scale != 0.0,
-        SCALE=logit_scale != 1.0,
+        SCALE=logit_scale != 1.0 and softcap <= 0,  # the softcap transform applies the scale itself
         SOFTCAP=softcap > 0,
         BLOCK_V=block_v,
         num_warps=cfg.num_warps,

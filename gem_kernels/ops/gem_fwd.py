@@ -1,4 +1,6 @@
-"""GEM forward: one streaming pass over each logits row, writing six fp32 partial sums per row.
+"""GEM statistics-only forward: one streaming pass over each logits row, writing six fp32 partial
+sums per row (no gradient). Used under no_grad / evaluation, for vocabulary shards (whose partials
+are combined across ranks before any gradient), and wherever the split forward/backward is kept.
 
 Per row (transformed logits t, label logit t_y, e_j = exp((t_j - m) / beta)):
     m = max t, s0 = sum e, s1 = sum e w, s2 = sum e w (t - t_y), sce = sum exp(t - m), t_y
@@ -17,12 +19,13 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..options import NUM_PARTIALS, NUM_PARTIALS_METRICS
-from ._common import transform_logits
-from .config import FORWARD
+from ._common import row_autotune, row_partials, transform_logits
+from .config import FORWARD_CONFIGS
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@row_autotune(FORWARD_CONFIGS)
 @triton.jit
 def _gem_fwd_kernel(
     logits_ptr,
@@ -44,6 +47,7 @@ def _gem_fwd_kernel(
     SCALE: tl.constexpr,
     SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    LANES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
@@ -54,7 +58,7 @@ def _gem_fwd_kernel(
     s2 = 0.0
     sce = 0.0
     sent = 0.0
-    amax = -1.0
+    amax = -1
     ty = 0.0
     if label != ignore_index:
         row_ptr = logits_ptr + row * stride_row
@@ -63,44 +67,8 @@ def _gem_fwd_kernel(
         else:
             zy = tl.load(row_ptr + (label - vocab_start)).to(tl.float32)
             ty = transform_logits(zy, logit_scale, softcap, SCALE, SOFTCAP)
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            mask = offs < V
-            z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            t = transform_logits(z, logit_scale, softcap, SCALE, SOFTCAP)
-            t = tl.where(mask, t, float("-inf"))
-            if METRICS:
-                # One reduction gives the block max and its first index (ties: lowest index).
-                blk_max, blk_arg = tl.max(t, 0, return_indices=True, return_indices_tie_break_left=True)
-            else:
-                blk_max = tl.max(t, 0)
-            m_new = tl.maximum(m, blk_max)
-            # -inf logits (masked vocabulary) must add 0, not NaN from inf - inf or 0 * inf.
-            finite = t > float("-inf")
-            grew = m_new > m
-            alpha = tl.where(grew, tl.exp((m - m_new) * inv_beta), 1.0)
-            e = tl.where(finite, tl.exp((t - m_new) * inv_beta), 0.0)
-            diff = tl.where(finite, t - ty, 0.0)
-            if LOGSIGMOID:
-                ew = e * tl.sigmoid(diff * 0.01)
-                s1 = s1 * alpha + tl.sum(ew, 0)
-            else:
-                ew = e
-            s0 = s0 * alpha + tl.sum(e, 0)
-            s2 = s2 * alpha + tl.sum(ew * diff, 0)
-            if NEED_LSE:
-                alpha_ce = tl.where(grew, tl.exp(m - m_new), 1.0)
-                ex = tl.where(finite, tl.exp(t - m_new), 0.0)
-                if METRICS:
-                    # Re-centre the old sum on m_new; sce = 0 (nothing finite yet) adds 0, not -inf * 0.
-                    shift = tl.where(sce > 0.0, m - m_new, 0.0) * sce
-                    sent = (sent + shift) * alpha_ce + tl.sum(ex * tl.where(finite, t - m_new, 0.0), 0)
-                    # A later block wins only with a strictly larger max: the row's first maximal column.
-                    amax = tl.where(grew, (blk_arg + start + vocab_start).to(tl.float32), amax)
-                sce = sce * alpha_ce + tl.sum(ex, 0)
-            m = m_new
-        if not LOGSIGMOID:
-            s1 = s0
+        m, s0, s1, s2, sce, sent, amax = row_partials(row_ptr, V, ty, inv_beta, logit_scale, softcap, LOGSIGMOID,
+                                                      NEED_LSE, METRICS, SCALE, SOFTCAP, BLOCK_V, LANES)
     tl.store(out + 0, m)
     tl.store(out + 1, s0)
     tl.store(out + 2, s1)
@@ -109,7 +77,8 @@ def _gem_fwd_kernel(
     tl.store(out + 5, ty)
     if METRICS:
         tl.store(out + 6, sent)
-        tl.store(out + 7, amax)
+        # global id of the row's first maximal column, -1 when none (an exact integer in fp32: V < 2^24)
+        tl.store(out + 7, tl.where(amax >= 0, amax + vocab_start, -1).to(tl.float32))
 
 
 @triton_op("gem_kernels::gem_fwd", mutates_args=())
@@ -148,7 +117,6 @@ def gem_forward(
                            device=logits.device)
     if N == 0:
         return partials
-    cfg = FORWARD
     wrap_triton(_gem_fwd_kernel)[(N,)](
         logits,
         labels,
@@ -166,10 +134,7 @@ def gem_forward(
         LOGSIGMOID=logsigmoid,
         NEED_LSE=need_lse,
         METRICS=metrics,
-        SCALE=logit_scale != 1.0,
+        SCALE=logit_scale != 1.0 and softcap <= 0,  # the softcap transform applies the scale itself
         SOFTCAP=softcap > 0,
-        BLOCK_V=min(cfg.block_v, max(16, triton.next_power_of_2(V))),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
     )
     return partials

@@ -288,3 +288,22 @@ def test_gradient_in_forward_reads_nothing_on_the_host(upstream):
         (loss * upstream).backward()
     _, truth = _truth(logits, labels, upstream, num_items_in_batch=5)
     assert_close(x.grad, truth, what="gradient without host reads")
+
+
+@pytest.mark.parametrize("path", ["grad_in_forward", "split"])
+def test_metrics_ties_in_one_lane_and_across_lanes(path):
+    """return_metrics' arg-max from the per-lane row pass: equal maxima in the same lane (tile rows
+    and blocks apart) and in different lanes go to the lowest index, in both designs."""
+    V = 9000
+    z = torch.randn(4, V)
+    pairs = [(7, 7 + 1024), (5, 5 + 8192), (3000, 3001), (0, V - 1)]
+    for row, (a, b) in enumerate(pairs):
+        z[row, a] = z[row, b] = 10.0
+    kw = dict(reduction="sum" if path == "grad_in_forward" else "none", return_metrics=True)
+    for labels, want in ((torch.tensor([a for a, _ in pairs]), 1.0), (torch.tensor([b for _, b in pairs]), 0.0)):
+        x = z.clone().requires_grad_()
+        loss, m = gem_loss(x, labels, impl="triton", **kw)
+        loss.sum().backward()
+        assert torch.equal(m["token_accuracy"].reshape(-1).sum(), torch.tensor(4 * want)), (path, labels, m)
+        ref = gem_loss_reference(z.double(), labels, reduction="sum", return_metrics=True)[1]
+        assert_close(m["entropy"].sum(), ref["entropy"].float(), what=f"entropy ({path})")

@@ -63,8 +63,11 @@ def _kernels():
     }
 
 
-def _config_constexprs(cfg) -> Dict[str, int]:
-    out = {"BLOCK_V": cfg.block_v}
+def _config_constexprs(cfg, flags=None) -> Dict[str, int]:
+    from .ops.config import row_block
+
+    metrics = bool(flags and flags.get("METRICS"))
+    out = {"BLOCK_V": row_block(cfg, metrics) if cfg.lanes else cfg.block_v}
     if cfg.lanes:
         out["LANES"] = cfg.lanes
     return out
@@ -140,7 +143,7 @@ def build(kernel: str, arch: int, dtype: str, flags: Dict[str, bool], cfg) -> Bu
     from triton.compiler import ASTSource
 
     fn = _kernels()[kernel][0]
-    launch = _config_constexprs(cfg)
+    launch = _config_constexprs(cfg, flags)
     constexprs = dict(flags, **launch)
     src = ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}

@@ -30,7 +30,8 @@ def _key(cfg):
 
 
 def test_every_kernel_and_config_is_built(builds):
-    """Every (kernel, launch configuration, dtype it serves, arch), all features off and on."""
+    """Every (kernel, launch configuration, dtype it serves, arch), all features off and on (the
+    all-off variant has the configuration's own BLOCK_V)."""
     configs = {"gem_fwd": config.FORWARD_CONFIGS, "gem_fwd_grad": config.FORWARD_GRAD_CONFIGS,
                "gem_bwd": (config.BACKWARD,), "gem_scale": (config.SCALE,)}
     expected = set()
@@ -41,7 +42,8 @@ def test_every_kernel_and_config_is_built(builds):
                     expected |= {(kernel, _key(cfg), arch, dtype) for arch in gpu_build.ARCHS}
     built = {(b["kernel"], (b["config"]["BLOCK_V"], b["config"].get("LANES", 0), b["config"]["num_warps"],
                             b["config"]["num_stages"]), b["arch"], b["dtype"]) for b in builds}
-    assert built == expected
+    assert built >= expected  # with METRICS the row kernels halve BLOCK_V (ops/config.py row_block)
+    assert {k[0] for k in built} == set(configs)
     for kernel in ("gem_fwd", "gem_fwd_grad", "gem_bwd"):
         variants = [b for b in builds if b["kernel"] == kernel]
         assert any(all(v for k, v in b["flags"].items() if k != "SCALE") for b in variants), kernel

@@ -4,12 +4,15 @@ import os
 import triton
 import triton.language as tl
 
+from .config import row_block
+
 
 def row_autotune(configs, restore_value=None):
     """``triton.autotune`` of a row kernel (parameters ``logits_ptr``, ``V``, constexprs ``BLOCK_V``
-    and ``LANES``) over the ops/config.py candidates ``configs``, keyed on V and h (the autotuner adds
-    the tensor dtypes to the key). Candidates are pruned to the logits' element size and to blocks no
-    larger than the row (a smaller block is derived for short rows); under the Triton interpreter
+    and ``LANES``) over the ops/config.py candidates ``configs``, keyed on V, h and METRICS (the autotuner
+    adds the tensor dtypes to the key). Candidates are pruned to the logits' element size and to blocks no
+    larger than the row (a smaller block is derived for short rows, and with METRICS, see
+    config.row_block); under the Triton interpreter
     only the first one runs, since there is nothing to time."""
     tconfigs = [triton.Config({"BLOCK_V": c.block_v, "LANES": c.lanes}, num_warps=c.num_warps,
                               num_stages=c.num_stages, maxnreg=c.maxnreg or None) for c in configs]
@@ -23,7 +26,7 @@ def row_autotune(configs, restore_value=None):
             cfg = launch.get(id(c))
             if cfg is not None and cfg.element_size != element_size:
                 continue
-            block = min(c.kwargs["BLOCK_V"], cap)
+            block = min(row_block(cfg, bool(kwargs.get("METRICS"))) if cfg is not None else c.kwargs["BLOCK_V"], cap)
             if block != c.kwargs["BLOCK_V"]:
                 c = triton.Config({"BLOCK_V": block, "LANES": min(c.kwargs["LANES"], block)},
                                   num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg)
@@ -35,7 +38,7 @@ def row_autotune(configs, restore_value=None):
             out = out[:1]
         return out
 
-    return triton.autotune(configs=tconfigs, key=["V", "LOGSIGMOID"], prune_configs_by={"early_config_prune": prune},
+    return triton.autotune(configs=tconfigs, key=["V", "LOGSIGMOID", "METRICS"], prune_configs_by={"early_config_prune": prune},
                            restore_value=restore_value)
 
 

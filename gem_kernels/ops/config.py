@@ -46,7 +46,7 @@ its register cost out of the unrolled tiles.
 
 Autotuning: one configuration cannot serve every (V, dtype): the element size sets the vector
 width (so LANES), and the row size decides whether one or two programs per SM fit the L2. The row
-kernels are therefore wrapped in ``triton.autotune`` keyed on V and h (the autotuner adds the dtypes
+kernels are therefore wrapped in ``triton.autotune`` keyed on V, h and METRICS (the autotuner adds the dtypes
 of the tensor arguments to the key) over the candidates below, filtered to the logits' element size
 and to blocks no larger than the row (``_common.row_autotune``). Under the Triton interpreter the
 first candidate runs (there is nothing to time). Autotuning ``gem_fwd_grad`` with
@@ -103,6 +103,14 @@ def _row_maxnreg(num_warps: int) -> int:
 # 8,192 / 4,096; fp32 8 warps x 4 -> 4,096 / 1,024; 16 warps x 4 -> 8,192 / 2,048.
 FORWARD_CONFIGS = (_row(2, 8, 4), _row(2, 16, 2), _row(4, 8, 4), _row(4, 16, 4))
 FORWARD_GRAD_CONFIGS = (_row(2, 16, 2), _row(2, 8, 4), _row(4, 16, 4), _row(4, 8, 4))
+
+def row_block(cfg: LaunchConfig, metrics: bool) -> int:
+    """BLOCK_V of a row configuration for a launch: half the tile height with METRICS
+    (return_metrics keeps two more accumulators per lane plus an arg-max, and the full tile spilled in
+    its heaviest variants in the build check)."""
+    return max(cfg.lanes, cfg.block_v // 2) if metrics else cfg.block_v
+
+
 BACKWARD = LaunchConfig(block_v=4096, num_warps=8)
 SCALE = LaunchConfig(block_v=4096, num_warps=8)
 

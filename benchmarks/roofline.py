@@ -6,14 +6,15 @@ vocabulary V, element size e of the logits (or of the fused path's logits chunks
 proportional to V are modelled; labels and per-row statistics add under ``PER_TOKEN_BOUND`` bytes
 per token (< 0.1 % at V >= 32k). Where each figure comes from:
 
-- ``gem-triton`` (gem_loss impl="triton", also with inplace_backward; both h): this package's design
-  (README "How it works"): the forward reads each valid row once and skips ignored rows; the
-  backward reads each valid row once and writes the gradient of every row (zeros for ignored ones):
-  fwd = Tv V e, bwd = (Tv + T) V e.
-- ``gem-fused`` (fused_linear_gem_loss impl="triton"): the same kernels on [chunk, V] logits buffers
-  of valid rows only; with a reduced loss the gradient is made in the forward (forward kernel, then
-  the backward kernel in place over the chunk): fwd = 3 Tv V e, bwd = 0 (backward only rescales,
-  in PyTorch).
+- ``gem-triton`` (gem_loss impl="triton", also with inplace_backward; both h): this package's
+  gradient-in-forward design (docs/kernels.md), which a mean loss whose logits need a gradient runs:
+  the forward reads each valid row twice (the second time right after the first, from L2 on a GPU)
+  and writes the gradient of every row (zeros for ignored ones, which are not read); the backward
+  only compares each row's upstream gradient with the token weight (per-token terms):
+  fwd = (2 Tv + T) V e, bwd = 0.
+- ``gem-fused`` (fused_linear_gem_loss impl="triton"): the same kernel on [chunk, V] logits buffers
+  of valid rows only; with a reduced loss the gradient is made in the forward (two reads of the
+  chunk and dZ written over it): fwd = 3 Tv V e, bwd = 0 (backward only rescales, in PyTorch).
 - ``liger-ce`` (Liger-Kernel cross_entropy, and its fused linear CE on chunks of all tokens): its
   kernel reads a valid row twice (online softmax, then the gradient) and writes the gradient over
   the logits in the forward; an ignored row gets a zero row written: fwd = (3 Tv + (T - Tv)) V e,
@@ -45,7 +46,7 @@ PER_TOKEN_BOUND = 128  # bytes per token of labels and per-row statistics, above
 
 
 def _gem_triton(T, Tv, V, e):
-    return Tv * V * e, (Tv + T) * V * e
+    return (2 * Tv + T) * V * e, 0
 
 
 def _gem_fused(T, Tv, V, e):

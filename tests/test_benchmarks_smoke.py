@@ -203,7 +203,7 @@ def test_derived_columns():
 
 def test_bytes_models():
     m = roofline.model_bytes("gem-triton", tokens=10, valid=4, vocab=100, element_size=2)
-    assert m == {"forward": 800, "backward": 2800, "forward+backward": 3600}
+    assert m == {"forward": 3600, "backward": 0, "forward+backward": 3600}  # gradient in forward
     assert roofline.model_bytes("liger-ce", 10, 10, 100, 2)["forward+backward"] == 3 * 10 * 100 * 2
     assert roofline.model_bytes(None, 10, 10, 100, 2) == {}
     named = {p.bytes_model for p in providers.PROVIDERS if p.bytes_model}

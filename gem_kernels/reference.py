@@ -100,7 +100,9 @@ def gem_loss_reference(
         if reduction == "sum":
             return total
         if num_items_in_batch is not None:
-            return total / num_items_in_batch
+            # 0 means every token of the accumulation window is ignored: the sum is 0, so is the loss.
+            n = num_items_in_batch
+            return total / (torch.where(n == 0, torch.ones_like(n), n) if torch.is_tensor(n) else (n or 1))
         return total / valid.sum().clamp(min=1)
 
     loss = reduce(per_token)

@@ -14,6 +14,7 @@ import torch
 from ..options import GEMOptions
 from ..torch_ops import finalize, gem_forward_chunked, gem_grad_chunked
 from . import vocab_parallel
+from ._scale import scale_grads_, scale_rows_
 
 
 def _kernel_opts(opts: GEMOptions) -> dict:
@@ -167,10 +168,11 @@ class GEMTorchFunction(torch.autograd.Function):
             ctx.grad = _CONSUMED
             if grad_loss is None:
                 return grad.zero_(), None, None, None, None, None
+            # In fp32 for bf16 gradients: a factor rounded to bf16 first would bias the whole gradient.
             if grad_loss.dim() == 1 and grad_loss.stride(0) == 0 and grad_loss.numel() > 0:
-                grad.mul_(grad_loss[0].to(grad.dtype))  # expanded scalar: one multiply, no sync
+                scale_grads_((grad,), grad_loss[0])  # expanded scalar: no sync
             else:
-                grad.mul_(grad_loss.to(grad.dtype)[:, None])
+                scale_rows_(grad, grad_loss)
             return grad, None, None, None, None, None
         logits, labels, stats = ctx.saved_tensors
         grad_loss = _zeros_if_none(grad_loss, logits.shape[0], logits)

@@ -161,3 +161,48 @@ def test_gem_sft_trainer_logs_trl_metrics(tmp_path, route):
     assert_close(torch.tensor(log["entropy"]), want_ent, what=f"{route} entropy", atol=1e-5, rtol=1e-5)
     assert_close(torch.tensor(log["mean_token_accuracy"]), want_acc, what=f"{route} accuracy", atol=1e-6, rtol=1e-6)
     assert log["num_tokens"] == float(batch["attention_mask"].sum()) and "ce" in log
+
+
+def test_plain_compute_loss_func_without_consumer_holds_no_window():
+    # Trainer(compute_loss_func=fn) without callbacks=[fn]: nothing drains the window, so nothing
+    # may be recorded (reviewer's /tmp/review/leak.py: 1000 rows after 1000 micro-batches).
+    fn = gem_compute_loss_func(beta=BETA, impl="torch")
+    z = torch.randn(2, 5, 11, requires_grad=True)
+    y = torch.randint(0, 11, (2, 5))
+    for _ in range(1000):
+        fn({"logits": z}, y)
+    assert len(fn.window) == 0 and fn.window.held_rows() == 0
+    assert fn._ce_sum is None and fn.last_metrics is None  # the statistics were not even computed
+    fn.attach_consumer()  # what GEMTrainer / the callback hooks do
+    fn({"logits": z}, y)
+    assert len(fn.window) == 1 and fn.last_metrics is not None
+
+
+def test_metric_window_folds_into_constant_state():
+    # A window that is never logged (logging_strategy="no") holds at most FOLD_EVERY - 1 rows, and
+    # folding keeps TRL's rule: per micro-batch sums over processes, then the mean of the ratios.
+    from gem_kernels.integrations._metrics import FOLD_EVERY, MetricWindow
+
+    calls = []
+
+    def two_processes(rows):  # the other process saw the same micro-batches with 3 more valid tokens
+        calls.append(rows.shape[0])
+        return rows + torch.tensor([0.0, 0.0, 3.0], dtype=rows.dtype)
+
+    window, g = MetricWindow(two_processes), torch.Generator().manual_seed(0)
+    want_ent, want_acc = [], []
+    for _ in range(1000):
+        ent, acc = torch.rand(2, generator=g, dtype=torch.float64)
+        n = int(torch.randint(0, 5, (1,), generator=g))
+        window.add({"entropy": ent, "token_accuracy": acc}, torch.tensor(n))
+        denom = max(n, 1)
+        want_ent.append(ent * denom / (n + 3))
+        want_acc.append(acc * denom / (n + 3))
+        assert window.held_rows() < FOLD_EVERY
+    assert len(window) == 1000 and max(calls) == FOLD_EVERY
+    got = window.pop()
+    assert sum(calls) == 1000 and len(window) == 0 and window.pop() is None
+    assert_close(torch.tensor(got["entropy"], dtype=torch.float64), torch.stack(want_ent).mean(), what="folded entropy",
+                 atol=1e-12, rtol=1e-12)
+    assert_close(torch.tensor(got["mean_token_accuracy"], dtype=torch.float64), torch.stack(want_acc).mean(),
+                 what="folded accuracy", atol=1e-12, rtol=1e-12)

@@ -47,12 +47,15 @@ class GEMComputeLoss(TrainerCallback):
     (ValueError) unless the trainer is a GEM trainer: Trainer counts ``num_items_in_batch`` as
     ``labels != -100``.
 
-    With ``log_metrics`` (default) every training call (grad enabled) also computes, in the same
-    pass, the CE, the entropy and the token accuracy (``return_metrics``), keeps the last ones in
-    ``.last_ce`` / ``.last_metrics`` and records them for logging. ``GEMTrainer`` and
-    ``GEMSFTTrainer`` log them when given this callable as ``compute_loss_func``; with a plain
-    ``Trainer`` pass it as a callback too (``callbacks=[fn]``): it then adds ``ce``, ``entropy`` and
-    ``mean_token_accuracy`` to each training log (see :mod:`gem_kernels.integrations._metrics`).
+    With ``log_metrics`` (default) and a consumer of the logs, every training call (grad enabled)
+    also computes, in the same pass, the CE, the entropy and the token accuracy
+    (``return_metrics``), keeps the last ones in ``.last_ce`` / ``.last_metrics`` and records them
+    for logging. The consumers: ``GEMTrainer`` and ``GEMSFTTrainer`` given this callable as
+    ``compute_loss_func``, and a plain ``Trainer`` given it as a callback too (``callbacks=[fn]``):
+    it then adds ``ce``, ``entropy`` and ``mean_token_accuracy`` to each training log (see
+    :mod:`gem_kernels.integrations._metrics`). With no consumer (a plain ``Trainer`` given it only
+    as ``compute_loss_func``) nothing is recorded and the statistics are not computed (pass
+    ``return_metrics=True`` to get ``.last_metrics`` anyway). The recorded state is O(1) per window.
     """
 
     def __init__(self, *, log_metrics: bool = True, **options):
@@ -63,7 +66,8 @@ class GEMComputeLoss(TrainerCallback):
         self.log_metrics = log_metrics
         self.last_ce: Optional[torch.Tensor] = None
         self.last_metrics: Optional[dict] = None
-        self.window = MetricWindow()
+        self.window = MetricWindow(dist_sum)
+        self._has_consumer = False  # set by attach_consumer: until then nothing would drain the window
         self._ce_sum = None
         self._ce_step = 0
         self._ce_is_local_mean = False
@@ -84,8 +88,8 @@ class GEMComputeLoss(TrainerCallback):
             raise ValueError("GEM compute_loss_func needs labels; the batch has no 'labels'")
         logits = _get_logits(outputs)
         targets = _aligned_targets(labels, shift_labels, self.ignore_index).to(logits.device)
-        training = torch.is_grad_enabled()
-        want_metrics = self.options.get("return_metrics", False) or (self.log_metrics and training)
+        record = self.log_metrics and self._has_consumer and torch.is_grad_enabled()
+        want_metrics = self.options.get("return_metrics", False) or record
         options = {**self.options, "return_metrics": want_metrics}
         out = gem_loss(logits, targets, num_items_in_batch=num_items_in_batch, **options)
         if not isinstance(out, tuple):
@@ -97,11 +101,22 @@ class GEMComputeLoss(TrainerCallback):
             self.last_metrics = out[-1]
             if self.last_ce is None or not self.options.get("return_ce", False):
                 self.last_ce = out[-1]["ce"]
-            if self.log_metrics and training:
+            if record:
                 self.window.add(out[-1], (targets != self.ignore_index).sum(), num_items_in_batch)
                 self._ce_is_local_mean = num_items_in_batch is None
                 self._ce_sum = self.last_ce if self._ce_sum is None else self._ce_sum + self.last_ce
         return loss
+
+    def attach_consumer(self) -> None:
+        """Start recording the statistics for logging: called by GEMTrainer / GEMSFTTrainer when they
+        adopt this callable, and by the callback hooks when a Trainer has it in ``callbacks``."""
+        self._has_consumer = True
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self.attach_consumer()  # Trainer(..., callbacks=[fn])
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.attach_consumer()  # trainer.add_callback(fn) after Trainer.__init__
 
     def pop_ce(self, steps: int, world: int, average_tokens: bool, sum_over_processes) -> Optional[float]:
         """Mean CE per optimizer step of the window, as GEMTrainer logs it (then reset)."""

@@ -5,7 +5,9 @@ accuracy are token means over every process (the sums and the valid-token counts
 summed across processes, then divided; 0 when no token is valid), and the logged value is the plain
 mean of those per-micro-batch values over the logging window. :class:`MetricWindow` keeps one row
 (entropy sum, correct tokens, valid tokens) per micro-batch on the device (no host sync per step)
-and does the cross-process sum once, when the window is logged.
+and does the cross-process sum when the window is logged, or every ``FOLD_EVERY`` micro-batches
+(all processes at the same micro-batch), folding the rows into running sums of the per-micro-batch
+means: a window that is never logged (``logging_strategy="no"``) still holds O(1) state.
 """
 from __future__ import annotations
 
@@ -16,10 +18,20 @@ import torch
 # The names TRL logs them under.
 LOGGED_NAMES = ("entropy", "mean_token_accuracy")
 
+# Rows kept before they are folded: large enough that the fold's cross-process sum is rare next to
+# the step, small enough that the rows stay a few KiB.
+FOLD_EVERY = 256
+
 
 class MetricWindow:
-    def __init__(self):
+    """``sum_over_processes([k, 3]) -> [k, 3]`` sums rows over processes (None: one process); it is
+    called by every process at the same micro-batch (each FOLD_EVERY-th, and at :meth:`pop`)."""
+
+    def __init__(self, sum_over_processes: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         self._rows = []
+        self._reduce = sum_over_processes
+        self._folded = None  # float64 [2]: sum over folded micro-batches of (entropy, accuracy) means
+        self._folded_count = 0
 
     def add(self, metrics: dict, valid_tokens: torch.Tensor, num_items_in_batch=None) -> None:
         """Record one micro-batch. ``metrics``: gem_loss's ``return_metrics`` dict, reduced with
@@ -36,23 +48,40 @@ class MetricWindow:
         ent = metrics["entropy"].detach().to(torch.float64).reshape(()) * denom.to(metrics["entropy"].device)
         acc = metrics["token_accuracy"].detach().to(torch.float64).reshape(()) * denom.to(ent.device)
         self._rows.append(torch.stack([ent, acc, count.to(ent.device)]))
+        if len(self._rows) >= FOLD_EVERY:
+            self._fold(self._reduce)
 
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def pop(self, sum_over_processes: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Optional[dict]:
-        """{"entropy": float, "mean_token_accuracy": float} of the window (then emptied), or None if
-        empty. ``sum_over_processes([k, 3]) -> [k, 3]`` sums the rows over processes (every process
-        must have recorded the same number of micro-batches, as in synchronous data parallelism)."""
-        if not self._rows:
-            return None
+    def _fold(self, sum_over_processes) -> None:
+        # Per micro-batch: sums and counts over processes first, then the mean (TRL's rule).
         rows = torch.stack(self._rows)
         self._rows = []
         if sum_over_processes is not None:
             rows = sum_over_processes(rows)
         count = rows[:, 2:]
         per_batch = torch.where(count > 0, rows[:, :2] / count.clamp(min=1), torch.zeros_like(rows[:, :2]))
-        entropy, accuracy = per_batch.mean(0).tolist()
+        total = per_batch.sum(0)
+        self._folded = total if self._folded is None else self._folded + total
+        self._folded_count += rows.shape[0]
+
+    def __len__(self) -> int:
+        """Micro-batches recorded in this window."""
+        return self._folded_count + len(self._rows)
+
+    def held_rows(self) -> int:
+        """Rows held unfolded (at most FOLD_EVERY - 1)."""
+        return len(self._rows)
+
+    def pop(self, sum_over_processes: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Optional[dict]:
+        """{"entropy": float, "mean_token_accuracy": float} of the window (then emptied), or None if
+        empty. ``sum_over_processes([k, 3]) -> [k, 3]`` sums the rows over processes (default: the
+        one given at construction; every process must have recorded the same number of
+        micro-batches, as in synchronous data parallelism)."""
+        if len(self) == 0:
+            return None
+        if self._rows:
+            self._fold(sum_over_processes if sum_over_processes is not None else self._reduce)
+        entropy, accuracy = (self._folded / self._folded_count).tolist()
+        self._folded, self._folded_count = None, 0
         return {"entropy": entropy, "mean_token_accuracy": accuracy}
 
 

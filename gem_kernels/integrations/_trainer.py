@@ -40,7 +40,8 @@ class _GEMTrainerMixin:
         self._gem_log_ce = log_ce
         self._gem_log_metrics = log_metrics
         self._gem_logits_fn = None
-        self._gem_window = MetricWindow()
+        # accelerator is built later, by Trainer.__init__; the window sums over processes through it
+        self._gem_window = MetricWindow(lambda rows: self.accelerator.reduce(rows, reduction="sum"))
         self._gem_ce_sum = None
         self._gem_ce_step = 0
 
@@ -73,6 +74,7 @@ class _GEMTrainerMixin:
         if fn is not None:
             # Logits path: the model is not patched; the callable records its own window.
             fn.log_metrics = self._gem_log_metrics or self._gem_log_ce
+            fn.attach_consumer()  # this trainer's log drains the callable's window
             self._gem_logits_fn = fn
             return
         if self.model is not None:
@@ -163,7 +165,7 @@ class _GEMTrainerMixin:
                 logs["ce"] = total / steps
                 self._gem_ce_sum = None
                 self._gem_ce_step = self.state.global_step
-            window = self._gem_window.pop(lambda rows: self.accelerator.reduce(rows, reduction="sum"))
+            window = self._gem_window.pop()
             if window is not None:
                 logs.update(window)
         return super().log(logs, *args, **kwargs)

@@ -15,6 +15,7 @@ pytest.importorskip("accelerate")
 
 from transformers import LlamaForCausalLM, Trainer  # noqa: E402
 
+from gem_kernels.integrations._logit_transforms import check_probe, probe_values  # noqa: E402
 from gem_kernels.integrations.transformers import (  # noqa: E402
     GEMTrainer, apply_gem, gem_compute_loss_func, is_gem_applied, logit_transform_from_config, remove_gem,
     shift_causal_labels,
@@ -146,14 +147,51 @@ def test_first_step_checks_the_models_own_transform():
         wrong(**batch)
 
 
-def test_first_step_check_under_torch_compile():
+class SlightlyScaledLlama(LlamaForCausalLM):
+    """Scales its logits by 1.02 after the head: within bf16's rounding of the old bf16 probe."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 1.02
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_first_step_check_catches_a_small_scale_in_half_precision(dtype):
+    """The probe is float32 whatever the head's dtype, so a 2% scale is no rounding error."""
+    batch = make_batch(n=2, seq=8)
+    torch.manual_seed(0)
+    model = apply_gem(SlightlyScaledLlama(tiny_model("llama").config).to(dtype), beta=BETA, impl="torch").train()
+    with pytest.raises(ValueError, match=r"SlightlyScaledLlama transforms its head output.*1024 -> 1044.48"):
+        model(**batch)
+    # Given the scale, the check passes and the step runs.
+    apply_gem(model, beta=BETA, impl="torch", logit_scale=1.02)
+    assert torch.isfinite(model(**batch).loss)
+
+
+def test_check_probe_tolerance():
+    """float32 logits: float32's tolerance; logits the model itself rounded to bf16 / fp16: that
+    rounding is allowed (a correct softcap passes) and a 2% scale is still caught."""
+    raw = probe_values((2, 3), torch.float32, "cpu")
+    assert raw.dtype == torch.float32 and check_probe(raw * 1.0, 1.0, None, "M")
+    with pytest.raises(ValueError, match="1 -> 1.0001"):
+        check_probe(raw * 1.0001, 1.0, None, "M")
+    for dt in (torch.bfloat16, torch.float16):
+        assert check_probe((30 * torch.tanh(raw / 30)).to(dt), 1.0, 30.0, "M")
+        assert check_probe((raw * 0.7).to(dt), 0.7, None, "M")
+        with pytest.raises(ValueError, match="transforms its head output"):
+            check_probe((raw * 1.02).to(dt), 1.0, None, "M")
+
+
+@pytest.mark.parametrize("cls,dtype", [(ScaledLlama, torch.float32), (SlightlyScaledLlama, torch.bfloat16)])
+def test_first_step_check_under_torch_compile(cls, dtype):
     """Traced by dynamo, the same check is a device-side assert: no graph break, still an error."""
     batch = make_batch(n=2, seq=8)
     torch.manual_seed(0)
-    model = apply_gem(ScaledLlama(tiny_model("llama").config), beta=BETA, impl="torch").train()
+    model = apply_gem(cls(tiny_model("llama").config).to(dtype), beta=BETA, impl="torch").train()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
-    with pytest.raises(RuntimeError, match="ScaledLlama transforms its head output"):
+    with pytest.raises(RuntimeError, match=f"{cls.__name__} transforms its head output"):
         compiled(**batch)
     torch._dynamo.reset()
 

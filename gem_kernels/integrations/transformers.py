@@ -78,8 +78,9 @@ def _aligned_targets(labels, shift_labels, ignore_index: int) -> torch.Tensor:
 def _intercept_head(head: torch.nn.Module, compute, probe: bool = False):
     """While active, ``head(hidden)`` runs ``compute(head, hidden) -> (result, dtype)`` instead of
     the projection and returns an empty ``[..., 0]`` tensor in place of the logits, or with
-    ``probe`` the ``[..., len(PROBE)]`` probe of known raw values in ``dtype`` (see
-    ``_logit_transforms``), whose transformed values the model then returns as its logits.
+    ``probe`` the ``[..., len(PROBE)]`` float32 probe of known raw values (see ``_logit_transforms``;
+    float32 whatever the head's dtype, so the check resolves a transform to float32 precision),
+    whose transformed values the model then returns as its logits.
 
     The head is still called through ``nn.Module.__call__``, so DeepSpeed ZeRO-3 / FSDP pre-forward
     hooks on it gather its weight before ``compute`` reads it, and whatever the model does to its
@@ -99,12 +100,12 @@ def _intercept_head(head: torch.nn.Module, compute, probe: bool = False):
             raise RuntimeError("apply_gem: the output embedding was called twice in one forward; this model "
                                "is not supported by the fused path (use gem_compute_loss_func instead)")
         box["result"], box["dtype"] = result, dtype = compute(head, hidden)
-        output = probe_values(hidden.shape[:-1], dtype, hidden.device) if probe else None
+        output = probe_values(hidden.shape[:-1], torch.float32, hidden.device) if probe else None
         if link:
             loss = result[0] if isinstance(result, tuple) else result
             if output is None:
                 return loss.to(hidden.dtype).reshape([1] * hidden.dim()).expand(*hidden.shape[:-1], 0)
-            return output + loss.to(dtype).reshape([1] * hidden.dim()) * 0
+            return output + loss.to(output.dtype).reshape([1] * hidden.dim()) * 0
         if output is not None:
             return output
         return hidden.new_empty(*hidden.shape[:-1], 0)
@@ -248,7 +249,7 @@ def _gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch
         if "result" not in box:
             raise RuntimeError(f"apply_gem: {type(self).__name__}'s forward never called its output embedding")
         if probe:  # once: the model's own post-head transform must be the one the fused path applied
-            state.transform_checked = check_probe(out.get("logits"), box["dtype"], opts["logit_scale"],
+            state.transform_checked = check_probe(out.get("logits"), opts["logit_scale"],
                                                   opts["softcap"], type(self).__name__)
         result = box["result"]
         loss = result[0] if isinstance(result, tuple) else result

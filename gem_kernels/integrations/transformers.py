@@ -74,6 +74,17 @@ def _aligned_targets(labels, shift_labels, ignore_index: int) -> torch.Tensor:
     return shift_causal_labels(labels, ignore_index)
 
 
+def _zero3_tie(head_output: torch.Tensor, probe: bool) -> torch.Tensor:
+    """The scalar added to the loss under ZeRO-3 so that backward passes the head's hooks: the sum of
+    the head's (empty) output, or zero times the probe's sum. The probe's sum is made finite first
+    (a large multiplier may overflow fp16 there, and inf * 0 is NaN); nan_to_num keeps the autograd
+    edge to the head output, which is what fires DeepSpeed's hooks."""
+    tie = head_output.sum()
+    if not probe:
+        return tie  # an empty sum: exactly 0
+    return torch.nan_to_num(tie, nan=0.0, posinf=0.0, neginf=0.0) * 0
+
+
 @contextlib.contextmanager
 def _intercept_head(head: torch.nn.Module, compute, probe: bool = False):
     """While active, ``head(hidden)`` runs ``compute(head, hidden) -> (result, dtype)`` instead of
@@ -259,8 +270,7 @@ def _gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch
         if return_metrics:
             extras.update(result[-1])  # ce (the same value), entropy, token_accuracy
         if "head_output" in box:  # ZeRO-3: backward must pass the head's hooks (see _intercept_head)
-            tie = box["head_output"].sum()
-            loss = loss + (tie * 0 if probe else tie).to(loss.dtype)  # the probe's values are no loss
+            loss = loss + _zero3_tie(box["head_output"], probe).to(loss.dtype)
         state.fused_calls += 1
         keep_logits = False
     else:

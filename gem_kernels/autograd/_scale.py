@@ -13,8 +13,8 @@ import torch
 
 def scale_grads_(grads, scale: torch.Tensor) -> None:
     """Multiply each precomputed gradient in place by the 0-d tensor ``scale`` without reading it
-    on the host. Low-precision gradients are multiplied in fp32 over slices of at most
-    SCALE_SLICE elements (a small temporary), as a Python-float factor would be: multiplying a bf16
+    on the host. Low-precision gradients are multiplied in fp32 over slices of
+    ``_slice_elements`` (a small temporary), as a Python-float factor would be: multiplying a bf16
     tensor by a 0-d fp32 tensor would first round the factor itself to bf16 (e.g. 1/3 by 2^-9)."""
     for g in grads:
         if g is None:
@@ -24,9 +24,10 @@ def scale_grads_(grads, scale: torch.Tensor) -> None:
             continue
         flat = g.view(-1)
         s32 = scale.to(torch.float32)
-        tmp = torch.empty(min(SCALE_SLICE, flat.numel()), dtype=torch.float32, device=g.device)
-        for a in range(0, flat.numel(), SCALE_SLICE):
-            part = flat[a:a + SCALE_SLICE]
+        step = _slice_elements(flat.numel())
+        tmp = torch.empty(step, dtype=torch.float32, device=g.device)
+        for a in range(0, flat.numel(), step):
+            part = flat[a:a + step]
             t = tmp[: part.numel()]
             t.copy_(part).mul_(s32)
             part.copy_(t)
@@ -40,7 +41,7 @@ def scale_rows_(g: torch.Tensor, row_scale: torch.Tensor) -> None:
     if g.dtype in (torch.float32, torch.float64):
         g.mul_(row_scale.to(g.dtype)[:, None])
         return
-    rows = max(1, SCALE_SLICE // max(g.shape[1], 1))
+    rows = max(1, _slice_elements(g.numel()) // max(g.shape[1], 1))
     for a in range(0, g.shape[0], rows):
         part = g[a:a + rows]
         part.copy_(part.float().mul_(row_scale[a:a + rows, None].float()))
@@ -48,6 +49,13 @@ def scale_rows_(g: torch.Tensor, row_scale: torch.Tensor) -> None:
 
 # 2^20 elements (4 MiB of fp32) per slice of scale_grads_: small next to the gradients it scales.
 SCALE_SLICE = 1 << 20
+
+
+def _slice_elements(numel: int) -> int:
+    """Elements per fp32 slice: at most SCALE_SLICE and at most an eighth of the gradient (as the
+    torch path bounds its row blocks), so the temporary stays small next to a small gradient too;
+    at least 4,096 so that tiny gradients take few steps."""
+    return max(1, min(numel, SCALE_SLICE, max(numel // 8, 1 << 12)))
 
 
 def upstream_scale(grad_loss: torch.Tensor, rows: Optional[torch.Tensor], token_scale) -> torch.Tensor:

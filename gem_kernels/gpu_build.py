@@ -54,12 +54,14 @@ def _kernels():
     from .ops.gem_fwd import _gem_fwd_kernel
     from .ops.gem_fwd_grad import _gem_fwd_grad_kernel
     from .ops.gem_scale import _gem_scale_kernel
+    from .ops.grad_scale import _grad_scale_kernel
 
     return {
         "gem_fwd": (_gem_fwd_kernel.fn, config.FORWARD_CONFIGS),
         "gem_fwd_grad": (_gem_fwd_grad_kernel.fn, config.FORWARD_GRAD_CONFIGS),
         "gem_bwd": (_gem_bwd_kernel, (config.BACKWARD,)),
         "gem_scale": (_gem_scale_kernel, (config.SCALE,)),
+        "grad_scale": (_grad_scale_kernel, (config.GRAD_SCALE,)),
     }
 
 
@@ -81,7 +83,8 @@ def _configs_for(configs, dtype: str):
 # also proves that offsets are widened to 64 bits inside the kernels, not by the caller.
 _FLOAT_SCALARS = {"inv_beta", "logit_scale", "softcap", "z_loss_scale"}
 _INT64_POINTERS = {"labels_ptr"}
-_FP32_POINTERS = {"label_logit_ptr", "partials_ptr", "stats_ptr", "grad_loss_ptr", "row_scale_ptr", "token_scale_ptr"}
+_FP32_POINTERS = {"label_logit_ptr", "partials_ptr", "stats_ptr", "grad_loss_ptr", "row_scale_ptr", "token_scale_ptr",
+                  "factor_ptr"}
 
 
 def _signature(fn, dtype: str, constexprs: Dict[str, object]) -> Dict[str, str]:

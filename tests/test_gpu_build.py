@@ -33,7 +33,8 @@ def test_every_kernel_and_config_is_built(builds):
     """Every (kernel, launch configuration, dtype it serves, arch), all features off and on (the
     all-off variant has the configuration's own BLOCK_V)."""
     configs = {"gem_fwd": config.FORWARD_CONFIGS, "gem_fwd_grad": config.FORWARD_GRAD_CONFIGS,
-               "gem_bwd": (config.BACKWARD,), "gem_scale": (config.SCALE,)}
+               "gem_bwd": (config.BACKWARD,), "gem_scale": (config.SCALE,),
+               "grad_scale": (config.GRAD_SCALE,)}
     expected = set()
     for kernel, cfgs in configs.items():
         for cfg in cfgs:
@@ -70,3 +71,13 @@ def test_row_offsets_are_64_bit(builds, kernel, pointer):
         assert adds, f"no scalar offset added to {pointer} in {kernel}'s TTIR ({b['dtype']}, {b['flags']})"
         assert set(adds) == {"i64"}, f"{kernel}: {pointer} offset types {adds}"
         assert re.search(r"arith\.extsi %stride_\w+ : i32 to i64", b["ttir"])
+
+
+def test_flat_offsets_are_64_bit(builds):
+    """grad_scale indexes a whole [V, H] gradient (over 2^31 elements for large heads): the program
+    id is widened to i64 before it is multiplied by the block size."""
+    flat = [b for b in builds if b["kernel"] == "grad_scale"]
+    assert flat
+    for b in flat:
+        assert re.search(r"%(\w+) = tt\.get_program_id x : i32.*?arith\.extsi %\1 : i32 to i64", b["ttir"], re.S)
+        assert re.search(r"tt\.addptr %\w+, %\w+ : tensor<\d+x!tt\.ptr<\w+>>, tensor<\d+xi64>", b["ttir"])

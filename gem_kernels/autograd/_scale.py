@@ -13,11 +13,21 @@ import torch
 
 def scale_grads_(grads, scale: torch.Tensor) -> None:
     """Multiply each precomputed gradient in place by the 0-d tensor ``scale`` without reading it
-    on the host. Low-precision gradients are multiplied in fp32 over slices of
-    ``_slice_elements`` (a small temporary), as a Python-float factor would be: multiplying a bf16
-    tensor by a 0-d fp32 tensor would first round the factor itself to bf16 (e.g. 1/3 by 2^-9)."""
+    on the host. Low-precision gradients are multiplied in fp32, as a Python-float factor would be:
+    multiplying a bf16 tensor by a 0-d fp32 tensor would first round the factor itself to bf16
+    (e.g. 1/3 by 2^-9). On CUDA one Triton kernel per gradient does it in one pass and skips it on
+    the device when the factor is 1 (ops/grad_scale.py); elsewhere (CPU, float64, non-contiguous)
+    PyTorch does it over fp32 slices of ``_slice_elements`` (a small temporary)."""
+    factor = None
     for g in grads:
         if g is None:
+            continue
+        if _kernel_scales(g):
+            from ..ops import scale_grad_
+
+            if factor is None:
+                factor = scale.to(torch.float32).reshape(1)
+            scale_grad_(g, factor)
             continue
         if g.dtype in (torch.float32, torch.float64):
             g.mul_(scale.to(g.dtype))
@@ -31,6 +41,20 @@ def scale_grads_(grads, scale: torch.Tensor) -> None:
             t = tmp[: part.numel()]
             t.copy_(part).mul_(s32)
             part.copy_(t)
+
+
+def _kernel_scales(g: torch.Tensor) -> bool:
+    """The one-pass kernel serves CUDA gradients in a kernel dtype, stored contiguously."""
+    return (g.is_cuda and g.dtype in (torch.float32, torch.bfloat16, torch.float16) and g.is_contiguous()
+            and _triton_available())
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def scale_rows_(g: torch.Tensor, row_scale: torch.Tensor) -> None:

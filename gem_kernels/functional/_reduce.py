@@ -50,15 +50,16 @@ def finish_outputs(loss, extras, valid, reduction, num_items_in_batch, shape, re
     return tuple(out)
 
 
-def token_weight(reduction: str, valid: torch.Tensor, num_items_in_batch):
-    """d(reduced loss)/d(per-token loss) as a 0-d fp32 tensor on the labels' device, or None for
-    "none": 1 for "sum", 1 / n_valid (at least 1) or 1 / num_items_in_batch for "mean". No host
-    synchronisation. It is computed with the very operation autograd applies in the backward of
-    ``reduce_tokens`` (1 / denominator in fp32), so for an upstream gradient of exactly 1 the per-token
-    upstream equals it bit for bit, which the gradient-in-forward path checks on the device."""
+def token_weight(reduction: str, valid: torch.Tensor, num_items_in_batch, dtype: torch.dtype = torch.float32):
+    """d(reduced loss)/d(per-token loss) as a 0-d tensor of ``dtype`` (the per-token loss's: fp32,
+    or fp64 for fp64 inputs) on the labels' device, or None for "none": 1 for "sum", 1 / n_valid
+    (at least 1) or 1 / num_items_in_batch for "mean". No host synchronisation. It is computed with
+    the very operation autograd applies in the backward of ``reduce_tokens`` (1 / denominator in the
+    loss's dtype), so for an upstream gradient of exactly 1 the per-token upstream equals it bit for
+    bit, which the gradient-in-forward paths check on the device before rescaling anything."""
     if reduction == "none":
         return None
-    one = torch.ones((), dtype=torch.float32, device=valid.device)
+    one = torch.ones((), dtype=dtype, device=valid.device)
     if reduction == "sum":
         return one
     if num_items_in_batch is None:

@@ -13,7 +13,7 @@ from ..options import GEMOptions
 from ..reference import gem_loss_reference
 from ._checks import (check_float_tensor, check_labels, check_metrics_vocab, check_options, index_labels,
                       resolve_impl)
-from ._reduce import finish_outputs, items_denominator, reduce_tokens
+from ._reduce import finish_outputs, reduce_tokens, token_weight
 from ._vocab_parallel import resolve_vocab_shard, shard_chunk_rows
 
 
@@ -228,17 +228,11 @@ def fused_linear_gem_loss(
     if layout is not None and chunk_size is None:  # every rank must cut the same chunks
         chunk_size = shard_chunk_rows(layout, int(valid.sum()), H, V, hidden.device.type, hidden.element_size(),
                                       low_memory)
-    # d(reduced loss)/d(per-token loss): lets the Function compute the gradients in the forward.
-    if reduction == "none":
-        token_scale = None
-    elif reduction == "sum":
-        token_scale = 1.0
-    elif num_items_in_batch is None:
-        token_scale = 1.0 / valid.sum().clamp(min=1).double()
-    else:
-        token_scale = 1.0 / items_denominator(
-            num_items_in_batch.detach() if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch,
-            torch.empty((), dtype=torch.float64, device=hidden.device))
+    # d(reduced loss)/d(per-token loss): lets the Function compute the gradients in the forward. In the
+    # loss's dtype, as autograd computes the upstream of a reduced loss, so that backpropagating the
+    # loss as is gives a rescaling factor of exactly 1, which the backward skips on the device.
+    loss_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    token_scale = token_weight(reduction, valid, num_items_in_batch, loss_dtype)
     with autocast_off(hidden.device.type):
         per_token, extras = apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts, impl, chunk_size,
                                                    token_scale, layout.shard if layout else None, low_memory)

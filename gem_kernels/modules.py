@@ -3,8 +3,23 @@ from __future__ import annotations
 
 import torch
 
-from .functional import gem_loss
-from .functional._checks import check_options
+from .functional import check_options, fused_linear_gem_loss_with_options, gem_loss_with_options
+from .options import OPTION_DEFAULTS, GEMOptions
+
+
+def _split(options: dict):
+    """(loss options, process_group, vocab_start): the last two are per-call arguments of the
+    functional API that a module fixes at construction."""
+    options = dict(options)
+    return options, options.pop("process_group", None), options.pop("vocab_start", None)
+
+
+def _repr(opts: GEMOptions, process_group, vocab_start) -> str:
+    """The options that differ from their defaults, then the shard arguments when given."""
+    items = [f"{k}={getattr(opts, k)!r}" for k, v in OPTION_DEFAULTS.items() if getattr(opts, k) != v]
+    items += [f"{k}={v!r}" for k, v in (("process_group", process_group), ("vocab_start", vocab_start))
+              if v is not None]
+    return ", ".join(items)
 
 
 class GEMLoss(torch.nn.Module):
@@ -26,28 +41,24 @@ class GEMLoss(torch.nn.Module):
     Returns: what gem_loss returns (float32 loss; ``(loss, ce)`` with ``return_ce``, ``(loss, metrics)``
         with ``return_metrics``, ``(loss, ce, metrics)`` with both).
 
+    Attributes: ``options``, the :class:`gem_kernels.options.GEMOptions` built (and validated, once)
+        at construction by ``gem_kernels.functional.check_options``; ``process_group``, ``vocab_start``.
+
     Raises: TypeError for an unknown option name, and gem_loss's ValueError / TypeError for a bad
         option value, both at construction; gem_loss's errors for bad tensors at the call.
     """
 
     def __init__(self, **options):
         super().__init__()
-        allowed = set(gem_loss.__kwdefaults__) - {"num_items_in_batch"}
-        unknown = sorted(set(options) - allowed)
-        if unknown:
-            raise TypeError(f"GEMLoss got unknown option(s) {unknown}; allowed: {sorted(allowed)}")
-        merged = {**gem_loss.__kwdefaults__, **options}
-        merged.pop("process_group")
-        merged.pop("vocab_start")
-        merged.pop("num_items_in_batch")
-        check_options(num_items_in_batch=None, **merged)
-        self.options = dict(options)
+        options, self.process_group, self.vocab_start = _split(options)
+        self.options: GEMOptions = check_options("gem", **options)
 
     def forward(self, logits, labels, num_items_in_batch=None):
-        return gem_loss(logits, labels, num_items_in_batch=num_items_in_batch, **self.options)
+        return gem_loss_with_options(logits, labels, self.options, num_items_in_batch=num_items_in_batch,
+                                     process_group=self.process_group, vocab_start=self.vocab_start)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return _repr(self.options, self.process_group, self.vocab_start)
 
 
 class FusedLinearGEMLoss(torch.nn.Module):
@@ -71,6 +82,9 @@ class FusedLinearGEMLoss(torch.nn.Module):
     Returns: what fused_linear_gem_loss returns (float32 loss, ``(loss, ce)``, ``(loss, metrics)`` or
         ``(loss, ce, metrics)``).
 
+    Attributes: ``options`` (the GEMOptions built and validated at construction), ``process_group``,
+        ``vocab_start``.
+
     Raises: TypeError for an unknown option (including ``inplace_backward``) or a non-bool
         ``low_memory``, and ValueError /
         TypeError for a bad option value at construction; fused_linear_gem_loss's errors at the call.
@@ -78,26 +92,13 @@ class FusedLinearGEMLoss(torch.nn.Module):
 
     def __init__(self, **options):
         super().__init__()
-        from .functional import fused_linear_gem_loss
-
-        defaults = fused_linear_gem_loss.__kwdefaults__
-        allowed = set(defaults) - {"num_items_in_batch"}
-        unknown = sorted(set(options) - allowed)
-        if unknown:
-            raise TypeError(f"FusedLinearGEMLoss got unknown option(s) {unknown}; allowed: {sorted(allowed)}")
-        merged = {**defaults, **options}
-        for name in ("process_group", "vocab_start", "num_items_in_batch", "chunk_size", "low_memory"):
-            merged.pop(name)
-        if not isinstance(options.get("low_memory", False), bool):
-            raise TypeError(f"low_memory must be a bool, got {options['low_memory']!r}")
-        check_options(num_items_in_batch=None, **merged)
-        self.options = dict(options)
+        options, self.process_group, self.vocab_start = _split(options)
+        self.options: GEMOptions = check_options("fused", **options)
 
     def forward(self, hidden, weight, labels, bias=None, num_items_in_batch=None):
-        from .functional import fused_linear_gem_loss
-
-        return fused_linear_gem_loss(hidden, weight, labels, bias, num_items_in_batch=num_items_in_batch,
-                                     **self.options)
+        return fused_linear_gem_loss_with_options(hidden, weight, labels, bias, self.options,
+                                                  num_items_in_batch=num_items_in_batch,
+                                                  process_group=self.process_group, vocab_start=self.vocab_start)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return _repr(self.options, self.process_group, self.vocab_start)

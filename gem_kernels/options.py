@@ -5,7 +5,7 @@ and it imports nothing from the package.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 H_CHOICES = ("linear", "logsigmoid")
@@ -43,10 +43,16 @@ NUM_STATS = 5
 
 @dataclass(frozen=True)
 class GEMOptions:
-    """Everything about a GEM call that is not a tensor.
+    """Everything about a GEM call that is not a tensor, validated once by
+    ``gem_kernels.functional.check_options`` and carried unchanged down to the kernels.
 
-    ``vocab_start`` is the global vocabulary id of this tensor's first column (non-zero only for
-    a vocabulary shard under tensor parallelism).
+    The fields are the keyword options of ``gem_loss`` / ``fused_linear_gem_loss`` (see there for
+    their meaning), except two that the functional layer resolves per call (``dataclasses.replace``)
+    before the options go down: ``vocab_start``, the global vocabulary id of this tensor's first
+    column (non-zero only for a vocabulary shard under tensor parallelism), and ``impl``, which is
+    "auto" as an option and the implementation that runs ("triton" or "torch") below the
+    functional layer. ``inplace_backward`` belongs to the logits path only, ``chunk_size`` and
+    ``low_memory`` to the fused lm_head path only (:data:`GEM_ONLY`, :data:`FUSED_ONLY`).
     """
 
     beta: float = 0.7
@@ -59,6 +65,11 @@ class GEMOptions:
     inplace_backward: bool = False
     vocab_start: int = 0
     return_metrics: bool = False
+    reduction: str = "mean"
+    impl: str = "auto"
+    validate_labels: bool = True
+    chunk_size: Optional[int] = None
+    low_memory: bool = False
 
     @property
     def need_lse(self) -> bool:
@@ -77,3 +88,14 @@ class GEMOptions:
     @property
     def logsigmoid(self) -> bool:
         return self.h == "logsigmoid"
+
+
+# Which fields are options of which public function ("gem": gem_loss / GEMLoss, "fused":
+# fused_linear_gem_loss / FusedLinearGEMLoss). vocab_start is per call (with process_group), not an option.
+GEM_ONLY = ("inplace_backward",)
+FUSED_ONLY = ("chunk_size", "low_memory")
+OPTION_DEFAULTS = {f.name: f.default for f in fields(GEMOptions) if f.name != "vocab_start"}
+OPTION_NAMES = {
+    "gem": tuple(n for n in OPTION_DEFAULTS if n not in FUSED_ONLY),
+    "fused": tuple(n for n in OPTION_DEFAULTS if n not in GEM_ONLY),
+}

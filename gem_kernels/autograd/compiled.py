@@ -26,7 +26,8 @@ from torch import Tensor
 
 from ..options import NUM_STATS, GEMOptions
 from ..torch_ops import finalize, gem_forward_chunked, gem_grad_chunked
-from .fused_linear import autocast_off, chunk_rows_for, fused_backward_recompute, fused_forward, valid_rows
+from .autocast import autocast_off
+from .fused_linear import chunk_rows_for, fused_backward_recompute, fused_forward, valid_rows
 
 
 # The forward operators read the valid-token count on the host (to skip ignored rows), which a CUDA

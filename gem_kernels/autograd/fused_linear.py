@@ -32,7 +32,6 @@ gradient matmuls (another 6 * valid * H * V), i.e. 8 instead of 6 * valid * H * 
 """
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -43,21 +42,10 @@ from ..options import GEMOptions
 from ..torch_ops import finalize, gem_grad_chunked
 from . import vocab_parallel
 from ._scale import scale_grads_, upstream_scale
+from .autocast import autocast_off
 from ._fused_accumulate import Accumulator
 from ._fused_low_memory import vocab_slice_grads
 from .gem import torch_partials, triton_grad, triton_partials, triton_partials_and_grad
-
-
-
-def autocast_off(device_type: str):
-    """A context that disables torch.autocast for ``device_type`` if it is on (else a no-op): the
-    fused path picks its own precisions (fp32 statistics and accumulators), and an autocast bmm
-    or mm inside it would silently run in low precision."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except (RuntimeError, ValueError, TypeError):
-        enabled = False
-    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def _gem_partials(impl: str):

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ..options import H_CHOICES, IMPLS, MAX_METRICS_VOCAB, REDUCTIONS
+from ..options import H_CHOICES, IMPLS, MAX_METRICS_VOCAB, OPTION_DEFAULTS, OPTION_NAMES, REDUCTIONS, GEMOptions
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TORCH_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -19,17 +19,54 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def check_options(*, beta, h, ignore_index, reduction, num_items_in_batch, logit_scale, softcap,
-                  z_loss_scale, return_ce, impl, inplace_backward=False, validate_labels=True,
-                  return_metrics=False):
+_WHO = {"gem": "gem_loss", "fused": "fused_linear_gem_loss"}
+
+
+def check_options(kind: str, **options) -> GEMOptions:
+    """Validate the keyword options of one GEM call and pack them into a :class:`GEMOptions`.
+
+    This is the one place options are checked: everything below the functional layer takes the
+    returned dataclass as it is.
+
+    Args:
+        kind: "gem" (the options of ``gem_loss`` / ``GEMLoss``) or "fused" (those of
+            ``fused_linear_gem_loss`` / ``FusedLinearGEMLoss``).
+        **options: any subset of that function's keyword options (``options.OPTION_NAMES[kind]``:
+            beta, h, ignore_index, reduction, logit_scale, softcap, z_loss_scale, return_ce,
+            return_metrics, validate_labels, impl, and inplace_backward for "gem", chunk_size and
+            low_memory for "fused"), with the meanings, types and defaults of those functions. Not
+            options (per call): num_items_in_batch (see :func:`check_num_items`), process_group and
+            vocab_start.
+
+    Returns:
+        GEMOptions with numbers normalised (floats as float, ignore_index / chunk_size as int),
+        ``vocab_start`` 0 and ``impl`` as given ("auto" included).
+
+    Raises:
+        TypeError: an option name that ``kind`` does not have (the message lists the allowed ones);
+            ignore_index not an int; return_ce, return_metrics, inplace_backward, validate_labels or
+            low_memory not a bool.
+        ValueError: an unknown kind; beta or logit_scale not a finite number > 0; softcap not None
+            or a finite number > 0; z_loss_scale not a finite number >= 0; an unknown h, reduction or
+            impl; inplace_backward with impl="reference"; chunk_size not None or an int >= 1.
+    """
+    names = OPTION_NAMES.get(kind)
+    if names is None:
+        raise ValueError(f"kind must be one of {tuple(OPTION_NAMES)}, got {kind!r}")
+    unknown = sorted(k for k in options if k not in names)
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for {_WHO[kind]}; allowed: {sorted(names)}")
+    o = {**OPTION_DEFAULTS, **options}
+    beta, h, ignore_index, softcap = o["beta"], o["h"], o["ignore_index"], o["softcap"]
+    logit_scale, z_loss_scale, impl, chunk_size = o["logit_scale"], o["z_loss_scale"], o["impl"], o["chunk_size"]
     if not _is_real(beta) or not math.isfinite(beta) or beta <= 0:
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if h not in H_CHOICES:
         raise ValueError(f"h must be one of {H_CHOICES}, got {h!r}")
     if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if o["reduction"] not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {o['reduction']!r}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not _is_real(logit_scale) or not math.isfinite(logit_scale) or logit_scale <= 0:
@@ -38,32 +75,43 @@ def check_options(*, beta, h, ignore_index, reduction, num_items_in_batch, logit
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
     if not _is_real(z_loss_scale) or not math.isfinite(z_loss_scale) or z_loss_scale < 0:
         raise ValueError(f"z_loss_scale must be a finite number >= 0, got {z_loss_scale!r}")
-    if not isinstance(return_ce, bool):
-        raise TypeError(f"return_ce must be a bool, got {return_ce!r}")
-    if not isinstance(return_metrics, bool):
-        raise TypeError(f"return_metrics must be a bool, got {return_metrics!r}")
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
-    if not isinstance(validate_labels, bool):
-        raise TypeError(f"validate_labels must be a bool, got {validate_labels!r}")
-    if inplace_backward and impl == "reference":
+    for name in ("return_ce", "return_metrics", "inplace_backward", "validate_labels", "low_memory"):
+        if not isinstance(o[name], bool):
+            raise TypeError(f"{name} must be a bool, got {o[name]!r}")
+    if o["inplace_backward"] and impl == "reference":
         raise ValueError("inplace_backward=True is not available with impl='reference'")
-    if num_items_in_batch is not None:
-        if reduction != "mean":
-            raise ValueError(f"num_items_in_batch replaces the denominator of reduction='mean'; "
-                             f"it cannot be used with reduction={reduction!r}")
-        if isinstance(num_items_in_batch, torch.Tensor):
-            if num_items_in_batch.numel() != 1:
-                raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, "
-                                 f"got a tensor of shape {tuple(num_items_in_batch.shape)}")
-            if torch.compiler.is_compiling():
-                # a host branch on a tensor value would break the graph: a check the graph keeps
-                torch._assert_async(num_items_in_batch.reshape(()) >= 0, "num_items_in_batch must be >= 0")
-            elif num_items_in_batch.device.type == "cpu" and not bool(num_items_in_batch.reshape(()) >= 0):
-                # checked where it costs no device sync (Hugging Face passes a CPU or device tensor)
-                raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch.item()}")
-        elif not _is_real(num_items_in_batch) or not num_items_in_batch >= 0:
-            raise ValueError(f"num_items_in_batch must be a number >= 0 or a tensor, got {num_items_in_batch!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1 (valid tokens per chunk), got {chunk_size!r}")
+    return GEMOptions(beta=float(beta), h=h, ignore_index=int(ignore_index), logit_scale=float(logit_scale),
+                      softcap=None if softcap is None else float(softcap), z_loss_scale=float(z_loss_scale),
+                      return_ce=o["return_ce"], inplace_backward=o["inplace_backward"],
+                      return_metrics=o["return_metrics"], reduction=o["reduction"], impl=impl,
+                      validate_labels=o["validate_labels"], chunk_size=None if chunk_size is None else int(chunk_size),
+                      low_memory=o["low_memory"])
+
+
+def check_num_items(num_items_in_batch, reduction: str) -> None:
+    """``num_items_in_batch`` (per call, not an option): None, or with reduction="mean" a number >= 0
+    or a one-element tensor (>= 0, checked on the host only for a CPU tensor: no device sync; under
+    torch.compile a device-side assert). Raises ValueError otherwise."""
+    if num_items_in_batch is None:
+        return
+    if reduction != "mean":
+        raise ValueError(f"num_items_in_batch replaces the denominator of reduction='mean'; "
+                         f"it cannot be used with reduction={reduction!r}")
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, "
+                             f"got a tensor of shape {tuple(num_items_in_batch.shape)}")
+        if torch.compiler.is_compiling():
+            # a host branch on a tensor value would break the graph: a check the graph keeps
+            torch._assert_async(num_items_in_batch.reshape(()) >= 0, "num_items_in_batch must be >= 0")
+        elif num_items_in_batch.device.type == "cpu" and not bool(num_items_in_batch.reshape(()) >= 0):
+            # checked where it costs no device sync (Hugging Face passes a CPU or device tensor)
+            raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch.item()}")
+    elif not _is_real(num_items_in_batch) or not num_items_in_batch >= 0:
+        raise ValueError(f"num_items_in_batch must be a number >= 0 or a tensor, got {num_items_in_batch!r}")
 
 
 def index_labels(labels):
@@ -152,3 +200,10 @@ def check_metrics_vocab(return_metrics: bool, vocab_end: int, name: str) -> None
     if return_metrics and vocab_end > MAX_METRICS_VOCAB:
         raise ValueError(f"return_metrics=True supports vocabularies of at most {MAX_METRICS_VOCAB} columns "
                          f"(2^24: the arg-max index is carried exactly in fp32); {name} reach column {vocab_end}")
+
+
+def check_options_type(options) -> None:
+    """The ``*_with_options`` functions take options made by :func:`check_options` (not re-checked)."""
+    if not isinstance(options, GEMOptions):
+        raise TypeError(f"options must be a GEMOptions (from gem_kernels.functional.check_options), "
+                        f"got {type(options).__name__}")

@@ -1,20 +1,19 @@
 """fused_linear_gem_loss: GEM over ``hidden @ weight.T + bias`` without materialising the logits."""
 from __future__ import annotations
 
-import numbers
+from dataclasses import replace
 from typing import Optional, Union
 
 import torch
 
-from ..autograd import FusedLinearGEMFunction
+from ..autograd import FusedLinearGEMFunction, autocast_linear_inputs, autocast_off
 from ..autograd.compiled import fused_linear_gem_compiled
-from ..autograd.fused_linear import autocast_off
 from ..options import GEMOptions
-from ..reference import gem_loss_reference
-from ._checks import (check_float_tensor, check_labels, check_metrics_vocab, check_options, index_labels,
-                      resolve_impl)
+from ._checks import (check_float_tensor, check_labels, check_metrics_vocab, check_num_items, check_options,
+                      check_options_type, index_labels, resolve_impl)
 from ._reduce import finish_outputs, reduce_tokens, token_weight
 from ._vocab_parallel import resolve_vocab_shard, shard_chunk_rows
+from .gem import reference_loss
 
 
 def apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts: GEMOptions, impl: str, chunk_size, token_scale,
@@ -58,41 +57,6 @@ def _check_linear(hidden, weight, bias):
     return H, V
 
 
-def _autocast_inputs(hidden, weight, bias):
-    """Under torch.autocast the lm_head matmul runs in the autocast dtype, as F.linear's would:
-    float32/float16/bfloat16 operands are cast (float64 is left alone, as autocast does). The
-    casts are differentiable, so fp32 master weights receive fp32 gradients."""
-    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        return hidden, weight, bias
-    device_type = hidden.device.type
-    try:
-        if not torch.is_autocast_enabled(device_type):
-            return hidden, weight, bias
-    except (RuntimeError, ValueError, TypeError):
-        return hidden, weight, bias
-    dtype = torch.get_autocast_dtype(device_type)
-
-    def cast(t):
-        eligible = isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        return t.to(dtype) if eligible and t.dtype != dtype else t
-
-    return cast(hidden), cast(weight), cast(bias)
-
-
-def _check_chunk_size(chunk_size):
-    if chunk_size is None:
-        return None
-    if not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be None or an int >= 1 (valid tokens per chunk), got {chunk_size!r}")
-    return int(chunk_size)
-
-
-def _check_low_memory(low_memory):
-    if not isinstance(low_memory, bool):
-        raise TypeError(f"low_memory must be a bool, got {low_memory!r}")
-    return low_memory
-
-
 def fused_linear_gem_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -119,7 +83,7 @@ def fused_linear_gem_loss(
     """GEM loss of the logits ``hidden @ weight.T + bias`` against ``labels``, computed in chunks of
     valid tokens so that no [tokens, V] tensor ever exists.
 
-    The math and the loss options are those of :func:`gem_kernels.gem_loss` (see there and SPEC.md);
+    The math and the loss options are those of :func:`gem_kernels.gem_loss` (see there);
     the per-token loss is computed on the logits ``z = hidden @ weight.T + bias`` (nats).
 
     Args:
@@ -195,46 +159,84 @@ def fused_linear_gem_loss(
             bool, or ``inplace_backward`` passed.
         RuntimeError: impl="triton" without the triton package. Every check runs before any matmul.
     """
-    check_options(beta=beta, h=h, ignore_index=ignore_index, reduction=reduction,
-                  num_items_in_batch=num_items_in_batch, logit_scale=logit_scale, softcap=softcap,
-                  z_loss_scale=z_loss_scale, return_ce=return_ce, impl=impl, validate_labels=validate_labels,
-                  return_metrics=return_metrics)
-    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
+    options = check_options("fused", beta=beta, h=h, ignore_index=ignore_index, reduction=reduction,
+                            logit_scale=logit_scale, softcap=softcap, z_loss_scale=z_loss_scale, return_ce=return_ce,
+                            return_metrics=return_metrics, chunk_size=chunk_size, validate_labels=validate_labels,
+                            low_memory=low_memory, impl=impl)
+    return fused_linear_gem_loss_with_options(hidden, weight, labels, bias, options,
+                                              num_items_in_batch=num_items_in_batch, process_group=process_group,
+                                              vocab_start=vocab_start)
+
+
+def fused_linear_gem_loss_with_options(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                       bias: Optional[torch.Tensor], options: GEMOptions, *,
+                                       num_items_in_batch: Optional[Union[int, float, torch.Tensor]] = None,
+                                       process_group=None, vocab_start: Optional[int] = None):
+    """:func:`fused_linear_gem_loss` with its options already validated and packed: what
+    ``fused_linear_gem_loss``, :class:`gem_kernels.FusedLinearGEMLoss` and the trainer integrations
+    run, so that options built once are not checked again per call.
+
+    Args:
+        hidden: [..., H] float32 / bfloat16 / float16 (float64 only with impl "torch" / "reference"),
+            any strides, may require grad. Under ``torch.autocast`` hidden, weight and bias are first
+            cast to the autocast dtype, as ``F.linear`` would.
+        weight: [V, H] lm_head weight (or this rank's vocabulary shard [V_local, H]), hidden's dtype
+            and device.
+        labels: [...] integer tensor with the leading shape of ``hidden``, on its device, values in
+            [0, V) or ``options.ignore_index`` (range checked unless ``options.validate_labels`` is False).
+        bias: None or [V], hidden's dtype and device.
+        options: a :class:`gem_kernels.options.GEMOptions` made by ``check_options("fused", ...)``
+            (its ``vocab_start`` is ignored; ``inplace_backward`` does not apply). Not checked again here.
+        num_items_in_batch: None, or with reduction "mean" the denominator instead of the valid-token
+            count: an int / float >= 0 or a one-element tensor (0 gives 0, not NaN).
+        process_group, vocab_start: vocabulary-parallel lm_head, as in fused_linear_gem_loss.
+
+    Returns:
+        What fused_linear_gem_loss returns: the float32 loss (float64 for float64 inputs), or
+        ``(loss, ce)``, ``(loss, metrics)``, ``(loss, ce, metrics)``.
+
+    Raises:
+        TypeError: ``options`` not a GEMOptions; non-tensor or non-floating inputs, weight / bias of
+            another dtype than hidden, non-integer labels, float64 with impl "triton".
+        ValueError: num_items_in_batch < 0, not one element or given with a reduction other than
+            "mean"; ``weight`` not [V, H] with H = hidden.shape[-1] or with V = 0; ``bias`` not [V];
+            weight / bias / labels on another device; labels of another shape or out of range;
+            return_metrics with V > 2^24; invalid process_group / vocab_start.
+        RuntimeError: impl "triton" without the triton package. Every check runs before any matmul.
+    """
+    check_options_type(options)
+    opts = options
+    ignore_index, reduction = opts.ignore_index, opts.reduction
+    check_num_items(num_items_in_batch, reduction)
+    hidden, weight, bias = autocast_linear_inputs(hidden, weight, bias)
     H, V = _check_linear(hidden, weight, bias)
     labels = index_labels(labels)
-    chunk_size = _check_chunk_size(chunk_size)
-    low_memory = _check_low_memory(low_memory)
     layout = None
     if process_group is not None or vocab_start is not None:
         layout = resolve_vocab_shard(process_group, vocab_start, hidden.shape[:-1], V, hidden.device, labels,
-                                     ignore_index, impl, who="fused_linear_gem_loss", name="hidden")
+                                     ignore_index, opts.impl, who="fused_linear_gem_loss", name="hidden")
     else:
-        check_labels(labels, "hidden", hidden.shape[:-1], hidden.device, V, ignore_index, validate_labels)
-    check_metrics_vocab(return_metrics, (layout.vocab_start if layout else 0) + V, "weight's rows")
-    impl = resolve_impl(impl, hidden)
+        check_labels(labels, "hidden", hidden.shape[:-1], hidden.device, V, ignore_index, opts.validate_labels)
+    check_metrics_vocab(opts.return_metrics, (layout.vocab_start if layout else 0) + V, "weight's rows")
+    impl = resolve_impl(opts.impl, hidden)
     if impl == "reference":
-        logits = torch.nn.functional.linear(hidden, weight, bias)
-        return gem_loss_reference(logits, labels, beta=beta, h=h, ignore_index=ignore_index,
-                                  reduction=reduction, num_items_in_batch=num_items_in_batch,
-                                  logit_scale=logit_scale, softcap=softcap, z_loss_scale=z_loss_scale,
-                                  return_ce=return_ce, return_metrics=return_metrics)
-    opts = GEMOptions(beta=float(beta), h=h, ignore_index=int(ignore_index), logit_scale=float(logit_scale),
-                      softcap=None if softcap is None else float(softcap), z_loss_scale=float(z_loss_scale),
-                      return_ce=return_ce, vocab_start=layout.vocab_start if layout else 0,
-                      return_metrics=return_metrics)
+        return reference_loss(torch.nn.functional.linear(hidden, weight, bias), labels, opts, num_items_in_batch)
     hidden2d = hidden.reshape(-1, H)
     labels1d = labels.reshape(-1).contiguous()  # the kernels index labels with unit stride
     valid = labels1d != ignore_index
+    chunk_size = opts.chunk_size
     if layout is not None and chunk_size is None:  # every rank must cut the same chunks
         chunk_size = shard_chunk_rows(layout, int(valid.sum()), H, V, hidden.device.type, hidden.element_size(),
-                                      low_memory)
+                                      opts.low_memory)
+    opts = replace(opts, vocab_start=layout.vocab_start if layout else 0, impl=impl, chunk_size=chunk_size)
     # d(reduced loss)/d(per-token loss): lets the Function compute the gradients in the forward. In the
     # loss's dtype, as autograd computes the upstream of a reduced loss, so that backpropagating the
     # loss as is gives a rescaling factor of exactly 1, which the backward skips on the device.
     loss_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     token_scale = token_weight(reduction, valid, num_items_in_batch, loss_dtype)
     with autocast_off(hidden.device.type):
-        per_token, extras = apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts, impl, chunk_size,
-                                                   token_scale, layout.shard if layout else None, low_memory)
+        per_token, extras = apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts, impl, opts.chunk_size,
+                                                   token_scale, layout.shard if layout else None, opts.low_memory)
     loss = reduce_tokens(per_token, valid, reduction, num_items_in_batch, labels.shape)
-    return finish_outputs(loss, extras, valid, reduction, num_items_in_batch, labels.shape, return_ce, return_metrics)
+    return finish_outputs(loss, extras, valid, reduction, num_items_in_batch, labels.shape, opts.return_ce,
+                          opts.return_metrics)

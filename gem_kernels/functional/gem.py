@@ -10,8 +10,8 @@ from ..autograd import GEMTorchFunction, GEMTritonFunction
 from ..autograd.compiled import gem_torch_compiled
 from ..options import GEMOptions
 from ..reference import gem_loss_reference
-from ._checks import (check_float_tensor, check_labels, check_metrics_vocab, check_options, index_labels,
-                      resolve_impl)
+from ._checks import (check_float_tensor, check_labels, check_metrics_vocab, check_num_items, check_options,
+                      check_options_type, index_labels, resolve_impl)
 from ._reduce import finish_outputs, reduce_tokens, token_weight
 from ._vocab_parallel import resolve_vocab_shard
 
@@ -146,10 +146,55 @@ def gem_loss(
             return_metrics, inplace_backward or validate_labels not a bool.
         RuntimeError: impl="triton" without the triton package. Every check runs before any kernel.
     """
-    check_options(beta=beta, h=h, ignore_index=ignore_index, reduction=reduction,
-                  num_items_in_batch=num_items_in_batch, logit_scale=logit_scale, softcap=softcap,
-                  z_loss_scale=z_loss_scale, return_ce=return_ce, impl=impl, inplace_backward=inplace_backward,
-                  validate_labels=validate_labels, return_metrics=return_metrics)
+    options = check_options("gem", beta=beta, h=h, ignore_index=ignore_index, reduction=reduction,
+                            logit_scale=logit_scale, softcap=softcap, z_loss_scale=z_loss_scale, return_ce=return_ce,
+                            return_metrics=return_metrics, inplace_backward=inplace_backward,
+                            validate_labels=validate_labels, impl=impl)
+    return gem_loss_with_options(logits, labels, options, num_items_in_batch=num_items_in_batch,
+                                 process_group=process_group, vocab_start=vocab_start)
+
+
+def gem_loss_with_options(logits: torch.Tensor, labels: torch.Tensor, options: GEMOptions, *,
+                          num_items_in_batch: Optional[Union[int, float, torch.Tensor]] = None,
+                          process_group=None, vocab_start: Optional[int] = None):
+    """:func:`gem_loss` with its options already validated and packed: what ``gem_loss``,
+    :class:`gem_kernels.GEMLoss` and the trainer integrations run, so that options built once (at
+    construction) are not checked again per call.
+
+    Args:
+        logits: [..., V] float32 / bfloat16 / float16 (float64 only with impl "torch" / "reference"),
+            any strides, may require grad; aligned with ``labels`` (no causal shift).
+        labels: [...] integer tensor with the leading shape of ``logits``, on its device, values in
+            [0, V) or ``options.ignore_index`` (range checked unless ``options.validate_labels`` is
+            False).
+        options: a :class:`gem_kernels.options.GEMOptions` made by
+            ``check_options("gem", ...)`` (its ``vocab_start`` is ignored: see below; ``chunk_size``
+            and ``low_memory`` do not apply to logits). Not checked again here.
+        num_items_in_batch: None, or with reduction "mean" the denominator instead of the valid-token
+            count: an int / float >= 0 or a one-element tensor on any device (0 gives 0, not NaN).
+        process_group: None, or the vocabulary-parallel torch.distributed group (``logits`` is then
+            this rank's shard [..., V_local]), as in gem_loss.
+        vocab_start: None, or with ``process_group`` the int >= 0 global id of this shard's first
+            column (derived with one all-gather when None), as in gem_loss.
+
+    Returns:
+        What gem_loss returns: the float32 loss (float64 for float64 logits; a scalar for "mean" /
+        "sum", [...] for "none"), or ``(loss, ce)``, ``(loss, metrics)``, ``(loss, ce, metrics)``.
+
+    Raises:
+        TypeError: ``options`` not a GEMOptions; logits or labels not tensors, logits not floating
+            point (or float64 with impl "triton"), labels not integer.
+        ValueError: num_items_in_batch < 0, not one element, or given with a reduction other than
+            "mean"; logits without a vocabulary dimension; labels of another shape or device, or out
+            of range; return_metrics with V > 2^24; inplace_backward with overlapping rows;
+            impl "triton" on CPU tensors without the interpreter (or under torch.compile); invalid
+            process_group / vocab_start (see gem_loss).
+        RuntimeError: impl "triton" without the triton package. Every check runs before any kernel.
+    """
+    check_options_type(options)
+    opts = options
+    ignore_index = opts.ignore_index
+    check_num_items(num_items_in_batch, opts.reduction)
     check_float_tensor(logits, "logits")
     if logits.dim() < 1:
         raise ValueError("logits must have at least one dimension (the vocabulary), got a scalar")
@@ -160,32 +205,37 @@ def gem_loss(
     shard, offset = None, 0
     if process_group is not None or vocab_start is not None:
         shard, offset, _ = resolve_vocab_shard(process_group, vocab_start, logits.shape[:-1], V, logits.device,
-                                               labels, ignore_index, impl)
+                                               labels, ignore_index, opts.impl)
     else:
-        check_labels(labels, "logits", logits.shape[:-1], logits.device, V, ignore_index, validate_labels)
-    check_metrics_vocab(return_metrics, offset + V, "logits")
-    impl = resolve_impl(impl, logits)
+        check_labels(labels, "logits", logits.shape[:-1], logits.device, V, ignore_index, opts.validate_labels)
+    check_metrics_vocab(opts.return_metrics, offset + V, "logits")
+    impl = resolve_impl(opts.impl, logits)
     if impl == "triton" and not logits.is_cuda and torch.compiler.is_compiling():
         raise ValueError("gem_loss(impl='triton') under torch.compile needs CUDA tensors: the Triton "
                          "interpreter cannot be traced; use impl='torch' (or 'auto') on CPU")
     if impl == "reference":
-        return gem_loss_reference(logits, labels, beta=beta, h=h, ignore_index=ignore_index,
-                                  reduction=reduction, num_items_in_batch=num_items_in_batch,
-                                  logit_scale=logit_scale, softcap=softcap, z_loss_scale=z_loss_scale,
-                                  return_ce=return_ce, return_metrics=return_metrics)
-    opts = GEMOptions(beta=float(beta), h=h, ignore_index=int(ignore_index), logit_scale=float(logit_scale),
-                      softcap=None if softcap is None else float(softcap), z_loss_scale=float(z_loss_scale),
-                      return_ce=return_ce, inplace_backward=inplace_backward, vocab_start=offset,
-                      return_metrics=return_metrics)
+        return reference_loss(logits, labels, opts, num_items_in_batch)
+    opts = replace(opts, vocab_start=offset, impl=impl)
     logits2d = logits.reshape(-1, V)
     if logits2d.stride(-1) != 1 and V > 1:
         logits2d = logits2d.contiguous()
-    if inplace_backward and logits2d.shape[0] > 1 and logits2d.stride(0) < V:
+    if opts.inplace_backward and logits2d.shape[0] > 1 and logits2d.stride(0) < V:
         raise ValueError("inplace_backward=True needs logits whose rows do not overlap in memory (e.g. not an "
                          f"expanded tensor); got row stride {logits2d.stride(0)} for V={V}")
     labels1d = labels.reshape(-1).contiguous()  # the kernels index labels with unit stride
     valid = labels1d != ignore_index
+    reduction = opts.reduction
     token_scale = token_weight(reduction, valid, num_items_in_batch) if torch.is_grad_enabled() else None
     per_token, extras = apply_gem(logits2d, labels1d, opts, impl, shard, token_scale)
     loss = reduce_tokens(per_token, valid, reduction, num_items_in_batch, labels.shape)
-    return finish_outputs(loss, extras, valid, reduction, num_items_in_batch, labels.shape, return_ce, return_metrics)
+    return finish_outputs(loss, extras, valid, reduction, num_items_in_batch, labels.shape, opts.return_ce,
+                          opts.return_metrics)
+
+
+def reference_loss(logits: torch.Tensor, labels: torch.Tensor, opts: GEMOptions, num_items_in_batch):
+    """impl="reference": :func:`gem_kernels.reference.gem_loss_reference` with the call's options
+    (shared by both public paths; the fused one passes the materialised logits)."""
+    return gem_loss_reference(logits, labels, beta=opts.beta, h=opts.h, ignore_index=opts.ignore_index,
+                              reduction=opts.reduction, num_items_in_batch=num_items_in_batch,
+                              logit_scale=opts.logit_scale, softcap=opts.softcap, z_loss_scale=opts.z_loss_scale,
+                              return_ce=opts.return_ce, return_metrics=opts.return_metrics)

@@ -19,14 +19,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..functional import gem_loss
-from ..functional._checks import check_options
+from ..functional import check_options
 from ._guards import (
     GEMForward, STATE_ATTR as _STATE_ATTR, calling_trainer, foreign_count_message, installed_forward,
     refuse_if_trainer_took_labels, resolve_head,
@@ -46,9 +45,8 @@ def _check_gem_options(options: dict, allowed) -> dict:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(f"unknown GEM option(s) {unknown}; allowed: {sorted(allowed)}")
-    checked = set(inspect.signature(check_options).parameters) - {"num_items_in_batch"}
-    merged = {k: v for k, v in {**gem_loss.__kwdefaults__, **options}.items() if k in checked}
-    check_options(num_items_in_batch=None, **merged)
+    check_options("gem", **{k: v for k, v in options.items() if k not in _FUSED_ONLY})
+    check_options("fused", **{k: v for k, v in options.items() if k not in _LOGITS_ONLY})
     chunk = options.get("chunk_size")
     if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk!r}")

@@ -62,7 +62,8 @@ def test_cuda_chunk_count_follows_the_valid_tokens():
 
 
 def test_cost_model_matches_the_measured_h200_table():
-    """The docstring's H200 table (issue 10): measured ms per chunk size at Llama-3 8B, 8192 tokens.
+    """The H200 table in gem_kernels/chunk_policy.py: measured ms per chunk size of the fused lm_head
+    step at Llama-3 8B (H = 4096, V = 128,256), 8192 tokens, bf16.
     The model ranks them in the same order and stays within 10 %."""
     measured = {272: 80.5, 512: 56.7, 1024: 48.4, 2048: 44.9, 4096: 43.4, 8192: 42.7}
     model = {c: cuda_step_seconds(8192, 4096, 128_256, c) * 1e3 for c in measured}

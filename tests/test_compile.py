@@ -15,7 +15,7 @@ import torch
 from gem_kernels import FusedLinearGEMLoss, GEMLoss, fused_linear_gem_loss, gem_loss
 from gem_kernels.functional._checks import LABEL_RANGE_MESSAGE
 from gem_kernels.reference import gem_loss_reference
-from tests.helpers import ON_CUDA, assert_close, make_inputs
+from helpers import ON_CUDA, assert_close, make_inputs
 
 REDUCTIONS = [("mean", None), ("sum", None), ("none", None), ("mean", 7), ("mean", "tensor"), ("mean", "tensor0")]
 
@@ -372,7 +372,7 @@ def test_gem_trainer_torch_compile_matches_eager(tmp_path):
     SGD steps of a tiny Llama equal the same steps in eager mode (logged losses, CE, parameters)."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from tests.test_integrations_transformers import ListDataset, make_batch, make_trainer, tiny_model, trainer_args
+    from test_integrations_transformers import ListDataset, make_batch, make_trainer, tiny_model, trainer_args
 
     def run(compile_: bool):
         model, batch = tiny_model("llama"), make_batch(n=4)
@@ -422,7 +422,7 @@ def test_apply_gem_model_forward_is_one_graph():
     and the fused loss (with its ce output) trace as one graph with no break."""
     pytest.importorskip("transformers")
     from gem_kernels.integrations.transformers import apply_gem
-    from tests.test_integrations_transformers import make_batch, tiny_model
+    from test_integrations_transformers import make_batch, tiny_model
 
     model, batch = tiny_model("llama"), make_batch(n=2)
     apply_gem(model, impl="torch", return_ce=True)

@@ -10,7 +10,7 @@ import torch
 from benchmarks.measure import count_flops, peak_memory
 from gem_kernels import FusedLinearGEMLoss, fused_linear_gem_loss
 from gem_kernels.reference import gem_loss_reference
-from tests.helpers import DEVICE, assert_close, only_on
+from helpers import DEVICE, assert_close, only_on
 
 IMPLS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -426,30 +426,44 @@ def test_autocast_runs_the_head_in_the_autocast_dtype(impl):
                      baseline=grads["base"][i])
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_review_regressions_no_grad_strided_labels_fp16(impl):
-    """Under no_grad only the loss matmul runs; strided labels are read correctly; fp16 gradients
-    carry a GradScaler-sized upstream factor without underflow."""
-    from benchmarks.measure import count_flops
-
+def _no_grad_strided_fp16_inputs():
+    """The inputs of the three tests below, drawn in one sequence from one seed: hidden [32, 16],
+    weight [300, 16] and labels [32] (a strided view); then hidden [512, 16], weight [2000, 16] and
+    labels [512] for the fp16 gradient test."""
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(32, 16, generator=g).to(DEVICE)
     weight = torch.nn.Parameter((torch.randn(300, 16, generator=g) / 4).to(DEVICE))
     labels = torch.randint(0, 300, (32, 2), generator=g).to(DEVICE)[:, 1]
-    assert not labels.is_contiguous()
+    hidden16 = torch.randn(512, 16, generator=g).to(DEVICE)
+    weight16 = torch.randn(2000, 16, generator=g).to(DEVICE)
+    labels16 = torch.randint(0, 2000, (512,), generator=g).to(DEVICE)
+    return (hidden, weight, labels), (hidden16, weight16, labels16)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_no_grad_runs_only_the_loss_matmul(impl):
+    """Under no_grad only the loss matmul runs, even when hidden and weight require grad."""
+    (hidden, weight, labels), _ = _no_grad_strided_fp16_inputs()
     with torch.no_grad():
         flops = count_flops(fused_linear_gem_loss, hidden.requires_grad_(), weight, labels, impl=impl)
     # the logits matmul only (+ the torch path's row-dot in its GEM forward)
     assert flops == 2 * 32 * 16 * 300 + (2 * 32 * 300 if impl == "torch" else 0)
-    hidden.requires_grad_(False)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_strided_labels_are_read_correctly(impl):
+    (hidden, weight, labels), _ = _no_grad_strided_fp16_inputs()
+    assert not labels.is_contiguous()
     loss = fused_linear_gem_loss(hidden, weight, labels, impl=impl)
     ref = gem_loss_reference(hidden.double() @ weight.double().T, labels)
     assert_close(loss, ref, what="fused loss with strided labels")
 
-    # fp16: 512 tokens and spread-out logits, so dZ / n_valid would underflow fp16 without the scale
-    hidden = torch.randn(512, 16, generator=g).to(DEVICE)
-    weight = torch.randn(2000, 16, generator=g).to(DEVICE)
-    labels = torch.randint(0, 2000, (512,), generator=g).to(DEVICE)
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_fp16_gradients_keep_a_gradscaler_factor_without_underflow(impl):
+    """fp16 gradients carry a GradScaler-sized upstream factor without underflow: 512 tokens and
+    spread-out logits, so dZ / n_valid would underflow fp16 without the scale."""
+    _, (hidden, weight, labels) = _no_grad_strided_fp16_inputs()
     h16, w16 = hidden.half().requires_grad_(), weight.half().requires_grad_()
     (fused_linear_gem_loss(h16, w16, labels, impl=impl) * 65536.0).backward()
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()

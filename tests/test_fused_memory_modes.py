@@ -10,8 +10,8 @@ from benchmarks.measure import count_flops
 from gem_kernels import FusedLinearGEMLoss, fused_linear_gem_loss
 from gem_kernels.autograd._fused_accumulate import Accumulator
 from gem_kernels.autograd._scale import SCALE_SLICE
-from tests.helpers import DEVICE, only_on
-from tests.test_fused_linear import _check, linear_inputs
+from helpers import DEVICE, only_on
+from test_fused_linear import _check, linear_inputs
 
 CPU_MEMORY = only_on("cpu", "counts CPU allocations from profiler events (oneDNN scratch left out); the GPU "
                             "figures are benchmarks/fused_memory.py's and the lm_head-step benchmark's")

@@ -1,4 +1,5 @@
-"""Issue 17, continued: the MoE router loss under gradient accumulation (each GEM trainer follows the
+"""More ways a trainer integration could train something other than GEM (as in
+test_integrations_refusals.py): the MoE router loss under gradient accumulation (each GEM trainer follows the
 trainer it replaces), a collator's shift_labels on the compute_loss_func route, and PEFT heads."""
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from gem_kernels.integrations.transformers import (  # noqa: E402
     GEMTrainer, apply_gem, gem_compute_loss_func, shift_causal_labels,
 )
 from gem_kernels.reference import gem_loss_reference  # noqa: E402
-from tests.test_integrations_refusals import assert_matches_reference, fused_step  # noqa: E402
-from tests.test_integrations_transformers import (  # noqa: E402
+from test_integrations_refusals import assert_matches_reference, fused_step  # noqa: E402
+from test_integrations_transformers import (  # noqa: E402
     BETA, HIDDEN, VOCAB, ListDataset, make_batch, tiny_model, trainer_args,
 )
 
@@ -81,7 +82,7 @@ def test_gem_sft_trainer_moe_aux_loss_follows_trl(tmp_path):
     datasets = pytest.importorskip("datasets")
     pytest.importorskip("trl")
     from gem_kernels.integrations.trl import GEMSFTTrainer
-    from tests.test_integrations_trl import expected_batch, sft_args, sft_rows, word_tokenizer
+    from test_integrations_trl import expected_batch, sft_args, sft_rows, word_tokenizer
 
     data = sft_rows("completion", n=2)
     padded = expected_batch(data)

@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments  # noq
 
 from gem_kernels.integrations.transformers import apply_gem, shift_causal_labels  # noqa: E402
 from gem_kernels.reference import gem_loss_reference  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+from helpers import assert_close  # noqa: E402
 
 VOCAB, HIDDEN, BETA, LR, STEPS, WORLD = 257, 32, 0.7, 0.1, 2, 2
 
@@ -274,12 +274,12 @@ def _run_trainer(out_dir, name, route, stage, tied, init, offload, accum, dtype)
     if model is None:  # TrainingArguments(deepspeed=ZeRO-3) makes from_pretrained build under zero.Init
         model = _load(out_dir, tied)
     if route == "gem_sft_trainer":
-        from tests.test_integrations_trl import word_tokenizer
+        from test_integrations_trl import word_tokenizer
 
         trainer = GEMSFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(sft_rows()),
                                 processing_class=word_tokenizer(), gem_options=dict(beta=BETA, impl="torch"))
     else:
-        from tests.test_integrations_transformers import ListDataset
+        from test_integrations_transformers import ListDataset
 
         trainer = GEMTrainer(model=model, args=args, train_dataset=ListDataset(global_batch()),
                              gem_options=dict(beta=BETA, impl="torch"))

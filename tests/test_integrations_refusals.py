@@ -1,6 +1,8 @@
-"""Issue 17: the ways the trainer integrations could train something other than GEM without a word.
-Each test feeds the input of the issue and holds the right value or the clear error. Tiny models
-built from configs (V = 257, H = 32); no downloads."""
+"""The ways the trainer integrations could train something other than GEM without a word: logit
+transforms between the head and the logits, a trainer that takes the labels away, an ignore_index
+other than -100, serialisation, another integration replacing GEM's forward. Each test feeds an
+input that would do so and holds the right value or the clear error. Tiny models built from configs
+(V = 257, H = 32); no downloads."""
 from __future__ import annotations
 
 import copy
@@ -21,8 +23,8 @@ from gem_kernels.integrations.transformers import (  # noqa: E402
     shift_causal_labels,
 )
 from gem_kernels.reference import gem_loss_reference  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
-from tests.test_integrations_transformers import (  # noqa: E402
+from helpers import assert_close  # noqa: E402
+from test_integrations_transformers import (  # noqa: E402
     BETA, HIDDEN, VOCAB, ListDataset, make_batch, tiny_model, trainer_args,
 )
 
@@ -226,7 +228,8 @@ def test_plain_trainer_label_smoothing_is_refused(tmp_path):
 
 
 def zero_labelled_batch():
-    """The issue's input: 4 sequences of 12 tokens, prompt and padding labelled 0."""
+    """4 sequences of 12 tokens whose prompt and padding are labelled 0 instead of -100 (a dataset
+    built for ignore_index=0)."""
     batch = make_batch(n=4, seq=12)
     batch["labels"] = batch["labels"].masked_fill(batch["labels"] == -100, 0)
     return batch

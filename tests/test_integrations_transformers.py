@@ -21,7 +21,7 @@ from gem_kernels.integrations.transformers import (  # noqa: E402
     shift_causal_labels,
 )
 from gem_kernels.reference import gem_loss_reference  # noqa: E402
-from tests.helpers import assert_close, only_on  # noqa: E402
+from helpers import assert_close, only_on  # noqa: E402
 
 VOCAB, HIDDEN = 257, 32
 BETA = 0.7
@@ -414,7 +414,7 @@ def test_two_process_ddp_step_equals_one_big_batch(tmp_path, path):
                      dtype=torch.float32, atol=1e-5)
         # entropy and accuracy: per micro-batch token means over both processes; with sequential
         # sampling micro-batch k holds rows 2k (process 0) and 2k + 1 (process 1)
-        from tests.test_metrics_integrations import expected_logs
+        from test_metrics_integrations import expected_logs
 
         want_ent, want_acc = expected_logs(model, batch, 2)
         assert_close(torch.tensor(result["log"]["entropy"]), want_ent, what="2-process logged entropy", atol=1e-5)

@@ -15,8 +15,8 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from gem_kernels.integrations.transformers import gem_compute_loss_func  # noqa: E402
 from gem_kernels.integrations.trl import GEMSFTTrainer  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
-from tests.test_integrations_transformers import BETA, VOCAB, same_dtype_baseline, tiny_model, truth  # noqa: E402
+from helpers import assert_close  # noqa: E402
+from test_integrations_transformers import BETA, VOCAB, same_dtype_baseline, tiny_model, truth  # noqa: E402
 
 
 def word_tokenizer():

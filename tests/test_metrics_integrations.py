@@ -17,8 +17,8 @@ from gem_kernels.integrations.transformers import (  # noqa: E402
     GEMTrainer, apply_gem, gem_compute_loss_func, shift_causal_labels,
 )
 from gem_kernels.reference import gem_loss_reference  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
-from tests.test_integrations_transformers import (  # noqa: E402
+from helpers import assert_close  # noqa: E402
+from test_integrations_transformers import (  # noqa: E402
     BETA, ListDataset, full_batch_ce, make_batch, tiny_model, trainer_args,
 )
 
@@ -143,7 +143,7 @@ def test_gem_sft_trainer_logs_trl_metrics(tmp_path, route):
     pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     from gem_kernels.integrations.trl import GEMSFTTrainer
-    from tests.test_integrations_trl import expected_batch, sft_args, sft_rows, word_tokenizer
+    from test_integrations_trl import expected_batch, sft_args, sft_rows, word_tokenizer
 
     rows = sft_rows("completion")
     model = tiny_model("llama")
@@ -165,7 +165,7 @@ def test_gem_sft_trainer_logs_trl_metrics(tmp_path, route):
 
 def test_plain_compute_loss_func_without_consumer_holds_no_window():
     # Trainer(compute_loss_func=fn) without callbacks=[fn]: nothing drains the window, so nothing
-    # may be recorded (reviewer's /tmp/review/leak.py: 1000 rows after 1000 micro-batches).
+    # may be recorded (else the window grows by one row per micro-batch: 1000 rows after 1000 calls).
     fn = gem_compute_loss_func(beta=BETA, impl="torch")
     z = torch.randn(2, 5, 11, requires_grad=True)
     y = torch.randint(0, 11, (2, 5))

@@ -8,6 +8,7 @@ its tensors on that device, and the tolerances below are the same on both.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Sequence
 
@@ -134,9 +135,141 @@ def assert_close(actual, expected, *, what: str, dtype: Optional[torch.dtype] = 
     assert bool(ok.all()), f"{what} [{dt}] (atol {atol:.1e}, rtol {rtol:.1e}): {_describe(actual, expected)}"
 
 
+def run_gem(logits: torch.Tensor, labels: torch.Tensor, impl: str, *, upstream=None, inplace: bool = False,
+            **options):
+    """One call of ``gem_loss`` (``impl="reference"``: ``gem_loss_reference``) on a fresh copy of
+    ``logits`` and its backward: returns (the outputs as a tuple, the gradient of the copy).
+
+    upstream: the factor the loss (the first output) is multiplied by before backward, a float or a
+        tensor of the loss's shape (moved to its device); a per-token loss is then summed. Default:
+        1 for a reduced loss, weights linspace(-1, 2) for a per-token one (so that each token's
+        upstream gradient differs).
+    inplace: call with ``inplace_backward=True`` on a non-leaf copy (whose storage may be
+        overwritten); the gradient is still read from the leaf.
+    """
+    from gem_kernels import gem_loss
+    from gem_kernels.reference import gem_loss_reference
+
+    leaf = fresh(logits)
+    x = leaf
+    if inplace:
+        x = leaf * 1
+        x.retain_grad()
+    if impl == "reference":
+        out = gem_loss_reference(x, labels, **options)
+    else:
+        out = gem_loss(x, labels, impl=impl, **({"inplace_backward": True} if inplace else {}), **options)
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = outs[0]
+    if upstream is None:
+        upstream = (torch.linspace(-1.0, 2.0, loss.numel(), dtype=loss.dtype, device=loss.device).view(loss.shape)
+                    if loss.dim() else 1.0)
+    elif isinstance(upstream, torch.Tensor):
+        upstream = upstream.to(loss.device)
+    (loss * upstream).sum().backward()
+    return outs, leaf.grad
+
+
+def check_gem_against_reference(logits: torch.Tensor, labels: torch.Tensor, impl: str, *, upstream=None,
+                                inplace: bool = False, **options):
+    """``gem_loss(logits, labels, impl=impl, **options)`` and its gradient (see
+    :func:`run_gem` for ``upstream`` and ``inplace``) against the float64 truth, each
+    error held to the same-dtype PyTorch (the reference in the logits' dtype) error plus a margin;
+    outputs are float32 and the gradient is in the logits' dtype."""
+    dtype = logits.dtype
+    outs, grad = run_gem(logits, labels, impl, upstream=upstream, inplace=inplace, **options)
+    truth_outs, truth_grad = run_gem(fresh(logits, torch.float64), labels, "reference", upstream=upstream,
+                                     **options)
+    base_outs, base_grad = run_gem(logits, labels, "reference", upstream=upstream, **options)
+    what = f"({impl}, {dtype}, {options}, upstream {upstream}, inplace {inplace})"
+    for i, (a, t, b) in enumerate(zip(outs, truth_outs, base_outs)):
+        assert a.dtype == torch.float32, f"output {i} dtype {a.dtype} {what}"
+        assert_close(a, t, what=f"output {i} {what}", dtype=dtype, baseline=b)
+    assert grad.dtype == dtype, f"grad dtype {grad.dtype} {what}"
+    assert_close(grad, truth_grad, what=f"grad {what}", dtype=dtype, baseline=base_grad)
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Make every tensor-to-host conversion raise (item, float, int, bool, index, tolist, nonzero)."""
+    names = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist", "nonzero")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def refuse(name):
+        def f(*a, **k):
+            raise AssertionError(f"host read: Tensor.{name}")
+        return f
+
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, refuse(n))
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
 def only_on(device: str, reason: str):
     """Mark a test that only makes sense on ``device`` ("cpu" or "cuda"): skipped elsewhere, with
     ``reason`` (say why, e.g. "counts bytes under the Triton interpreter")."""
     import pytest
 
     return pytest.mark.skipif(DEVICE != device, reason=f"{device} only: {reason}")
+
+
+def run_on_ranks(cases, world: int, out_dir, *, min_cases: int) -> None:
+    """Run the cases of a multi-process test in ``world`` spawned CPU processes joined by a gloo
+    process group on 127.0.0.1, and assert that they all passed.
+
+    cases: a module-level function ``cases(rank, world, group)`` yielding ``(name, thunk)``; every
+        rank yields the same names in the same order, so that the collectives line up. A thunk
+        raises (usually AssertionError) on failure; the other cases still run.
+    out_dir: a directory (e.g. pytest's tmp_path) where each rank writes its report.
+    min_cases: the fewest cases a rank must have run (guards against a generator that stops early).
+    Spawning costs seconds, so a test launches once and runs many cases per launch.
+    """
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_worker, args=(world, _free_port(), str(out_dir), cases), nprocs=world, join=True)
+    reports = [open(os.path.join(out_dir, f"rank{r}.txt")).read() for r in range(world)]
+    counts = {rep.splitlines()[0] for rep in reports}
+    assert len(counts) == 1 and int(counts.pop().split()[0]) >= min_cases, reports
+    failures = [line for rep in reports for line in rep.splitlines()[1:] if line.strip()]
+    assert not failures, "\n".join(failures)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_worker(rank: int, world: int, port: int, out_dir: str, cases) -> None:
+    """One process of :func:`run_on_ranks`: its first report line is the number of cases run, the
+    rest its failures (an assertion's message, or the traceback of any other error)."""
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+
+    os.environ["TRITON_INTERPRET"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    failures, names = [], []
+    try:
+        group = dist.new_group(list(range(world)))  # a non-default group, as tensor parallelism uses
+        for name, thunk in cases(rank, world, group):
+            names.append(name)
+            try:
+                thunk()
+            except AssertionError as e:
+                failures.append(f"[rank {rank}] {name}: {e}")
+            except Exception:
+                failures.append(f"[rank {rank}] {name}: {traceback.format_exc()}")
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(f"{len(names)} cases\n" + "\n".join(failures))
+        dist.destroy_process_group()

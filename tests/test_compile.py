@@ -7,15 +7,13 @@ the same function), and shapes are small: compiling dominates the time of these 
 """
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from gem_kernels import FusedLinearGEMLoss, GEMLoss, fused_linear_gem_loss, gem_loss
 from gem_kernels.functional._checks import LABEL_RANGE_MESSAGE
 from gem_kernels.reference import gem_loss_reference
-from helpers import ON_CUDA, assert_close, make_inputs
+from helpers import ON_CUDA, assert_close, make_inputs, no_host_reads
 
 REDUCTIONS = [("mean", None), ("sum", None), ("none", None), ("mean", 7), ("mean", "tensor"), ("mean", "tensor0")]
 
@@ -62,28 +60,62 @@ def _grads(out, inputs, reduction):
     return torch.autograd.grad(loss, inputs, up)
 
 
+def _linear_inputs(seed, n=20, hidden=24, vocab=257, *, w_scale=0.5, bias=True, ignore=slice(None, None, 4),
+                   dtype=torch.float32):
+    """hidden [n, H], weight [V, H] (N(0, 1) * w_scale) and bias [V] (or None), drawn in that order
+    from ``seed`` and cast to ``dtype``, all requiring grad; then labels [n] with ``labels[ignore]``
+    set to -100. Returns (hidden, weight, bias, labels)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, hidden, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) * w_scale).to(dtype).requires_grad_()
+    b = torch.randn(vocab, generator=g).to(dtype).requires_grad_() if bias else None
+    y = torch.randint(0, vocab, (n,), generator=g)
+    y[ignore] = -100
+    return x, w, b, y
+
+
+def _float64(*tensors):
+    """Float64 leaves holding the same values (the reference's inputs)."""
+    return [t.detach().double().requires_grad_() for t in tensors]
+
+
+def _check_compiled(compiled, eager, reference, inputs, reduction, items, out_names, grad_names):
+    """``compiled(*copies of inputs)`` against ``eager(*inputs)``: every output (``out_names``, the
+    loss first) to rounding of the compiled reduction, the gradients of ``inputs`` to 1e-7;
+    then, unless every token is ignored (items "tensor0": zero loss and gradients), the loss and
+    gradients against ``reference`` on float64 copies."""
+    what = f"{reduction}/{items}"
+    copies = [t.detach().clone().requires_grad_() for t in inputs]
+    out_c = compiled(*copies)
+    grads_c = _grads(out_c, copies, reduction)
+    out_e = eager(*inputs)
+    grads_e = _grads(out_e, inputs, reduction)
+    outs_c, outs_e = (o if isinstance(o, tuple) else (o,) for o in (out_c, out_e))
+    assert len(outs_c) == len(outs_e) == len(out_names), (len(outs_c), len(outs_e), out_names)
+    # Same chunked bodies: values equal to rounding of the (compiled) reduction, gradients bitwise.
+    for name, c, e in zip(out_names, outs_c, outs_e):
+        assert_close(c, e, what=f"{what} compiled vs eager {name}", atol=1e-6, rtol=1e-6)
+    for name, gc, ge in zip(grad_names, grads_c, grads_e):
+        assert_close(gc, ge, what=f"{what} compiled vs eager {name}", atol=1e-7, rtol=1e-6)
+    if items == "tensor0":
+        assert outs_c[0].item() == 0.0 and not any(gc.any() for gc in grads_c)
+        return
+    inputs64 = _float64(*inputs)
+    ref = reference(*inputs64)
+    grads_ref = _grads(ref, inputs64, reduction)
+    assert_close(outs_c[0], ref, what=f"{what} compiled loss vs reference", dtype=torch.float32)
+    for name, gc, gr in zip(grad_names, grads_c, grads_ref):
+        assert_close(gc, gr, what=f"{what} compiled {name} vs reference", dtype=torch.float32)
+
+
 @pytest.mark.parametrize("reduction,items", REDUCTIONS)
 def test_gem_loss_compiles_fullgraph_and_matches_eager(reduction, items):
     z, y = make_inputs(n=24, vocab=257, seed=1, device="cpu")
     y = _all_ignored_if_zero(y, items)
     n = _num_items(items)
-    zc = z.detach().clone().requires_grad_()
-    loss_c, ce_c = _compiled_gem(zc, y, reduction, n)
-    (g_c,) = _grads(loss_c, (zc,), reduction)
-    loss_e, ce_e = _gem_call(z, y, reduction, n)
-    (g_e,) = _grads(loss_e, (z,), reduction)
-    # Same chunked bodies: values equal to rounding of the (compiled) reduction, gradients bitwise.
-    assert_close(loss_c, loss_e, what=f"{reduction}/{items} compiled vs eager loss", atol=1e-6, rtol=1e-6)
-    assert_close(ce_c, ce_e, what=f"{reduction}/{items} compiled vs eager ce", atol=1e-6, rtol=1e-6)
-    assert_close(g_c, g_e, what=f"{reduction}/{items} compiled vs eager grad", atol=1e-7, rtol=1e-6)
-    if items == "tensor0":
-        assert loss_c.item() == 0.0 and not g_c.any()
-        return
-    z64 = z.detach().double().requires_grad_()
-    ref = gem_loss_reference(z64, y, beta=0.7, reduction=reduction, num_items_in_batch=n)
-    (g_ref,) = _grads(ref, (z64,), reduction)
-    assert_close(loss_c, ref, what=f"{reduction}/{items} compiled loss vs reference", dtype=torch.float32)
-    assert_close(g_c, g_ref, what=f"{reduction}/{items} compiled grad vs reference", dtype=torch.float32)
+    _check_compiled(lambda z: _compiled_gem(z, y, reduction, n), lambda z: _gem_call(z, y, reduction, n),
+                    lambda z: gem_loss_reference(z, y, beta=0.7, reduction=reduction, num_items_in_batch=n),
+                    [z], reduction, items, ["loss", "ce"], ["grad"])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -102,41 +134,20 @@ def test_gem_loss_compiled_low_precision(dtype):
 
 @pytest.mark.parametrize("reduction,items", REDUCTIONS)
 def test_fused_compiles_fullgraph_and_matches_eager(reduction, items):
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(20, 24, generator=g, requires_grad=True)
-    w = (torch.randn(257, 24, generator=g) * 0.5).requires_grad_()
-    b = torch.randn(257, generator=g).requires_grad_()
-    y = torch.randint(0, 257, (20,), generator=g)
-    y[::4] = -100
+    x, w, b, y = _linear_inputs(3)
     y = _all_ignored_if_zero(y, items)
     n = _num_items(items)
-    xc, wc, bc = (t.detach().clone().requires_grad_() for t in (x, w, b))
-    out_c = _compiled_fused(xc, wc, bc, y, reduction, n)
-    grads_c = _grads(out_c, (xc, wc, bc), reduction)
-    out_e = _fused_call(x, w, b, y, reduction, n)
-    grads_e = _grads(out_e, (x, w, b), reduction)
-    assert_close(out_c, out_e, what=f"{reduction}/{items} compiled vs eager loss", atol=1e-6, rtol=1e-6)
-    for name, gc, ge in zip("xwb", grads_c, grads_e):
-        assert_close(gc, ge, what=f"{reduction}/{items} compiled vs eager grad_{name}", atol=1e-7, rtol=1e-6)
-    if items == "tensor0":
-        assert out_c.item() == 0.0 and not any(gc.any() for gc in grads_c)
-        return
-    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
-    ref = gem_loss_reference(x64 @ w64.T + b64, y, beta=0.7, reduction=reduction, num_items_in_batch=n, softcap=20.0)
-    grads_ref = _grads(ref, (x64, w64, b64), reduction)
-    assert_close(out_c, ref, what=f"{reduction}/{items} compiled loss vs reference", dtype=torch.float32)
-    for name, gc, gr in zip("xwb", grads_c, grads_ref):
-        assert_close(gc, gr, what=f"{reduction}/{items} compiled grad_{name} vs reference", dtype=torch.float32)
+    _check_compiled(lambda x, w, b: _compiled_fused(x, w, b, y, reduction, n),
+                    lambda x, w, b: _fused_call(x, w, b, y, reduction, n),
+                    lambda x, w, b: gem_loss_reference(x @ w.T + b, y, beta=0.7, reduction=reduction,
+                                                       num_items_in_batch=n, softcap=20.0),
+                    [x, w, b], reduction, items, ["loss"], ["grad_x", "grad_w", "grad_b"])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_fused_low_memory_compiles_fullgraph_and_matches_eager(reduction):
     """low_memory=True travels through the custom operators (eager and deferred gradients)."""
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(20, 24, generator=g, requires_grad=True)
-    w = (torch.randn(257, 24, generator=g) * 0.5).requires_grad_()
-    y = torch.randint(0, 257, (20,), generator=g)
-    y[::4] = -100
+    x, w, _, y = _linear_inputs(5, bias=False)
 
     def call(x, w, y):
         return fused_linear_gem_loss(x, w, y, reduction=reduction, impl="torch", low_memory=True)
@@ -164,15 +175,10 @@ def test_fused_compiled_all_ignored_deferred():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_compiled_low_precision(dtype):
     """bf16: gradients precomputed in the forward, rescaled in fp32; fp16: deferred to backward."""
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(20, 24, generator=g).to(dtype).requires_grad_()
-    w = (torch.randn(257, 24, generator=g) * 0.5).to(dtype).requires_grad_()
-    b = torch.randn(257, generator=g).to(dtype).requires_grad_()
-    y = torch.randint(0, 257, (20,), generator=g)
-    y[1::3] = -100
+    x, w, b, y = _linear_inputs(4, ignore=slice(1, None, 3), dtype=dtype)
     loss = _compiled_fused(x, w, b, y, "mean", 9)
     grads = torch.autograd.grad(loss * 3.0, (x, w, b))  # an upstream factor != 1
-    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    x64, w64, b64 = _float64(x, w, b)
     ref = gem_loss_reference(x64 @ w64.T + b64, y, beta=0.7, num_items_in_batch=9, softcap=20.0)
     grads_ref = torch.autograd.grad(ref * 3.0, (x64, w64, b64))
     assert_close(loss, ref, what=f"{dtype} compiled fused loss", dtype=dtype)
@@ -212,15 +218,11 @@ def test_compiled_inplace_backward_leaves_logits():
 def test_fused_triton_under_compile_runs_opaque():
     """The fused operator is opaque, so impl='triton' compiles on CPU too: its kernels run (in the
     interpreter) inside the operator, never traced."""
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(10, 16, generator=g, requires_grad=True)
-    w = torch.randn(65, 16, generator=g, requires_grad=True)
-    y = torch.randint(0, 65, (10,), generator=g)
-    y[3] = -100
+    x, w, _, y = _linear_inputs(7, n=10, hidden=16, vocab=65, w_scale=1.0, bias=False, ignore=3)
     f = torch.compile(lambda x, w, y: fused_linear_gem_loss(x, w, y, impl="triton"), fullgraph=True)
     loss = f(x, w, y)
     grads = torch.autograd.grad(loss, (x, w))
-    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    x64, w64 = _float64(x, w)
     ref = gem_loss_reference(x64 @ w64.T, y, beta=0.7)
     grads_ref = torch.autograd.grad(ref, (x64, w64))
     assert_close(loss, ref, what="fused triton compiled loss", dtype=torch.float32)
@@ -276,39 +278,15 @@ def test_validate_labels_false_skips_the_check():
 # No host reads
 
 
-@contextlib.contextmanager
-def _no_host_reads():
-    """Make every tensor-to-host conversion raise (item, float, int, bool, tolist, nonzero)."""
-    names = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist", "nonzero")
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-
-    def refuse(name):
-        def f(*a, **k):
-            raise AssertionError(f"host read: Tensor.{name}")
-        return f
-
-    try:
-        for n in names:
-            setattr(torch.Tensor, n, refuse(n))
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_eager_backward_reads_nothing_on_the_host(dtype):
     """The eager fused backward rescales its precomputed gradients by a 0-d device tensor (the
     Python-float factor it used to read is gone); values stay those of a float factor."""
-    g = torch.Generator().manual_seed(8)
-    x = torch.randn(20, 24, generator=g).to(dtype).requires_grad_()
-    w = torch.randn(257, 24, generator=g).to(dtype).requires_grad_()
-    y = torch.randint(0, 257, (20,), generator=g)
-    y[::3] = -100
+    x, w, _, y = _linear_inputs(8, w_scale=1.0, bias=False, ignore=slice(None, None, 3), dtype=dtype)
     loss = fused_linear_gem_loss(x, w, y, impl="torch", num_items_in_batch=torch.tensor(12))
-    with _no_host_reads():
+    with no_host_reads():
         (loss / 3.0).backward()
-    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    x64, w64 = _float64(x, w)
     ref = gem_loss_reference(x64 @ w64.T, y, beta=0.7, num_items_in_batch=12) / 3.0
     ref.backward()
     assert_close(x.grad, x64.grad, what=f"{dtype} grad_hidden", dtype=dtype)
@@ -318,7 +296,7 @@ def test_fused_eager_backward_reads_nothing_on_the_host(dtype):
 def test_torch_path_eager_backward_reads_nothing_on_the_host():
     z, y = make_inputs(n=24, vocab=257, seed=9, device="cpu")
     loss = gem_loss(z, y, impl="torch")
-    with _no_host_reads():
+    with no_host_reads():
         loss.backward()
     assert z.grad is not None
 
@@ -355,7 +333,7 @@ def test_fused_triton_compiles_fullgraph_on_cuda():
     f = torch.compile(lambda x, w, y: fused_linear_gem_loss(x, w, y, impl="triton"), fullgraph=True)
     loss = f(x, w, y)
     grads = torch.autograd.grad(loss, (x, w))
-    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    x64, w64 = _float64(x, w)
     ref = gem_loss_reference(x64 @ w64.T, y, beta=0.7)
     grads_ref = torch.autograd.grad(ref, (x64, w64))
     assert_close(loss, ref, what="cuda fused compiled loss", dtype=torch.bfloat16)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from gem_kernels import GEMLoss, gem_loss
 from gem_kernels.reference import gem_loss_reference
-from helpers import DEVICE, ON_CUDA, assert_close, fresh, make_inputs
+from helpers import DEVICE, ON_CUDA, assert_close, check_gem_against_reference, fresh, make_inputs, run_gem
 
 IMPLS = ["triton", "torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -25,46 +25,13 @@ OPTION_SETS = {
 }
 
 
-def _scalar_loss(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _run(logits, labels, **kw):
-    """(outputs tuple, grad of logits) for one call; the loss is reduced to a scalar for backward
-    with a random per-token weight when reduction='none' so that the upstream gradient is per token."""
-    x = fresh(logits)
-    out = gem_loss(x, labels, **kw) if kw.get("impl") != "reference" else gem_loss_reference(
-        x, labels, **{k: v for k, v in kw.items() if k not in ("impl", "inplace_backward")})
-    outs = out if isinstance(out, tuple) else (out,)
-    loss = outs[0]
-    if loss.dim() > 0:
-        w = torch.linspace(-1.0, 2.0, loss.numel(), dtype=loss.dtype, device=loss.device).view(loss.shape)
-        loss = (loss * w).sum()
-    loss.backward()
-    return outs, x.grad
-
-
-def _check_against_reference(logits, labels, impl, **kw):
-    """Compare outputs and gradient with the float64 truth, holding the error to the same-dtype
-    PyTorch (reference-in-that-dtype) error plus a margin."""
-    dtype = logits.dtype
-    outs, grad = _run(logits, labels, impl=impl, **kw)
-    truth_outs, truth_grad = _run(fresh(logits, torch.float64), labels, impl="reference", **kw)
-    base_outs, base_grad = _run(logits, labels, impl="reference", **kw)
-    for i, (a, t, b) in enumerate(zip(outs, truth_outs, base_outs)):
-        assert a.dtype == torch.float32, f"output {i} dtype {a.dtype}"
-        assert_close(a, t, what=f"output {i} ({impl}, {dtype}, {kw})", dtype=dtype, baseline=b)
-    assert grad.dtype == dtype
-    assert_close(grad, truth_grad, what=f"grad ({impl}, {dtype}, {kw})", dtype=dtype, baseline=base_grad)
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("h", ["linear", "logsigmoid"])
 @pytest.mark.parametrize("options", list(OPTION_SETS), ids=list(OPTION_SETS))
 def test_matches_reference(impl, dtype, h, options):
     logits, labels = make_inputs(n=19, vocab=1001, dtype=dtype, seed=hash(options) % 1000)
-    _check_against_reference(logits, labels, impl, h=h, **OPTION_SETS[options])
+    check_gem_against_reference(logits, labels, impl, h=h, **OPTION_SETS[options])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -74,8 +41,8 @@ def test_reductions(impl, reduction, num_items):
     if num_items == "tensor":
         num_items = torch.tensor(11)
     logits, labels = make_inputs(lead=(3, 7), vocab=517, dtype=torch.float32)
-    _check_against_reference(logits, labels, impl, reduction=reduction, num_items_in_batch=num_items,
-                             return_ce=True)
+    check_gem_against_reference(logits, labels, impl, reduction=reduction, num_items_in_batch=num_items,
+                                return_ce=True)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -83,13 +50,13 @@ def test_reductions(impl, reduction, num_items):
 def test_odd_vocab_sizes(impl, vocab):
     """Sizes around and across the 4096-element block, and degenerate ones."""
     logits, labels = make_inputs(n=5, vocab=vocab, ignore_frac=0.2)
-    _check_against_reference(logits, labels, impl, h="logsigmoid", return_ce=True)
+    check_gem_against_reference(logits, labels, impl, h="logsigmoid", return_ce=True)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_large_vocab_262144(impl):
     logits, labels = make_inputs(n=2, vocab=262_147, ignore_frac=0.0, scale=2.0)
-    _check_against_reference(logits, labels, impl, return_ce=True)
+    check_gem_against_reference(logits, labels, impl, return_ce=True)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -107,13 +74,13 @@ def test_layouts(impl, layout):
     else:
         logits = base
         labels = labels.to(torch.int32)
-    _check_against_reference(logits.detach().requires_grad_(), labels, impl, reduction="none")
+    check_gem_against_reference(logits.detach().requires_grad_(), labels, impl, reduction="none")
 
 
 def test_beta_one_linear_gives_the_cross_entropy_gradient():
     logits, labels = make_inputs(n=16, vocab=333)
     for impl in IMPLS:
-        _, grad = _run(logits, labels, impl=impl, beta=1.0, reduction="sum")
+        _, grad = run_gem(logits, labels, impl=impl, beta=1.0, reduction="sum")
         x = fresh(logits)
         F.cross_entropy(x, labels, ignore_index=-100, reduction="sum").backward()
         assert_close(grad, x.grad, what=f"GEM(beta=1) grad vs CE grad ({impl})", atol=1e-6, rtol=1e-5)
@@ -125,7 +92,7 @@ def test_beta_one_linear_gives_the_cross_entropy_gradient():
 def test_all_ignored_batch_is_zero_not_nan(impl, reduction, n):
     logits, labels = make_inputs(n=n, vocab=100)
     labels = torch.full_like(labels, -100)
-    outs, grad = _run(logits, labels, impl=impl, reduction=reduction, return_ce=True, z_loss_scale=1e-3)
+    outs, grad = run_gem(logits, labels, impl=impl, reduction=reduction, return_ce=True, z_loss_scale=1e-3)
     for o in outs:
         assert torch.equal(o, torch.zeros_like(o)), f"{impl}/{reduction}: {o}"
     assert torch.equal(grad, torch.zeros_like(grad)), f"{impl}/{reduction}: non-zero gradient"
@@ -135,7 +102,7 @@ def test_all_ignored_batch_is_zero_not_nan(impl, reduction, n):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_inplace_backward_overwrites_logits_with_the_gradient(impl, dtype):
     logits, labels = make_inputs(n=10, vocab=257, dtype=dtype, requires_grad=False)
-    expected_outs, expected_grad = _run(logits.requires_grad_(), labels, impl=impl)
+    expected_outs, expected_grad = run_gem(logits.requires_grad_(), labels, impl=impl)
     x = logits.detach().clone()
     storage = x.data_ptr()
     leaf = x.requires_grad_()
@@ -151,7 +118,7 @@ def test_inplace_backward_overwrites_logits_with_the_gradient(impl, dtype):
 def test_default_does_not_mutate_inputs(impl):
     logits, labels = make_inputs(n=8, vocab=129)
     before, labels_before = logits.detach().clone(), labels.clone()
-    _run(logits, labels, impl=impl)
+    run_gem(logits, labels, impl=impl)
     x = logits.detach().clone().requires_grad_()
     gem_loss(x, labels, impl=impl, h="logsigmoid", softcap=3.0, return_ce=True)[0].backward()
     assert torch.equal(x.detach(), before) and torch.equal(labels, labels_before)
@@ -163,11 +130,11 @@ def test_extreme_bf16_logits_stay_finite(impl):
     logits = torch.where(torch.rand(logits.shape, device=DEVICE) < 0.5, 1e4, -1e4).to(torch.bfloat16)
     logits[:, 0] = -1e4  # labels on both extremes
     labels[:4] = 0
-    outs, grad = _run(logits.requires_grad_(), labels, impl=impl, return_ce=True, h="logsigmoid")
+    outs, grad = run_gem(logits.requires_grad_(), labels, impl=impl, return_ce=True, h="logsigmoid")
     assert all(torch.isfinite(o).all() for o in outs)
     assert torch.isfinite(grad).all()
     if impl != "reference":
-        _check_against_reference(logits, labels, impl, return_ce=True)
+        check_gem_against_reference(logits, labels, impl, return_ce=True)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -176,11 +143,11 @@ def test_masked_vocabulary_minus_inf(impl):
     logits, labels = make_inputs(n=6, vocab=5000, ignore_frac=0.0, requires_grad=False)
     logits[:, 4100:] = float("-inf")
     labels = labels % 4100
-    outs, grad = _run(logits.requires_grad_(), labels, impl=impl, return_ce=True, z_loss_scale=1e-3)
-    ref_outs, ref_grad = _run(fresh(logits[:, :4100], torch.float64), labels, impl="reference", return_ce=True,
-                              z_loss_scale=1e-3)
-    full_outs, full_grad = _run(fresh(logits, torch.float64), labels, impl="reference", return_ce=True,
-                                z_loss_scale=1e-3)
+    outs, grad = run_gem(logits.requires_grad_(), labels, impl=impl, return_ce=True, z_loss_scale=1e-3)
+    ref_outs, ref_grad = run_gem(fresh(logits[:, :4100], torch.float64), labels, impl="reference", return_ce=True,
+                                 z_loss_scale=1e-3)
+    full_outs, full_grad = run_gem(fresh(logits, torch.float64), labels, impl="reference", return_ce=True,
+                                   z_loss_scale=1e-3)
     for a, t, f in zip(outs, ref_outs, full_outs):
         assert_close(a, t, what="loss with -inf logits")
         assert_close(f, t, what="reference with -inf logits")
@@ -195,22 +162,6 @@ def test_torch_path_second_backward_is_a_clear_error():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
         loss.backward()
-
-
-def test_triton_path_retain_graph():
-    """A reduced loss has its gradient computed in forward (one backward, as impl='torch'); the split
-    design (reduction='none') supports repeated backward."""
-    logits, labels = make_inputs(n=4, vocab=50)
-    loss = gem_loss(logits, labels, impl="triton")
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="one backward per forward"):
-        loss.backward()
-    x = fresh(logits)
-    per_token = gem_loss(x, labels, impl="triton", reduction="none")
-    per_token.sum().backward(retain_graph=True)
-    first = x.grad.clone()
-    per_token.sum().backward()
-    assert_close(x.grad, 2 * first, what="accumulated second backward")
 
 
 def test_module_matches_functional():
@@ -269,9 +220,9 @@ def test_label_layouts_and_dtypes(impl, layout):
         labels[0] = 156
         labels = labels.to(torch.uint8)
     assert layout == "uint8" or not labels.is_contiguous()
-    _check_against_reference(logits, labels.long() if layout == "uint8" else labels, impl, reduction="none")
-    outs, grad = _run(logits, labels, impl=impl, reduction="none")
-    ref_outs, ref_grad = _run(fresh(logits, torch.float64), labels.long(), impl="reference", reduction="none")
+    check_gem_against_reference(logits, labels.long() if layout == "uint8" else labels, impl, reduction="none")
+    outs, grad = run_gem(logits, labels, impl=impl, reduction="none")
+    ref_outs, ref_grad = run_gem(fresh(logits, torch.float64), labels.long(), impl="reference", reduction="none")
     assert_close(outs[0], ref_outs[0], what=f"{layout} labels loss")
     assert_close(grad, ref_grad, what=f"{layout} labels grad")
 
@@ -284,7 +235,7 @@ def test_inplace_ignores_rows_with_huge_logits(impl):
     labels[:4] = -100
     x = logits.clone().requires_grad_()
     gem_loss(x * 1.0, labels, beta=0.5, z_loss_scale=1e-3, impl=impl, inplace_backward=True).backward()
-    _, expected = _run(logits.requires_grad_(), labels, beta=0.5, z_loss_scale=1e-3, impl="reference")
+    _, expected = run_gem(logits.requires_grad_(), labels, beta=0.5, z_loss_scale=1e-3, impl="reference")
     assert_close(x.grad, expected, what="in-place grad with ignored huge rows")
     assert torch.equal(x.grad[:4], torch.zeros_like(x.grad[:4]))
 

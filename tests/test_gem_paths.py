@@ -8,7 +8,7 @@ from benchmarks.traffic import count_traffic
 from gem_kernels import fused_linear_gem_loss, gem_loss
 from gem_kernels import ops
 from gem_kernels.reference import gem_loss_reference
-from helpers import assert_close, fresh, make_inputs
+from helpers import assert_close, check_gem_against_reference, fresh, make_inputs, no_host_reads, run_gem
 
 KERNELS = ("gem_forward", "gem_forward_grad", "gem_backward", "gem_scale_rows")
 
@@ -29,44 +29,6 @@ def launches(monkeypatch):
     return calls
 
 
-def _truth(logits, labels, upstream=1.0, **kw):
-    x = fresh(logits, torch.float64)
-    out = gem_loss_reference(x, labels, **kw)
-    loss = out[0] if isinstance(out, tuple) else out
-    (loss * upstream).sum().backward() if loss.dim() else (loss * upstream).backward()
-    return out, x.grad
-
-
-def _baseline(logits, labels, upstream=1.0, **kw):
-    """The same computation by plain PyTorch in the logits' dtype (the error allowance)."""
-    x = fresh(logits)
-    out = gem_loss_reference(x, labels, **kw)
-    loss = out[0] if isinstance(out, tuple) else out
-    (loss * upstream).sum().backward() if loss.dim() else (loss * upstream).backward()
-    return out, x.grad
-
-
-def _check(logits, labels, *, upstream=1.0, inplace=False, **kw):
-    x = fresh(logits)
-    leaf = x
-    if inplace:
-        x = x * 1  # a non-leaf whose storage may be overwritten
-        x.retain_grad()
-    out = gem_loss(x, labels, impl="triton", inplace_backward=inplace, **kw)
-    loss = out[0] if isinstance(out, tuple) else out
-    (loss * upstream).sum().backward() if loss.dim() else (loss * upstream).backward()
-    t_out, t_grad = _truth(logits, labels, upstream, **kw)
-    b_out, b_grad = _baseline(logits, labels, upstream, **kw)
-    outs = out if isinstance(out, tuple) else (out,)
-    t_outs = t_out if isinstance(t_out, tuple) else (t_out,)
-    b_outs = b_out if isinstance(b_out, tuple) else (b_out,)
-    for i, (a, t, b) in enumerate(zip(outs, t_outs, b_outs)):
-        assert_close(a, t, what=f"output {i} {kw}", dtype=logits.dtype, baseline=b)
-    assert leaf.grad.dtype == logits.dtype
-    assert_close(leaf.grad, t_grad, what=f"grad {kw} upstream={upstream} inplace={inplace}", dtype=logits.dtype,
-                 baseline=b_grad)
-
-
 OPTIONS = {
     "linear": {},
     "logsigmoid": {"h": "logsigmoid"},
@@ -83,10 +45,11 @@ OPTIONS = {
 def test_both_designs_match_reference(launches, path, options, dtype):
     logits, labels = make_inputs(n=9, vocab=1000, dtype=dtype, seed=3)
     if path == "grad_in_forward":
-        _check(logits, labels, **OPTIONS[options])
+        check_gem_against_reference(logits, labels, "triton", **OPTIONS[options])
         assert "gem_forward_grad" in launches and "gem_backward" not in launches, launches
     else:
-        _check(logits, labels, reduction="none", upstream=torch.linspace(-1.0, 2.0, 9), **OPTIONS[options])
+        check_gem_against_reference(logits, labels, "triton", reduction="none", upstream=torch.linspace(-1.0, 2.0, 9),
+                                    **OPTIONS[options])
         assert "gem_forward_grad" not in launches and "gem_backward" in launches, launches
 
 
@@ -97,7 +60,7 @@ def test_odd_vocab_sizes_both_designs(path, vocab):
     kw = dict(h="logsigmoid", return_ce=True, z_loss_scale=1e-3)
     if path == "split":
         kw["reduction"] = "none"
-    _check(logits, labels, **kw)
+    check_gem_against_reference(logits, labels, "triton", upstream=1.0, **kw)
 
 
 @pytest.mark.parametrize("reduction,num_items", [("mean", None), ("sum", None), ("mean", 7), ("mean", "tensor")])
@@ -108,7 +71,8 @@ def test_reductions_and_upstream_factors(launches, reduction, num_items, upstrea
     if num_items == "tensor":
         num_items = torch.tensor(5)
     logits, labels = make_inputs(lead=(3, 4), vocab=300, dtype=torch.float32)
-    _check(logits, labels, upstream=upstream, reduction=reduction, num_items_in_batch=num_items, return_ce=True)
+    check_gem_against_reference(logits, labels, "triton", upstream=upstream, reduction=reduction,
+                                num_items_in_batch=num_items, return_ce=True)
     assert launches.count("gem_forward_grad") == 1 and "gem_scale_rows" in launches, launches
 
 
@@ -119,7 +83,7 @@ def test_inplace_both_designs(path, upstream):
     kw = dict(h="logsigmoid", softcap=6.0, z_loss_scale=1e-3)
     if path == "split":
         kw["reduction"] = "none"
-    _check(logits, labels, inplace=True, upstream=upstream, **kw)
+    check_gem_against_reference(logits, labels, "triton", inplace=True, upstream=upstream, **kw)
 
 
 def test_inplace_gradient_in_forward_overwrites_at_forward_and_guards_other_users():
@@ -187,6 +151,8 @@ def test_which_path_runs_when(launches):
 
 
 def test_second_backward_is_a_clear_error_and_none_supports_retain_graph():
+    """A reduced loss has its gradient computed in forward (one backward, as impl='torch'); the split
+    design (reduction='none') supports repeated backward."""
     logits, labels = make_inputs(n=4, vocab=50)
     x = fresh(logits)
     loss = gem_loss(x, labels, impl="triton")
@@ -279,14 +245,12 @@ def test_gradient_in_forward_reads_nothing_on_the_host(upstream):
     """Forward (label check off) and backward of the gradient-in-forward path: the token weight and
     the upstream check stay on the device (the interpreter itself copies to the host; Tensor
     conversions such as .item() are what is refused)."""
-    from test_compile import _no_host_reads
-
     logits, labels = make_inputs(n=8, vocab=300, seed=4)
     x = fresh(logits)
-    with _no_host_reads():
+    with no_host_reads():
         loss = gem_loss(x, labels, impl="triton", validate_labels=False, num_items_in_batch=5)
         (loss * upstream).backward()
-    _, truth = _truth(logits, labels, upstream, num_items_in_batch=5)
+    _, truth = run_gem(fresh(logits, torch.float64), labels, "reference", upstream=upstream, num_items_in_batch=5)
     assert_close(x.grad, truth, what="gradient without host reads")
 
 

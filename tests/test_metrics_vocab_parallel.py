@@ -3,10 +3,7 @@ each rank's statistics must equal single-process gem_loss on the concatenated lo
 reference, including arg-max ties that straddle shards, -inf shards and ignored tokens."""
 from __future__ import annotations
 
-import datetime
 import os
-import socket
-import traceback
 
 # conftest.py already chose: "1" on the CPU test device (inherited by the children), "0" on CUDA, where
 # this module is skipped; setdefault keeps a CUDA run's compiled kernels and impl="auto" choice intact.
@@ -14,10 +11,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
-from helpers import assert_close, make_inputs, only_on  # noqa: E402
+from helpers import assert_close, make_inputs, only_on, run_on_ranks  # noqa: E402
 
 pytestmark = only_on("cpu", "gloo process groups of CPU processes, whose impl='triton' cases need the Triton "
                             "interpreter")
@@ -27,12 +22,6 @@ NAMES = ("ce", "entropy", "token_accuracy")
 REDUCTIONS = [dict(reduction="none"), dict(reduction="mean"), dict(reduction="sum"),
               dict(reduction="mean", num_items_in_batch=7)]
 OPTIONS = [dict(), dict(h="logsigmoid", softcap=4.0, logit_scale=1.3, z_loss_scale=0.05, return_ce=True)]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(sizes, seed):
@@ -106,31 +95,6 @@ def _cases(rank, world, group):
                                                                           vocab_start=sum(sizes[:rank])), seed=13)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["TRITON_INTERPRET"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    failures, names = [], []
-    try:
-        group = dist.new_group(list(range(world)))
-        for name, thunk in _cases(rank, world, group):
-            names.append(name)
-            try:
-                thunk()
-            except Exception:
-                failures.append(f"[rank {rank}] {name}: {traceback.format_exc()}")
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(f"{len(names)} cases\n" + "\n".join(failures))
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("world", [2, 3])
 def test_metrics_vocab_parallel(world, tmp_path):
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    reports = [(tmp_path / f"rank{r}.txt").read_text() for r in range(world)]
-    counts = {rep.splitlines()[0] for rep in reports}
-    assert len(counts) == 1 and int(counts.pop().split()[0]) >= 12, reports
-    failures = [line for rep in reports for line in rep.splitlines()[1:] if line.strip()]
-    assert not failures, "\n".join(failures)
+    run_on_ranks(_cases, world, tmp_path, min_cases=12)

@@ -7,10 +7,7 @@ Spawning is slow, so there is one launch per world size and many cases per launc
 """
 from __future__ import annotations
 
-import datetime
 import os
-import socket
-import traceback
 
 # conftest.py already chose: "1" on the CPU test device (inherited by the children), "0" on CUDA, where
 # this module is skipped; setdefault only matters when the module is run without conftest.
@@ -20,9 +17,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
-from helpers import assert_close, make_inputs, only_on  # noqa: E402
+from helpers import assert_close, make_inputs, only_on, run_on_ranks  # noqa: E402
 
 pytestmark = only_on("cpu", "gloo process groups of CPU processes, whose impl='triton' cases need the Triton "
                             "interpreter; a GPU run would need NCCL and one GPU per rank")
@@ -51,12 +47,6 @@ IMPLS = ("torch", "triton")
 # per-shard math is that of 2 ranks; 3 add the 3-way combine) only these.
 TRITON_GRID_WORLD3 = ("softcap_scale_logsig", "zloss_ce", "reduction {'reduction': 'mean'}")
 TRITON_FUSED = {2: ("mean_chunks", "none_zloss"), 3: ("mean_chunks",)}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _shard(full: torch.Tensor, sizes, rank: int) -> torch.Tensor:
@@ -365,40 +355,13 @@ def _cases(rank, world, group):
     yield "error_reference_impl", reference_impl
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["TRITON_INTERPRET"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    failures, names = [], []
-    try:
-        group = dist.new_group(list(range(world)))  # a non-default group, as tensor parallelism uses
-        for name, thunk in _cases(rank, world, group):
-            names.append(name)
-            try:
-                thunk()
-            except AssertionError as e:
-                failures.append(f"[rank {rank}] {name}: {e}")
-            except Exception:
-                failures.append(f"[rank {rank}] {name}: {traceback.format_exc()}")
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(f"{len(names)} cases\n" + "\n".join(failures))
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_matches_single_process(world, tmp_path):
     """Losses (every reduction, num_items_in_batch, return_ce) and gradient shards equal
     single-process gem_loss on the concatenated logits, for both impls and every option; plus
     uneven shards, a rank without labels, all-ignored batches, -inf shards, bf16, explicit
     vocab_start, and clear errors raised on every rank for inconsistent inputs."""
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    reports = [(tmp_path / f"rank{r}.txt").read_text() for r in range(world)]
-    counts = {rep.splitlines()[0] for rep in reports}
-    assert len(counts) == 1 and int(counts.pop().split()[0]) > 30, reports
-    failures = [line for rep in reports for line in rep.splitlines()[1:] if line.strip()]
-    assert not failures, "\n".join(failures)
+    run_on_ranks(_cases, world, tmp_path, min_cases=31)
 
 
 def test_vocab_start_without_group_is_an_error():

@@ -13,7 +13,7 @@ from benchmarks.traffic import count_traffic
 from gem_kernels import fused_linear_gem_loss
 from gem_kernels.autograd import fused_linear as fused_autograd
 from gem_kernels.ops import scale_grad_
-from tests.helpers import DEVICE, ON_CUDA, only_on
+from helpers import DEVICE, ON_CUDA, only_on
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NUMEL = 2 * 8192 + 37  # three programs, the last one partly masked

@@ -286,7 +286,8 @@ def test_bf16_upstream_factor_is_not_rounded_first(impl, reduction):
     ref = xt.grad
     big = ref.abs() > 1e-4
     bias = ((x.grad.double() - ref)[big] / ref[big]).mean().item()
-    assert abs(bias) < 5e-4, f"{impl}/{reduction}: mean relative gradient error {bias:.2e} (a bf16-rounded 1/3 gives 1.9e-3)"
+    assert abs(bias) < 5e-4, (f"{impl}/{reduction}: mean relative gradient error {bias:.2e} "
+                              f"(a bf16-rounded 1/3 gives 1.9e-3)")
 
 
 @pytest.mark.parametrize("as_tensor", [False, True])

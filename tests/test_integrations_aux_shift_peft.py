@@ -115,7 +115,7 @@ def packed_rows():
     return batch
 
 
-@pytest.mark.parametrize("route", ["compute_loss_func", "gem_trainer"])
+@pytest.mark.parametrize("route", ["compute_loss_func", "gem_trainer", "gem_trainer_logits"])
 def test_shift_labels_reach_the_loss(tmp_path, route):
     batch = packed_rows()
     total = int((batch["shift_labels"] != -100).sum())
@@ -128,6 +128,9 @@ def test_shift_labels_reach_the_loss(tmp_path, route):
     if route == "compute_loss_func":
         trainer = Trainer(model=model, args=args, train_dataset=ListDataset(batch),
                           compute_loss_func=gem_compute_loss_func(beta=BETA, impl="torch"))
+    elif route == "gem_trainer_logits":
+        trainer = GEMTrainer(model=model, args=args, train_dataset=ListDataset(batch),
+                             compute_loss_func=gem_compute_loss_func(beta=BETA, impl="torch"))
     else:
         trainer = GEMTrainer(model=model, args=args, train_dataset=ListDataset(batch),
                              gem_options=dict(beta=BETA, impl="torch"))
@@ -138,6 +141,40 @@ def test_shift_labels_reach_the_loss(tmp_path, route):
         return gem_loss_reference(logits, batch["shift_labels"], beta=BETA, num_items_in_batch=total)
 
     assert_matches_reference(logged, steps, before, loss_fn, what=f"{route} with shift_labels, k=2")
+
+
+@pytest.mark.parametrize("route", ["gem_trainer", "gem_trainer_logits"])
+def test_gem_trainers_tell_the_loss_without_walking_the_stack(tmp_path, monkeypatch, route):
+    """A GEM trainer tells the patched forward (its count uses ignore_index) and the callable (the
+    batch's shift_labels) directly: the call-stack lookup, which serves plain Trainers, never runs,
+    and the step is still exact (ignore_index=0 and a collator's shift_labels, k=2)."""
+    from gem_kernels.integrations import _apply, _logits_path
+
+    def walk(*args, **kwargs):
+        raise AssertionError("a GEM trainer's step looked for the Trainer on the call stack")
+
+    monkeypatch.setattr(_apply, "calling_trainer", walk)
+    monkeypatch.setattr(_logits_path, "calling_trainer", walk)
+    batch = packed_rows()
+    batch["labels"] = batch["labels"].masked_fill(batch["labels"] == -100, 0)
+    batch["shift_labels"] = batch["shift_labels"].masked_fill(batch["shift_labels"] == -100, 0)
+    total = int((batch["shift_labels"] != 0).sum())
+    model = tiny_model("llama")
+    before = copy.deepcopy(model)
+    args = trainer_args(tmp_path, 2, 2, remove_unused_columns=False)
+    if route == "gem_trainer_logits":
+        trainer = GEMTrainer(model=model, args=args, train_dataset=ListDataset(batch),
+                             compute_loss_func=gem_compute_loss_func(beta=BETA, impl="torch", ignore_index=0))
+    else:
+        trainer = GEMTrainer(model=model, args=args, train_dataset=ListDataset(batch),
+                             gem_options=dict(beta=BETA, impl="torch", ignore_index=0))
+    logged, steps = sgd_step(trainer, model)
+
+    def loss_fn(m):
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return gem_loss_reference(logits, batch["shift_labels"], beta=BETA, ignore_index=0, num_items_in_batch=total)
+
+    assert_matches_reference(logged, steps, before, loss_fn, what=f"{route}, ignore_index=0, shift_labels, k=2")
 
 
 # ----------------------------------------------------------------------------------------------

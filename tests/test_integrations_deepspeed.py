@@ -171,7 +171,7 @@ def test_zero3_probe_tie_is_finite_and_keeps_the_hook_path():
     """Under ZeRO-3 the probe step adds zero times the probe's sum to the loss; an fp16 probe that a
     large multiplier overflowed must not make that inf * 0 = NaN, and backward must still reach the
     head output (where DeepSpeed's hooks sit). No DeepSpeed launch: the helper alone."""
-    from gem_kernels.integrations.transformers import _zero3_tie
+    from gem_kernels.integrations._head import zero3_tie
 
     raw = torch.tensor([[-1024.0, 1.0, 1024.0]], dtype=torch.float16, requires_grad=True)
     for make in (lambda: raw * 1000.0, lambda: raw * 1000.0 - raw * 1000.0):  # fp16 overflow: +-inf; nan
@@ -179,13 +179,13 @@ def test_zero3_probe_tie_is_finite_and_keeps_the_hook_path():
         reached = []
         head_output.register_hook(lambda g: reached.append(g))
         loss = torch.tensor(1.5, requires_grad=True)
-        total = loss + _zero3_tie(head_output, probe=True).to(loss.dtype)
+        total = loss + zero3_tie(head_output, probe=True).to(loss.dtype)
         assert torch.isfinite(head_output).logical_not().any() and total.item() == 1.5
         total.backward()
         assert len(reached) == 1 and torch.all(reached[0] == 0) and torch.all(raw.grad == 0)
         raw.grad = None
     empty = raw[:, :0] * 2
-    assert _zero3_tie(empty, probe=False).item() == 0 and _zero3_tie(empty, probe=False).requires_grad
+    assert zero3_tie(empty, probe=False).item() == 0 and zero3_tie(empty, probe=False).requires_grad
 
 
 def test_ungathered_zero3_head_is_refused_before_the_kernel():

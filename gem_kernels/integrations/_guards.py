@@ -1,24 +1,21 @@
 """Checks that keep the integrations from silently training something other than GEM.
 
 * :func:`calling_trainer`: the ``transformers.Trainer`` whose method is on the call stack, if any.
-  Trainer hands neither the patched forward nor a ``compute_loss_func`` the facts they need (that it
-  took the labels away, how it counted ``num_items_in_batch``, the batch's ``shift_labels``); the
-  frames of its ``compute_loss`` hold them. Only looked up on the paths that need it.
+  A plain Trainer hands neither the patched forward nor a ``compute_loss_func`` the facts they need
+  (that it took the labels away, how it counted ``num_items_in_batch``, the batch's
+  ``shift_labels``); the frames of its ``compute_loss`` hold them. Only looked up on the paths that
+  need it, and not at all for what a GEM trainer tells directly (``_apply.counted_by_gem_trainer``,
+  ``GEMComputeLoss.gem_trainer_step``): the walk serves the Trainers this package does not own.
 * :func:`resolve_head`: the ``nn.Linear`` that the model's output embedding will call (PEFT's
   ``modules_to_save`` wrapper resolved to its active copy), or a clear error.
-* :class:`GEMForward` / :func:`installed_forward`: the forward apply_gem installs (picklable), and
-  whether calling the model still reaches it (``is_gem_applied`` must never claim what is not so).
 """
 from __future__ import annotations
 
-import inspect
 import sys
 from typing import Optional
 
 import torch
 
-# Attribute under which apply_gem keeps its state on the patched model.
-STATE_ATTR = "_gem_kernels_state"
 _MAX_FRAMES = 48  # Trainer.compute_loss -> DDP / accelerate wrappers -> Module.__call__ -> forward: ~10-25
 
 
@@ -109,47 +106,3 @@ def foreign_count_message(trainer, ignore_index: int, route: str) -> str:
             f"(num_items_in_batch) as labels != -100, so every step would be scaled by the wrong count. Label the "
             f"ignored positions -100 (the default ignore_index) in your collator, or use GEMTrainer, which counts "
             f"with gem_options['ignore_index']")
-
-
-class GEMForward:
-    """The forward apply_gem installs on a model instance: a picklable callable (a plain module-level
-    class holding the model), so pickle / torch.save / deepcopy / spawn carry the patch with the
-    model. (A bound method would be pickled as a lookup of its name and come back unpatched.)"""
-
-    def __init__(self, model):
-        self._gem_target = model
-        original = getattr(model, STATE_ATTR).original_forward
-        func = getattr(original, "__func__", original)
-        self.__name__ = getattr(func, "__name__", "forward")
-        self.__qualname__ = getattr(func, "__qualname__", "forward")
-        self.__doc__ = getattr(func, "__doc__", None)
-
-    def __call__(self, *args, **kwargs):
-        if args and args[0] is self._gem_target:  # bound again by a wrapper (accelerate's unwrap_model)
-            args = args[1:]
-        from .transformers import _gem_forward
-
-        return _gem_forward(self._gem_target, *args, **kwargs)
-
-    @property
-    def __wrapped__(self):
-        original = getattr(self._gem_target, STATE_ATTR).original_forward
-        return getattr(original, "__func__", original)
-
-    @property
-    def __signature__(self):
-        # The original forward's (bound) signature: generate() and Trainer inspect it.
-        return inspect.signature(getattr(self._gem_target, STATE_ATTR).original_forward)
-
-
-def installed_forward(target) -> Optional[GEMForward]:
-    """apply_gem's forward if calling ``target.forward`` reaches it (directly, or through wrappers that
-    keep ``__wrapped__`` / ``__func__``, e.g. accelerate's autocast), else None."""
-    f = target.__dict__.get("forward")
-    for _ in range(32):
-        if f is None:
-            return None
-        if isinstance(f, GEMForward):
-            return f if f._gem_target is target else None
-        f = getattr(f, "__func__", None) or getattr(f, "__wrapped__", None)
-    return None

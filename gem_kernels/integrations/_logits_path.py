@@ -1,20 +1,22 @@
 """The logits path: ``GEMComputeLoss`` / ``gem_compute_loss_func``, GEM from the model's full logits
 for ``Trainer(compute_loss_func=...)``, recording the training statistics for logging.
 
-Import it from :mod:`gem_kernels.integrations.transformers`, which re-exports it (and imports this
-module at its end, so the helpers used here are already defined there).
+Import it from :mod:`gem_kernels.integrations.transformers`, which re-exports it.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from ..functional import gem_loss
 from ._guards import calling_trainer, foreign_count_message, trainer_batch
+from ._labels import aligned_targets
 from ._metrics import MetricWindow, dist_sum
-from .transformers import _COMMON_OPTIONS, _LOGITS_ONLY, _aligned_targets, _check_gem_options
+from ._options import LOGITS_OPTIONS, screen_options
 
 
 def _get_logits(outputs) -> torch.Tensor:
@@ -61,7 +63,7 @@ class GEMComputeLoss(TrainerCallback):
     def __init__(self, *, log_metrics: bool = True, **options):
         if not isinstance(log_metrics, bool):
             raise TypeError(f"log_metrics must be a bool, got {log_metrics!r}")
-        self.options = _check_gem_options(options, _COMMON_OPTIONS + _LOGITS_ONLY)
+        self.options = screen_options(options, LOGITS_OPTIONS)
         self.ignore_index = self.options.get("ignore_index", -100)
         self.log_metrics = log_metrics
         self.last_ce: Optional[torch.Tensor] = None
@@ -72,22 +74,26 @@ class GEMComputeLoss(TrainerCallback):
         self._ce_step = 0
         self._ce_is_local_mean = False
         self.computes_gem = True  # recognised by the guard against Trainers that take the labels away
+        self._gem_trainer_batch = None  # the batch of the GEM trainer step under way (see gem_trainer_step)
 
     def __call__(self, outputs, labels, num_items_in_batch=None, shift_labels=None, **unused):
-        trainer, frame = calling_trainer()
-        if trainer is not None:
-            # Trainer calls fn(outputs, labels, num_items_in_batch) without the batch's pre-shifted
-            # shift_labels (padding-free / context-parallel collators); its compute_loss holds them.
-            batch = trainer_batch(frame)
-            if shift_labels is None and batch is not None and batch.get("shift_labels") is not None:
-                shift_labels = batch["shift_labels"]
-            if (self.ignore_index != -100 and num_items_in_batch is not None
-                    and not getattr(trainer, "_gem_counts_ignore_index", False)):
-                raise ValueError(foreign_count_message(trainer, self.ignore_index, "gem_compute_loss_func"))
+        # Trainer calls fn(outputs, labels, num_items_in_batch) without the batch's pre-shifted
+        # shift_labels (padding-free / context-parallel collators). A GEM trainer hands the batch over
+        # (gem_trainer_step); a plain Trainer's compute_loss frame holds it.
+        batch = self._gem_trainer_batch
+        if batch is None:
+            trainer, frame = calling_trainer()
+            if trainer is not None:
+                batch = trainer_batch(frame)
+                if (self.ignore_index != -100 and num_items_in_batch is not None
+                        and not getattr(trainer, "_gem_counts_ignore_index", False)):
+                    raise ValueError(foreign_count_message(trainer, self.ignore_index, "gem_compute_loss_func"))
+        if shift_labels is None and batch is not None and batch.get("shift_labels") is not None:
+            shift_labels = batch["shift_labels"]
         if labels is None and shift_labels is None:
             raise ValueError("GEM compute_loss_func needs labels; the batch has no 'labels'")
         logits = _get_logits(outputs)
-        targets = _aligned_targets(labels, shift_labels, self.ignore_index).to(logits.device)
+        targets = aligned_targets(labels, shift_labels, self.ignore_index).to(logits.device)
         record = self.log_metrics and self._has_consumer and torch.is_grad_enabled()
         want_metrics = self.options.get("return_metrics", False) or record
         options = {**self.options, "return_metrics": want_metrics}
@@ -106,6 +112,18 @@ class GEMComputeLoss(TrainerCallback):
                 self._ce_is_local_mean = num_items_in_batch is None
                 self._ce_sum = self.last_ce if self._ce_sum is None else self._ce_sum + self.last_ce
         return loss
+
+    @contextlib.contextmanager
+    def gem_trainer_step(self, inputs: dict):
+        """Used by GEMTrainer / GEMSFTTrainer around ``Trainer.compute_loss``: calls made meanwhile take
+        the batch's ``shift_labels`` from ``inputs`` (Trainer does not pass them) and know that the
+        trainer counted ``num_items_in_batch`` with ``ignore_index``, without looking for the Trainer
+        on the call stack (which a plain Trainer needs)."""
+        before, self._gem_trainer_batch = self._gem_trainer_batch, inputs
+        try:
+            yield
+        finally:
+            self._gem_trainer_batch = before
 
     def attach_consumer(self) -> None:
         """Start recording the statistics for logging: called by GEMTrainer / GEMSFTTrainer when they
@@ -134,8 +152,6 @@ class GEMComputeLoss(TrainerCallback):
         recorded), then a fresh window. ``ce`` is the mean over the window's optimizer steps of
         each step's token-mean CE (as GEMTrainer logs it); entropy and accuracy follow TRL's rule
         (see :mod:`gem_kernels.integrations._metrics`)."""
-        import torch.distributed as dist
-
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         extra = self.window.pop(dist_sum) or {}
         ce = self.pop_ce(state.global_step - self._ce_step, world, bool(args.average_tokens_across_devices), dist_sum)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 # The names TRL logs them under.
 LOGGED_NAMES = ("entropy", "mean_token_accuracy")
@@ -87,8 +88,6 @@ class MetricWindow:
 
 def dist_sum(rows: torch.Tensor) -> torch.Tensor:
     """Sum over the default torch.distributed group when one is running (else unchanged)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         rows = rows.clone()
         dist.all_reduce(rows, op=dist.ReduceOp.SUM)

@@ -1,11 +1,11 @@
 """What the fused path needs from sharded training frameworks (DeepSpeed ZeRO-3 here; FSDP2 and
-DTensor heads are handled by ``transformers._full``).
+DTensor heads are handled by ``_head.full_tensor``).
 
 Under ZeRO-3 a parameter's data is an empty tensor except while a hooked module that uses it runs.
 The fused loss reads the head's weight inside the head's own call (gathered by DeepSpeed's
 pre-forward hook) and computes its gradient there; autograd accumulates that [V, H] gradient later,
 in backward, which needs the weight's full shape again. ``apply_gem`` therefore routes the loss
-through the head's output (``transformers._intercept_head``), so DeepSpeed's pre-backward hook on
+through the head's output (``_head.intercept_head``), so DeepSpeed's pre-backward hook on
 the head gathers the weight at the start of backward and its post-backward hook, on the head's
 input, releases it as soon as the fused backward has returned: the shortest window DeepSpeed's
 public hooks allow (an external parameter of the whole model would stay gathered all step).

@@ -1,8 +1,7 @@
 """GEMTrainer: ``transformers.Trainer`` training with GEM through :func:`apply_gem`'s fused path.
 
 Import it from :mod:`gem_kernels.integrations.transformers`, which re-exports it;
-``_GEMTrainerMixin`` is shared with the TRL trainer. That module imports this one at its end, so
-the names used from it are imported where they are called.
+``_GEMTrainerMixin`` is shared with the TRL trainer.
 """
 from __future__ import annotations
 
@@ -11,7 +10,11 @@ from typing import Optional
 import torch
 from transformers import Trainer
 
+from ._apply import apply_gem, counted_by_gem_trainer, gem_state, is_gem_applied
+from ._labels import batch_targets
+from ._logits_path import GEMComputeLoss
 from ._metrics import MetricWindow
+from ._options import FUSED_OPTIONS, screen_options
 
 
 class _GEMTrainerMixin:
@@ -25,8 +28,6 @@ class _GEMTrainerMixin:
 
     def _gem_prepare(self, gem_options: Optional[dict], log_ce: bool, log_metrics: bool = True):
         """Before Trainer.__init__ (which may already call model_init): validate and keep the options."""
-        from .transformers import _COMMON_OPTIONS, _FUSED_ONLY, _check_gem_options
-
         if not isinstance(log_metrics, bool):
             raise TypeError(f"log_metrics must be a bool, got {log_metrics!r}")
         options = dict(gem_options or {})
@@ -35,7 +36,7 @@ class _GEMTrainerMixin:
             options.setdefault("return_ce", True)
         if log_metrics:
             options.setdefault("return_metrics", True)
-        _check_gem_options({"beta": 0.7, "h": "linear", **options}, _COMMON_OPTIONS + _FUSED_ONLY)
+        screen_options({"beta": 0.7, "h": "linear", **options}, FUSED_OPTIONS)
         self._gem_options = options
         self._gem_log_ce = log_ce
         self._gem_log_metrics = log_metrics
@@ -48,8 +49,6 @@ class _GEMTrainerMixin:
     def _gem_setup(self):
         """After Trainer.__init__: refuse conflicting settings and patch the model (fused path), or
         adopt a gem_compute_loss_func (logits path)."""
-        from .transformers import GEMComputeLoss
-
         if getattr(self.args, "use_liger_kernel", False):
             raise ValueError(f"{type(self).__name__} does not support use_liger_kernel=True: Trainer applies Liger "
                              f"when train() starts, after GEM, and Liger's fused cross-entropy replaces the model's "
@@ -83,8 +82,6 @@ class _GEMTrainerMixin:
         self.model_accepts_loss_kwargs = True
 
     def _gem_apply(self, model):
-        from .transformers import apply_gem
-
         return apply_gem(model, **self._gem_options)
 
     def call_model_init(self, trial=None):
@@ -114,20 +111,24 @@ class _GEMTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Trainer.compute_loss passes num_items_in_batch to the model and applies the
         # average_tokens_across_devices scaling; the CE gets the same scaling below.
-        from ._guards import STATE_ATTR
-        from .transformers import _target_model, is_gem_applied
-
         inputs = {**inputs, "use_cache": False}  # no KV cache while training or scoring
-        targets = _targets(inputs, self._gem_options.get("ignore_index", -100))
+        targets = batch_targets(inputs, self._gem_options.get("ignore_index", -100))
         # Guard (fused path): a training step with labels must take its loss from GEM's fused path.
         # The patched forward counts its fused calls; a forward replaced after apply_gem (Liger,
         # another integration) or removed would leave the count unchanged.
         fused = self._gem_logits_fn is None
         guard = fused and model.training and targets is not None
-        state = getattr(_target_model(self.model), STATE_ATTR, None)
+        state = gem_state(self.model)
         calls = None if state is None else state.fused_calls
-        loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
-                                             num_items_in_batch=num_items_in_batch)
+        # This trainer counted num_items_in_batch with its ignore_index: it tells the patched forward
+        # (fused path) or the callable (logits path, with the batch's shift_labels) directly.
+        if fused:
+            told = counted_by_gem_trainer(self.model)
+        else:
+            told = self._gem_logits_fn.gem_trainer_step(inputs)
+        with told:
+            loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
         if guard and (state is None or state.fused_calls == calls):
             raise RuntimeError(f"{type(self).__name__}: the loss of this training step did not come from GEM: the "
                                f"model's forward ran without apply_gem's fused path (is_gem_applied: "
@@ -169,17 +170,6 @@ class _GEMTrainerMixin:
             if window is not None:
                 logs.update(window)
         return super().log(logs, *args, **kwargs)
-
-
-def _targets(inputs, ignore_index: int):
-    """The shifted targets of a batch (``shift_labels``, or ``labels`` shifted by one), or None."""
-    from .transformers import shift_causal_labels
-
-    if inputs.get("shift_labels") is not None:
-        return inputs["shift_labels"]
-    if inputs.get("labels") is not None:
-        return shift_causal_labels(inputs["labels"], ignore_index)
-    return None
 
 
 class GEMTrainer(_GEMTrainerMixin, Trainer):

@@ -30,7 +30,7 @@ def dtensor_gem_loss(logits, labels, **options):
         ValueError: other placements, or labels that are not replicated; gem_loss's errors.
         RuntimeError: a local shard whose width is not that of a ``torch.chunk`` split.
     """
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard  # imported on use: a heavy optional module
 
     if not isinstance(logits, DTensor):
         raise TypeError(f"dtensor_gem_loss: logits must be a DTensor, got {type(logits).__name__}; "

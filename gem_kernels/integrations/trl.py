@@ -11,6 +11,7 @@ from typing import Optional
 
 from trl import SFTTrainer
 
+from ._apply import gem_state
 from ._trainer import _GEMTrainerMixin
 
 
@@ -39,12 +40,9 @@ class GEMSFTTrainer(_GEMTrainerMixin, SFTTrainer):
                              "masks), so the compute_loss_func's ignore_index must stay -100")
 
     def _gem_apply(self, model):
-        from ._guards import STATE_ATTR
-        from .transformers import _target_model
-
         model = super()._gem_apply(model)
         # The MoE aux loss follows SFTTrainer's rule, added in _gem_extra_loss, not the model's.
-        getattr(_target_model(model), STATE_ATTR).aux_loss_in_forward = False
+        gem_state(model).aux_loss_in_forward = False
         return model
 
     def _gem_extra_loss(self, loss, outputs, num_items_in_batch):

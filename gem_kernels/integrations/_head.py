@@ -21,9 +21,9 @@ def full_tensor(t):
 
 
 def fused_head_loss(targets: torch.Tensor, num_items_in_batch, options: dict):
-    """``compute(head, hidden) -> (result, dtype)`` for :func:`intercept_head`: what
-    ``fused_linear_gem_loss`` returns for ``hidden [..., H]``, the head's weight [V, H] and bias, the
-    ``targets [...]`` and ``options`` (its keyword options), and the dtype the loss ran in."""
+    """``compute(head, hidden) -> result`` for :func:`intercept_head`: what ``fused_linear_gem_loss``
+    returns for ``hidden [..., H]``, the head's weight [V, H] and bias, the ``targets [...]`` and
+    ``options`` (its keyword options)."""
 
     def compute(head, hidden):
         check_gathered(head.weight)
@@ -45,7 +45,7 @@ def fused_head_loss(targets: torch.Tensor, num_items_in_batch, options: dict):
             hidden = hidden.to(weight.dtype)
         with torch.autocast(device, enabled=False):
             return fused_linear_gem_loss(hidden, weight, targets.to(hidden.device), bias=bias,
-                                         num_items_in_batch=num_items_in_batch, **options), hidden.dtype
+                                         num_items_in_batch=num_items_in_batch, **options)
 
     return compute
 
@@ -63,7 +63,7 @@ def zero3_tie(head_output: torch.Tensor, probe: bool) -> torch.Tensor:
 
 @contextlib.contextmanager
 def intercept_head(head: torch.nn.Module, compute, probe: bool = False):
-    """While active, ``head(hidden)`` runs ``compute(head, hidden) -> (result, dtype)`` instead of
+    """While active, ``head(hidden)`` runs ``compute(head, hidden) -> result`` instead of
     the projection and returns an empty ``[..., 0]`` tensor in place of the logits, or with
     ``probe`` the ``[..., len(PROBE)]`` float32 probe of known raw values (see ``_logit_transforms``;
     float32 whatever the head's dtype, so the check resolves a transform to float32 precision),
@@ -86,7 +86,7 @@ def intercept_head(head: torch.nn.Module, compute, probe: bool = False):
         if "result" in box:
             raise RuntimeError("apply_gem: the output embedding was called twice in one forward; this model "
                                "is not supported by the fused path (use gem_compute_loss_func instead)")
-        box["result"], box["dtype"] = result, dtype = compute(head, hidden)
+        box["result"] = result = compute(head, hidden)
         output = probe_values(hidden.shape[:-1], torch.float32, hidden.device) if probe else None
         if link:
             loss = result[0] if isinstance(result, tuple) else result

@@ -319,6 +319,41 @@ def test_trainer_setup(tmp_path):
     assert is_gem_applied(trainer.model) and trainer.model_accepts_loss_kwargs
 
 
+@pytest.mark.parametrize("path", ["gem_trainer", "gem_trainer_logits"])
+def test_gem_trainer_checks_its_options_once(tmp_path, monkeypatch, path):
+    """A GEM trainer validates its options once, into one GEMOptions, when it is built; its training
+    and evaluation steps run the *_with_options functions with options derived from it and never
+    the keyword functions, which would validate them again."""
+    import gem_kernels.functional.fused_linear as fused_module
+    import gem_kernels.functional.gem as gem_module
+    from gem_kernels.integrations import _options
+
+    checked = []
+    check = _options.check_options
+    monkeypatch.setattr(_options, "check_options", lambda kind, **o: checked.append(kind) or check(kind, **o))
+
+    def again(*args, **kwargs):
+        raise AssertionError("options validated again during a step")
+
+    monkeypatch.setattr(fused_module, "check_options", again)
+    monkeypatch.setattr(gem_module, "check_options", again)
+    model, batch = tiny_model("llama"), make_batch(n=4)
+    args = trainer_args(tmp_path, 2, 1, per_device_eval_batch_size=4)
+    if path == "gem_trainer":
+        trainer = GEMTrainer(model=model, args=args, train_dataset=ListDataset(batch),
+                             eval_dataset=ListDataset(batch), gem_options=dict(beta=BETA, impl="torch"))
+    else:
+        trainer = GEMTrainer(model=model, args=args, train_dataset=ListDataset(batch),
+                             eval_dataset=ListDataset(batch),
+                             compute_loss_func=gem_compute_loss_func(beta=BETA, impl="torch"))
+    # once per option set: the trainer's gem_options ("fused"), and the callable's ("gem", logits path)
+    assert sorted(checked) == (["fused"] if path == "gem_trainer" else ["fused", "gem"])
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert len(checked) == 1 + (path != "gem_trainer") and torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    assert "ce" in trainer.state.log_history[0] and "entropy" in trainer.state.log_history[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # Memory: the fused training step never holds a [batch, seq, V] tensor.
 

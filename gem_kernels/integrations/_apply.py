@@ -11,42 +11,32 @@ from typing import Optional
 
 import torch
 
-from ..functional import gem_loss
+from ..functional import gem_loss_with_options
+from ..options import GEMOptions
 from ._guards import calling_trainer, foreign_count_message, refuse_if_trainer_took_labels, resolve_head
 from ._head import fused_head_loss, intercept_head, zero3_tie
 from ._labels import aligned_targets
 from ._logit_transforms import check_probe, logit_transform_from_config
-from ._options import COMMON_OPTIONS, FUSED_OPTIONS, screen_options
+from ._options import screen_options
 
 # Attribute under which apply_gem keeps its state on the patched model.
 STATE_ATTR = "_gem_kernels_state"
 
 
 class GEMState:
-    """What apply_gem stores on a model: its original forward and the GEM options."""
+    """What apply_gem stores on a model: its original forward and the options of its two paths, both
+    derived from the one validated GEMOptions."""
 
-    def __init__(self, original_forward, own_forward: bool, options: dict, logit_scale: float, softcap):
+    def __init__(self, original_forward, own_forward: bool, fused_options: GEMOptions, logits_options: GEMOptions):
         self.original_forward = original_forward
         self.own_forward = own_forward  # True when forward was an instance attribute before patching
-        self.options = options
-        self.logit_scale = logit_scale
-        self.softcap = softcap
+        self.fused_options = fused_options  # training: fused_linear_gem_loss, with the model's logit transform
+        self.logits_options = logits_options  # evaluation: gem_loss on the logits the model returns
         self.transform_checked = False  # the first training step checks the logit transform (check_probe)
         self.fused_calls = 0  # training forwards whose loss came from the fused GEM path (the trainers' guard)
         self.aux_loss_in_forward = True  # GEMSFTTrainer adds the MoE aux loss itself, with TRL's rule
         # Set by a GEM trainer while its compute_loss runs: it counted num_items_in_batch with ignore_index.
         self.counted_by_gem_trainer = False
-
-    def fused_options(self) -> dict:
-        opts = {k: v for k, v in self.options.items() if k in FUSED_OPTIONS}
-        opts.setdefault("logit_scale", self.logit_scale)
-        opts.setdefault("softcap", self.softcap)
-        return opts
-
-    def logits_options(self) -> dict:
-        # The model's forward already applied its own transforms to the logits it returns.
-        return {k: v for k, v in self.options.items()
-                if k in COMMON_OPTIONS and k not in ("logit_scale", "softcap")}
 
 
 def target_model(model):
@@ -162,33 +152,31 @@ def gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch=
         if self.training and torch.is_grad_enabled():
             refuse_if_trainer_took_labels(self)
         return state.original_forward(*args, **kwargs)
-    ignore_index = state.options.get("ignore_index", -100)
+    fused = state.fused_options
+    ignore_index = fused.ignore_index
     if ignore_index != -100 and num_items_in_batch is not None and not state.counted_by_gem_trainer:
         trainer, _ = calling_trainer()
         if trainer is not None and not getattr(trainer, "_gem_counts_ignore_index", False):
             raise ValueError(foreign_count_message(trainer, ignore_index, "apply_gem"))
     targets = aligned_targets(labels, shift_labels, ignore_index)
     return_tuple = kwargs.pop("return_dict", None) is False
-    return_ce = bool(state.options.get("return_ce", False))
-    return_metrics = bool(state.options.get("return_metrics", False))
 
     if self.training:
-        opts = state.fused_options()
         head = resolve_head(self.get_output_embeddings(), type(self).__name__)
         probe = not state.transform_checked
-        with intercept_head(head, fused_head_loss(targets, num_items_in_batch, opts), probe=probe) as box:
+        with intercept_head(head, fused_head_loss(targets, num_items_in_batch, fused), probe=probe) as box:
             out = state.original_forward(*args, return_dict=True, **kwargs)
         if "result" not in box:
             raise RuntimeError(f"apply_gem: {type(self).__name__}'s forward never called its output embedding")
         if probe:  # once: the model's own post-head transform must be the one the fused path applied
-            state.transform_checked = check_probe(out.get("logits"), opts["logit_scale"],
-                                                  opts["softcap"], type(self).__name__)
+            state.transform_checked = check_probe(out.get("logits"), fused.logit_scale, fused.softcap,
+                                                  type(self).__name__)
         result = box["result"]
         loss = result[0] if isinstance(result, tuple) else result
         extras = {}
-        if return_ce:
+        if fused.return_ce:
             extras["ce"] = result[1]
-        if return_metrics:
+        if fused.return_metrics:
             extras.update(result[-1])  # ce (the same value), entropy, token_accuracy
         if "head_output" in box:  # ZeRO-3: backward must pass the head's hooks (see intercept_head)
             loss = loss + zero3_tie(box["head_output"], probe).to(loss.dtype)
@@ -197,11 +185,8 @@ def gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch=
     else:
         # Evaluation with labels: the logits are wanted anyway, so GEM is computed from them.
         out = state.original_forward(*args, return_dict=True, **kwargs)
-        opts = state.logits_options()
-        # scalar statistics among the outputs would be gathered as predictions
-        opts.pop("return_ce", None)
-        opts.pop("return_metrics", None)
-        loss = gem_loss(out.logits, targets.to(out.logits.device), num_items_in_batch=num_items_in_batch, **opts)
+        loss = gem_loss_with_options(out.logits, targets.to(out.logits.device), state.logits_options,
+                                     num_items_in_batch=num_items_in_batch)
         extras, keep_logits = {}, True
     if state.aux_loss_in_forward:
         loss = _add_aux_loss(self, out, loss)
@@ -262,23 +247,37 @@ def apply_gem(model, *, beta: float = 0.7, h: str = "linear", **options):
     routed through the head's output so DeepSpeed gathers the weight for the head's backward; see
     ``_sharding`` and docs/integrations.md).
     """
-    options = screen_options({"beta": beta, "h": h, **options}, FUSED_OPTIONS)
+    return patch_model(model, screen_options("fused", {"beta": beta, "h": h, **options}), frozenset(options))
+
+
+def patch_model(model, options: GEMOptions, given: frozenset):
+    """:func:`apply_gem` with its options already validated into ``options`` (``check_options("fused")``);
+    ``given``: the names the caller set explicitly (an explicit ``logit_scale`` / ``softcap`` wins
+    over the config's). Returns ``model``, patched."""
     target = target_model(model)
     previous: Optional[GEMState] = getattr(target, STATE_ATTR, None)
     if previous is not None:
         original, own = previous.original_forward, previous.own_forward
     else:
         original, own = target.forward, "forward" in target.__dict__
-    # explicit values win (see GEMState); the config is only read for what was not given
-    scale, softcap = logit_transform_from_config(target.config, logit_scale_given="logit_scale" in options,
-                                                 softcap_given="softcap" in options)
+    # explicit values win; the config is only read for what was not given
+    scale_given, softcap_given = "logit_scale" in given, "softcap" in given
+    scale, softcap = logit_transform_from_config(target.config, logit_scale_given=scale_given,
+                                                 softcap_given=softcap_given)
     if getattr(target.config, "is_encoder_decoder", False):
         raise ValueError("apply_gem supports causal LMs (labels shifted by one inside the model); "
                          f"{type(target).__name__} is an encoder-decoder model")
     head = target.get_output_embeddings()
     if head is not None:  # refuse an adapter / quantised head now rather than at the first step
         resolve_head(head, type(target).__name__)
-    state = GEMState(original, own, options, scale, softcap)
+    # Training (fused): the head's output never reaches the model's own transform, so the loss applies it.
+    fused = dataclasses.replace(options, logit_scale=options.logit_scale if scale_given else scale,
+                                softcap=options.softcap if softcap_given else softcap)
+    # Evaluation (logits): the model's forward already applied its transform to the logits it returns,
+    # and scalar statistics among the outputs would be gathered as predictions.
+    logits = dataclasses.replace(options, logit_scale=1.0, softcap=None, return_ce=False, return_metrics=False,
+                                 chunk_size=None, low_memory=False)
+    state = GEMState(original, own, fused, logits)
     if previous is not None:
         state.aux_loss_in_forward = previous.aux_loss_in_forward
     setattr(target, STATE_ATTR, state)

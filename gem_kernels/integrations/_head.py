@@ -10,7 +10,8 @@ import contextlib
 
 import torch
 
-from ..functional import fused_linear_gem_loss
+from ..functional import autocast_linear_inputs, autocast_off, fused_linear_gem_loss_with_options
+from ..options import GEMOptions
 from ._logit_transforms import probe_values
 from ._sharding import check_gathered, is_zero3_param
 
@@ -20,10 +21,10 @@ def full_tensor(t):
     return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
 
 
-def fused_head_loss(targets: torch.Tensor, num_items_in_batch, options: dict):
+def fused_head_loss(targets: torch.Tensor, num_items_in_batch, options: GEMOptions):
     """``compute(head, hidden) -> result`` for :func:`intercept_head`: what ``fused_linear_gem_loss``
     returns for ``hidden [..., H]``, the head's weight [V, H] and bias, the ``targets [...]`` and
-    ``options`` (its keyword options)."""
+    ``options`` (validated by ``check_options("fused")``)."""
 
     def compute(head, hidden):
         check_gathered(head.weight)
@@ -34,18 +35,14 @@ def fused_head_loss(targets: torch.Tensor, num_items_in_batch, options: dict):
                                "gem_compute_loss_func (the logits path) for offloaded models")
         if hidden.device != weight.device:  # a device_map may put the head on another device
             hidden = hidden.to(weight.device)
-        device = hidden.device.type
-        if torch.is_autocast_enabled(device):
-            # What autocast would do to lm_head(hidden); the kernel itself then runs without
-            # autocast so its fp32 accumulations stay fp32.
-            dtype = torch.get_autocast_dtype(device)
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        elif hidden.dtype != weight.dtype:
+        # What autocast does to lm_head(hidden), by the functional layer's rule; the loss itself then
+        # runs with autocast off, so its fp32 accumulations stay fp32.
+        hidden, weight, bias = autocast_linear_inputs(hidden, weight, bias)
+        if hidden.dtype != weight.dtype:  # the head's own matmul would need hidden in its dtype
             hidden = hidden.to(weight.dtype)
-        with torch.autocast(device, enabled=False):
-            return fused_linear_gem_loss(hidden, weight, targets.to(hidden.device), bias=bias,
-                                         num_items_in_batch=num_items_in_batch, **options)
+        with autocast_off(hidden.device.type):
+            return fused_linear_gem_loss_with_options(hidden, weight, targets.to(hidden.device), bias, options,
+                                                      num_items_in_batch=num_items_in_batch)
 
     return compute
 

@@ -6,17 +6,18 @@ Import it from :mod:`gem_kernels.integrations.transformers`, which re-exports it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from ..functional import gem_loss
+from ..functional import gem_loss_with_options
 from ._guards import calling_trainer, foreign_count_message, trainer_batch
 from ._labels import aligned_targets
 from ._metrics import MetricWindow, dist_sum
-from ._options import LOGITS_OPTIONS, screen_options
+from ._options import screen_options
 
 
 def _get_logits(outputs) -> torch.Tensor:
@@ -63,8 +64,9 @@ class GEMComputeLoss(TrainerCallback):
     def __init__(self, *, log_metrics: bool = True, **options):
         if not isinstance(log_metrics, bool):
             raise TypeError(f"log_metrics must be a bool, got {log_metrics!r}")
-        self.options = screen_options(options, LOGITS_OPTIONS)
-        self.ignore_index = self.options.get("ignore_index", -100)
+        self.options = screen_options("gem", options)  # a GEMOptions, validated once
+        self._given = dict(options)  # for repr
+        self.ignore_index = self.options.ignore_index
         self.log_metrics = log_metrics
         self.last_ce: Optional[torch.Tensor] = None
         self.last_metrics: Optional[dict] = None
@@ -95,17 +97,18 @@ class GEMComputeLoss(TrainerCallback):
         logits = _get_logits(outputs)
         targets = aligned_targets(labels, shift_labels, self.ignore_index).to(logits.device)
         record = self.log_metrics and self._has_consumer and torch.is_grad_enabled()
-        want_metrics = self.options.get("return_metrics", False) or record
-        options = {**self.options, "return_metrics": want_metrics}
-        out = gem_loss(logits, targets, num_items_in_batch=num_items_in_batch, **options)
+        want_metrics = self.options.return_metrics or record
+        options = self.options if want_metrics == self.options.return_metrics else dataclasses.replace(
+            self.options, return_metrics=want_metrics)
+        out = gem_loss_with_options(logits, targets, options, num_items_in_batch=num_items_in_batch)
         if not isinstance(out, tuple):
             return out
         loss = out[0]
-        if self.options.get("return_ce", False):
+        if self.options.return_ce:
             self.last_ce = out[1]
         if want_metrics:
             self.last_metrics = out[-1]
-            if self.last_ce is None or not self.options.get("return_ce", False):
+            if self.last_ce is None or not self.options.return_ce:
                 self.last_ce = out[-1]["ce"]
             if record:
                 self.window.add(out[-1], (targets != self.ignore_index).sum(), num_items_in_batch)
@@ -171,7 +174,7 @@ class GEMComputeLoss(TrainerCallback):
             state.log_history[-1].update(extra)
 
     def __repr__(self) -> str:
-        return f"GEMComputeLoss({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
+        return f"GEMComputeLoss({', '.join(f'{k}={v!r}' for k, v in self._given.items())})"
 
 
 def gem_compute_loss_func(*, beta: float = 0.7, h: str = "linear", **options) -> GEMComputeLoss:

@@ -10,11 +10,11 @@ from typing import Optional
 import torch
 from transformers import Trainer
 
-from ._apply import apply_gem, counted_by_gem_trainer, gem_state, is_gem_applied
+from ._apply import counted_by_gem_trainer, gem_state, is_gem_applied, patch_model
 from ._labels import batch_targets
 from ._logits_path import GEMComputeLoss
 from ._metrics import MetricWindow
-from ._options import FUSED_OPTIONS, screen_options
+from ._options import screen_options
 
 
 class _GEMTrainerMixin:
@@ -27,7 +27,8 @@ class _GEMTrainerMixin:
     _gem_counts_ignore_index = True
 
     def _gem_prepare(self, gem_options: Optional[dict], log_ce: bool, log_metrics: bool = True):
-        """Before Trainer.__init__ (which may already call model_init): validate and keep the options."""
+        """Before Trainer.__init__ (which may already call model_init): validate the options once
+        into a GEMOptions and keep it (with the names given, for the logit transform)."""
         if not isinstance(log_metrics, bool):
             raise TypeError(f"log_metrics must be a bool, got {log_metrics!r}")
         options = dict(gem_options or {})
@@ -36,8 +37,8 @@ class _GEMTrainerMixin:
             options.setdefault("return_ce", True)
         if log_metrics:
             options.setdefault("return_metrics", True)
-        screen_options({"beta": 0.7, "h": "linear", **options}, FUSED_OPTIONS)
-        self._gem_options = options
+        self._gem_options = screen_options("fused", options)
+        self._gem_given = frozenset(options)
         self._gem_log_ce = log_ce
         self._gem_log_metrics = log_metrics
         self._gem_logits_fn = None
@@ -82,7 +83,7 @@ class _GEMTrainerMixin:
         self.model_accepts_loss_kwargs = True
 
     def _gem_apply(self, model):
-        return apply_gem(model, **self._gem_options)
+        return patch_model(model, self._gem_options, self._gem_given)
 
     def call_model_init(self, trial=None):
         # Trainer(model_init=...) builds a fresh model per train() call: patch each one.
@@ -91,7 +92,7 @@ class _GEMTrainerMixin:
 
     def _gem_ignore_index(self) -> int:
         fn = getattr(self, "_gem_logits_fn", None)
-        return fn.ignore_index if fn is not None else self._gem_options.get("ignore_index", -100)
+        return fn.ignore_index if fn is not None else self._gem_options.ignore_index
 
     def _get_num_items_in_batch(self, batch_samples, device):
         # Trainer counts targets as labels != -100; count those != ignore_index instead, through
@@ -112,7 +113,7 @@ class _GEMTrainerMixin:
         # Trainer.compute_loss passes num_items_in_batch to the model and applies the
         # average_tokens_across_devices scaling; the CE gets the same scaling below.
         inputs = {**inputs, "use_cache": False}  # no KV cache while training or scoring
-        targets = batch_targets(inputs, self._gem_options.get("ignore_index", -100))
+        targets = batch_targets(inputs, self._gem_options.ignore_index)
         # Guard (fused path): a training step with labels must take its loss from GEM's fused path.
         # The patched forward counts its fused calls; a forward replaced after apply_gem (Liger,
         # another integration) or removed would leave the count unchanged.
@@ -152,7 +153,7 @@ class _GEMTrainerMixin:
             self._gem_ce_sum = ce if self._gem_ce_sum is None else self._gem_ce_sum + ce
         if self._gem_log_metrics and get("entropy") is not None and targets is not None:
             metrics = {"entropy": get("entropy"), "token_accuracy": get("token_accuracy")}
-            self._gem_window.add(metrics, (targets != self._gem_options.get("ignore_index", -100)).sum(),
+            self._gem_window.add(metrics, (targets != self._gem_options.ignore_index).sum(),
                                  num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 

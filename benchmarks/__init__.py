@@ -5,7 +5,8 @@ includes), runner (memory / time / traffic / FLOPs of one provider at one shape 
 roofline (logical bytes of the Triton providers, copy bandwidth and matmul rate measured in the
 run, derived columns), report (tables, CSV, plots), traffic (Triton global-memory traffic under the
 interpreter), ncu (opt-in Nsight Compute DRAM bytes), measure (peak memory and FLOP counting).
-core_figures, torch_path and fused_memory are focused measurements quoted in the README.
+fused_memory, torch_path, compile_vs_eager, core_figures, design_traffic and metrics_cost are
+focused measurements quoted in the README, on the same providers and input factory (runner).
 Importing this package imports neither torch nor triton, so ``__main__`` can switch the Triton
 interpreter on first.
 """

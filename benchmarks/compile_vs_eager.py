@@ -3,8 +3,10 @@
     python -m benchmarks.compile_vs_eager                 # N=2048, V=32,000 (fused: H=256), fp32
     python -m benchmarks.compile_vs_eager --threads 1
 
-For each entry point: the largest difference between compiled and eager loss and gradients
-(forward + backward, mean reduction, a quarter of the labels ignored), the time of the first
+For each entry point (the providers ``gem-torch``, loss on given logits, and ``gem-fused-torch``,
+lm_head step, of ``benchmarks.providers``, on the inputs of ``benchmarks.runner``): the largest
+difference between compiled and eager loss and gradients (forward + backward, mean reduction,
+a quarter of the labels ignored), the time of the first
 compiled call (tracing + inductor), and the forward + backward wall time of eager and compiled
 calls (best of --repeats, calls interleaved). CPU code paths only: on a GPU the compiled Triton
 path is what matters, and it is not measured here.
@@ -16,7 +18,11 @@ import time
 
 import torch
 
-from gem_kernels import fused_linear_gem_loss, gem_loss
+from .providers import BY_NAME
+from .runner import Settings, make_inputs, make_logits
+from .shapes import Shape
+
+IGNORED = 0.25  # share of labels set to -100
 
 
 def _step(fn, inputs):
@@ -36,16 +42,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, a.vocab, (a.tokens,), generator=g)
-    labels[torch.rand(a.tokens, generator=g) < 0.25] = -100
-    logits = torch.randn(a.tokens, a.vocab, generator=g) * 3
-    hidden = torch.randn(a.tokens, a.hidden, generator=g)
-    weight = torch.randn(a.vocab, a.hidden, generator=g) / a.hidden ** 0.5
+    shape = Shape("custom", a.tokens, a.vocab, a.hidden, None, IGNORED)
+    settings = Settings(device="cpu", dtype=torch.float32)
     cases = {
-        "gem_loss(impl='torch')": (lambda z, y: gem_loss(z, y, impl="torch"), (logits, labels)),
-        "fused_linear_gem_loss(impl='torch')": (
-            lambda x, w, y: fused_linear_gem_loss(x, w, y, impl="torch"), (hidden, weight, labels)),
+        "gem_loss(impl='torch')": (BY_NAME["gem-torch"].loss(shape), make_logits(shape, settings)),
+        "fused_linear_gem_loss(impl='torch')": (BY_NAME["gem-fused-torch"].step(shape), make_inputs(shape, settings)),
     }
     print(f"N={a.tokens} V={a.vocab} H={a.hidden} fp32, mean, 25% ignored, {torch.get_num_threads()} torch "
           f"threads, torch {torch.__version__}, best of {a.repeats}")

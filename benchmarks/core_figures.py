@@ -8,8 +8,9 @@ lanes excluded) over forward + backward, and reported as passes over the logits
 (bytes / (N * V * element size)); the budget is 3.05. Memory is tracked allocation by allocation
 (torch.profiler); the figure is how many single allocations of >= N * V elements happen during
 forward + backward: 1 (the gradient) by default, 0 with inplace_backward=True. (The torch path's
-per-block fp32 temporaries cover at most 1/8 of the input's bytes, or 2^16 elements when that is more, so this holds
-for it once N >= 8 and N * V >= 2^19.)
+per-block fp32 temporaries cover at most 1/8 of the input's bytes, or 2^16 elements when that is
+more, so this holds for it once N >= 8 and N * V >= 2^19.) The logits come from the main harness's
+input factory (benchmarks.runner.make_logits); no figure depends on their values.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ import torch  # noqa: E402
 from gem_kernels import gem_loss  # noqa: E402
 
 from .measure import peak_memory  # noqa: E402
+from .runner import LOGITS_HIDDEN, Settings, make_logits  # noqa: E402
+from .shapes import Shape  # noqa: E402
 from .traffic import count_traffic  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,13 +51,6 @@ class Figure:
     peak_bytes: int
 
 
-def _inputs(n, v, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(n, v, generator=g) * 2).to(dtype)
-    labels = torch.randint(0, v, (n,), generator=g)
-    return logits, labels
-
-
 def _fwd_bwd(logits, labels, impl, inplace, options):
     out = gem_loss(logits, labels, impl=impl, inplace_backward=inplace, **options)
     (out[0] if isinstance(out, tuple) else out).backward()
@@ -63,10 +59,11 @@ def _fwd_bwd(logits, labels, impl, inplace, options):
 def measure(n: int, v: int, dtype: torch.dtype, impls=("triton", "torch")) -> List[Figure]:
     figures = []
     nv_bytes = n * v * torch.empty((), dtype=dtype).element_size()
+    logits, labels = make_logits(Shape("custom", n, v, LOGITS_HIDDEN), Settings(device="cpu", dtype=dtype))
+    logits = logits.detach()
     for impl in impls:
         for case, options in CASES.items():
             for inplace in (False, True):
-                logits, labels = _inputs(n, v, dtype)
                 passes = float("nan")
                 if impl == "triton":
                     x = logits.clone().requires_grad_()
@@ -88,7 +85,8 @@ def main(argv=None) -> int:
     nv_bytes = a.tokens * a.vocab * torch.empty((), dtype=dtype).element_size()
     print(f"N={a.tokens} V={a.vocab} {a.dtype}: one [N, V] tensor = {nv_bytes / 2**20:.1f} MiB; "
           f"traffic budget {TRAFFIC_BUDGET} passes")
-    print("| impl | case | inplace_backward | traffic (passes over logits) | allocations >= N*V | peak extra (x N*V bytes) |")
+    print("| impl | case | inplace_backward | traffic (passes over logits) | allocations >= N*V "
+          "| peak extra (x N*V bytes) |")
     print("|---|---|---|---|---|---|")
     ok = True
     for f in measure(a.tokens, a.vocab, dtype):

@@ -8,6 +8,7 @@ Figures are passes over the logits (bytes / (N * V * element size)). "re-read" i
 loads again after loading it itself (the gradient-in-forward kernel's second read of its row): on a
 GPU it is served from L2 while the rows in flight fit there, which only a GPU run can confirm, so
 the last column (requested bytes less re-reads) is the DRAM traffic in that case. See docs/kernels.md.
+The logits come from the main harness's input factory (benchmarks.runner.make_logits).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import torch  # noqa: E402
 
 from gem_kernels import gem_loss  # noqa: E402
 
+from .runner import LOGITS_HIDDEN, Settings, make_logits  # noqa: E402
+from .shapes import Shape  # noqa: E402
 from .traffic import count_traffic  # noqa: E402
 
 EVERYTHING = {"h": "logsigmoid", "softcap": 30.0, "z_loss_scale": 1e-4, "return_ce": True}
@@ -36,9 +39,8 @@ CASES = (
 
 
 def measure(n: int, v: int, dtype: torch.dtype):
-    g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(n, v, generator=g) * 2).to(dtype)
-    labels = torch.randint(0, v, (n,), generator=g)
+    logits, labels = make_logits(Shape("custom", n, v, LOGITS_HIDDEN), Settings(device="cpu", dtype=dtype))
+    logits = logits.detach()
     nv = logits.numel() * logits.element_size()
     rows = []
     for label, options, upstream, backward in CASES:
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
           "| requested | requested less re-reads |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for label, f, b, total, dram in measure(a.tokens, a.vocab, dtype):
-        print(f"| {label} | {f[0]:.3f} ({f[1]:.3f}) | {f[2]:.3f} | {b[0]:.3f} | {b[2]:.3f} | {total:.3f} | {dram:.3f} |")
+        print(f"| {label} | {f[0]:.3f} ({f[1]:.3f}) | {f[2]:.3f} | {b[0]:.3f} | {b[2]:.3f} | {total:.3f} "
+              f"| {dram:.3f} |")
     return 0
 
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The prepared check for one short GPU lease (about 10 minutes of device time): correctness of the
-# current code on CUDA, then the timings the open GPU targets need (issues 10, 11 and 15), all
+# current code on CUDA, then the timings the open GPU targets need (the fused path's time and
+# memory, docs/fused_linear.md "GPU measurement"; the loss kernels against the CE kernels,
+# docs/benchmarks.md; the training statistics' extra time, README "Training statistics"), all
 # output under $OUT. Installs nothing from the network: packages the GPU image lacks (Liger-Kernel,
 # Cut Cross-Entropy, TRL) travel as wheels in .whl/ (see the device notes of the tool library).
 # Written 2026-11-30 without a GPU at hand: not yet run.
@@ -28,5 +30,5 @@ timeout 200 python3 -m pytest -q -x -rs -p no:cacheprovider tests/test_gem_loss.
 #    half-masked variant, the copy-bandwidth and matmul-rate ceilings measured in the same run.
 timeout 420 python3 -m benchmarks --models llama3 --tokens 8192 --no-plots --out "$OUT" 2>&1 | tee "$OUT/bench.log"
 
-# 3. The statistics' extra time (issue 15 target: at most 5%).
+# 3. The statistics' extra time (target: at most 5%, README "Training statistics").
 timeout 60 python3 -m benchmarks.metrics_cost --skip-traffic 2>&1 | tee "$OUT/metrics_cost.log"

@@ -26,7 +26,16 @@ import time
 
 import torch
 
+from .runner import LOGITS_HIDDEN, Settings, make_logits
+from .shapes import Shape
+
 TRAFFIC_SHAPE = (64, 32000)  # tokens, vocabulary: traffic per row is what matters, and it is exact
+
+
+def _logits(tokens: int, vocab: int, dtype: torch.dtype, device: str = "cpu"):
+    """Logits [tokens, vocab] (not requiring grad) and labels from the main harness's input factory."""
+    z, y = make_logits(Shape("custom", tokens, vocab, LOGITS_HIDDEN), Settings(device=device, dtype=dtype))
+    return z.detach(), y
 
 
 def _traffic_rows() -> list:
@@ -35,9 +44,7 @@ def _traffic_rows() -> list:
     from gem_kernels import gem_loss
 
     n, v = TRAFFIC_SHAPE
-    g = torch.Generator().manual_seed(0)
-    z = (torch.randn(n, v, generator=g) * 3).to(torch.bfloat16)
-    y = torch.randint(0, v, (n,), generator=g)
+    z, y = _logits(n, v, torch.bfloat16)
     rows = []
     for metrics in (False, True):
         x = z.clone().requires_grad_()
@@ -80,9 +87,7 @@ def _step(z, y, options):
 
 
 def torch_time_table(tokens: int, vocab: int, repeats: int) -> str:
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(tokens, vocab, generator=g) * 3
-    y = torch.randint(0, vocab, (tokens,), generator=g)
+    z, y = _logits(tokens, vocab, torch.float32)
     times = {label: [] for label, _ in TIME_CASES}
     for _ in range(repeats + 1):  # the first round warms up and is dropped
         for label, options in TIME_CASES:
@@ -106,8 +111,7 @@ def gpu_time_table(tokens: int, vocab: int) -> str:
 
     from gem_kernels import gem_loss
 
-    z = (torch.randn(tokens, vocab, device="cuda") * 3).to(torch.bfloat16)
-    y = torch.randint(0, vocab, (tokens,), device="cuda")
+    z, y = _logits(tokens, vocab, torch.bfloat16, device="cuda")
     lines = [f"GPU time ({torch.cuda.get_device_name()}), impl='triton', bf16 [{tokens}, {vocab}], "
              "triton.testing.do_bench median ms:", "| return_metrics | forward | forward + backward |",
              "|---|---:|---:|"]

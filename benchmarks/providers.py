@@ -125,8 +125,9 @@ def _gem_fused(impl: str, h: str = "linear", **extra):
     return build
 
 
-# The chunk-size sweep of the fused path (issue 10's table: time against chunk rows on a GPU). The
-# default policy (gem_kernels.chunk_policy.fused_chunk_rows) is the gem-fused row.
+# The chunk-size sweep of the fused path: its time against chunk rows on a GPU, the table of
+# docs/fused_linear.md ("GPU measurement"). The default policy
+# (gem_kernels.chunk_policy.fused_chunk_rows) is the gem-fused row.
 FUSED_CHUNK_SWEEP = (512, 1024, 2048, 4096, 8192)
 
 
@@ -161,11 +162,13 @@ def _liger_ce(shape: Shape):
     return lambda logits, labels: liger_cross_entropy(logits, labels, softcap=shape.softcap)
 
 
-def _liger_flce(shape: Shape):
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+def _liger_flce(accum_dtype: Optional[torch.dtype] = None):
+    def build(shape: Shape):
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    return lambda hidden, weight, labels: liger_fused_linear_cross_entropy(hidden, weight, labels,
-                                                                           softcap=shape.softcap)
+        return lambda hidden, weight, labels: liger_fused_linear_cross_entropy(
+            hidden, weight, labels, softcap=shape.softcap, accum_dtype=accum_dtype)
+    return build
 
 
 def _cce(shape: Shape):
@@ -219,10 +222,17 @@ PROVIDERS: List[Provider] = [
     Provider("gem-triton-inplace", "GEM h=linear, Triton, gradient written over the logits (inplace_backward=True)",
              "logits", True, _gem("triton", inplace=True), ("gem_kernels", "triton"), computes="gem", h="linear",
              bytes_model="gem-triton"),
-    *_LINEAR[1:],
+    _LINEAR[1],
+    Provider("gem-torch-inplace", "GEM h=linear, chunked PyTorch path, inplace_backward=True (the gradient is "
+             "recomputed per row block in backward, over the logits)", "logits", False,
+             _gem("torch", inplace=True), ("gem_kernels",), computes="gem", h="linear"),
+    *_LINEAR[2:],
     Provider("gem-fused-lowmem", "GEM h=linear fused, low_memory=True: d weight per vocabulary slice "
              "(8 x T x H x V FLOPs, no [V, H] buffer besides the gradient)", "fused", True,
              _gem_fused("triton", low_memory=True), ("gem_kernels:fused_linear_gem_loss", "triton"),
+             computes="gem", h="linear"),
+    Provider("gem-fused-torch-lowmem", "GEM h=linear fused, PyTorch path (impl='torch'), low_memory=True",
+             "fused", False, _gem_fused("torch", low_memory=True), ("gem_kernels:fused_linear_gem_loss",),
              computes="gem", h="linear"),
     *[Provider(f"gem-fused-chunk{c}", f"GEM h=linear fused (impl='triton') with chunk_size={c}", "fused", True,
                _gem_fused("triton", chunk_size=c), ("gem_kernels:fused_linear_gem_loss", "triton"),
@@ -239,8 +249,12 @@ PROVIDERS: List[Provider] = [
     Provider("liger-ce", "CE, Liger-Kernel cross_entropy (Triton)", "logits", True, _liger_ce,
              ("liger_kernel.transformers.functional", "triton"), softcap_needs_gpu=True, bytes_model="liger-ce"),
     Provider("liger-flce", "CE fused with the lm_head, Liger-Kernel fused_linear_cross_entropy", "fused", True,
-             _liger_flce, ("liger_kernel.transformers.functional", "triton"), softcap_needs_gpu=True,
+             _liger_flce(), ("liger_kernel.transformers.functional", "triton"), softcap_needs_gpu=True,
              bytes_model="liger-ce"),
+    Provider("liger-flce-fp32-accum", "liger-flce with accum_dtype=float32 (d weight accumulated in fp32, as "
+             "gem-fused does; the default accumulates in the input dtype)", "fused", True,
+             _liger_flce(torch.float32), ("liger_kernel.transformers.functional", "triton"),
+             softcap_needs_gpu=True, bytes_model="liger-ce"),
     Provider("cce", "CE fused with the lm_head, Cut Cross-Entropy linear_cross_entropy (Triton)", "fused", True,
              _cce, ("cut_cross_entropy", "triton"),
              gpu_only="its Triton kernels fail under the Triton interpreter (InterpreterError)"),

@@ -5,8 +5,9 @@ Tables (``TABLES``): "step" is the full lm_head step (hidden, weight -> loss -> 
 forward is run once under every instrument (memory, traffic when the Triton interpreter is on,
 FLOPs), then the backward of that loss once, and the forward+backward figures are derived from the
 two (see ``combine``). Timings are separate repeated runs. In the loss table, in-place providers
-(liger-ce in its forward, gem-triton-inplace in its backward) overwrite the given logits, so their
-repeated timed calls run on overwritten values; no kernel's work depends on the values.
+(liger-ce in its forward, gem-triton-inplace and gem-torch-inplace in their backward) overwrite the
+given logits, so their repeated timed calls run on overwritten values; no kernel's work depends on
+the values.
 """
 from __future__ import annotations
 
@@ -55,6 +56,12 @@ def make_inputs(shape: Shape, settings: Settings):
     if shape.ignored:
         labels[torch.randperm(shape.tokens, **kw)[:shape.ignored]] = -100
     return hidden, weight, labels
+
+
+# Hidden size of the lm_head product behind the logits of measurements on given logits that take no
+# model shape (T and V only: benchmarks.core_figures, design_traffic, metrics_cost, torch_path). It
+# sets the logits' values only, which none of their figures depends on.
+LOGITS_HIDDEN = 64
 
 
 def make_logits(shape: Shape, settings: Settings):

@@ -210,14 +210,26 @@ def test_bytes_models():
     assert named <= set(roofline.BYTES_MODELS) and named <= set(roofline.BYTES_SOURCES)
 
 
-NCU_CSV = '''==PROF== Connected to process 123
-==PROF== Profiling "gem_fwd": 0%....50%....100% - 9 passes
-"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
-"0","123","python","h","gem_fwd_kernel","1","7","(256, 1, 1)","(8192, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte","2,101,346,304"
-"0","123","python","h","gem_fwd_kernel","1","7","(256, 1, 1)","(8192, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_write.sum","byte","196,608"
-"1","123","python","h","gem_bwd_kernel","1","7","(256, 1, 1)","(8192, 32, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","Mbyte","2101.5"
-"1","123","python","h","gem_bwd_kernel","1","7","(256, 1, 1)","(8192, 32, 1)","0","9.0","Command line profiler metrics","dram__bytes_write.sum","byte","2101346304"
-'''
+NCU_COLUMNS = ("ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream", "Block Size",
+               "Grid Size", "Device", "CC", "Section Name", "Metric Name", "Metric Unit", "Metric Value")
+
+
+def _ncu_line(launch, kernel, grid, metric, unit, value):
+    """One CSV line as ``ncu --csv --print-units base`` prints it (every field quoted)."""
+    fields = (launch, "123", "python", "h", kernel, "1", "7", "(256, 1, 1)", grid, "0", "9.0",
+              "Command line profiler metrics", metric, unit, value)
+    return ",".join(f'"{f}"' for f in fields)
+
+
+NCU_CSV = "\n".join([
+    "==PROF== Connected to process 123",
+    '==PROF== Profiling "gem_fwd": 0%....50%....100% - 9 passes',
+    ",".join(f'"{c}"' for c in NCU_COLUMNS),
+    _ncu_line("0", "gem_fwd_kernel", "(8192, 1, 1)", "dram__bytes_read.sum", "byte", "2,101,346,304"),
+    _ncu_line("0", "gem_fwd_kernel", "(8192, 1, 1)", "dram__bytes_write.sum", "byte", "196,608"),
+    _ncu_line("1", "gem_bwd_kernel", "(8192, 32, 1)", "dram__bytes_read.sum", "Mbyte", "2101.5"),
+    _ncu_line("1", "gem_bwd_kernel", "(8192, 32, 1)", "dram__bytes_write.sum", "byte", "2101346304"),
+]) + "\n"
 
 
 def test_ncu_csv_parser():

@@ -6,10 +6,10 @@
 For each entry point (the providers ``gem-torch``, loss on given logits, and ``gem-fused-torch``,
 lm_head step, of ``benchmarks.providers``, on the inputs of ``benchmarks.runner``): the largest
 difference between compiled and eager loss and gradients (forward + backward, mean reduction,
-a quarter of the labels ignored), the time of the first
-compiled call (tracing + inductor), and the forward + backward wall time of eager and compiled
-calls (best of --repeats, calls interleaved). CPU code paths only: on a GPU the compiled Triton
-path is what matters, and it is not measured here.
+a quarter of the labels ignored), the time of the first compiled call (tracing + inductor), and
+the forward + backward wall time of eager and compiled calls (best of --repeats, calls
+interleaved). CPU code paths only: on a GPU the compiled Triton path is what matters, and it is
+not measured here.
 """
 from __future__ import annotations
 

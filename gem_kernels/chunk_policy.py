@@ -13,7 +13,7 @@ Every choice is a pure function of shapes, the element size and the device kind 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 # --- CPU (what was measured best there; unchanged) ------------------------------------------
 # A chunk's logits hold about as many elements as the valid hidden states (valid * H), rounded up
@@ -37,7 +37,8 @@ CUDA_LOW_MEMORY_FRACTION = 1 / 2
 
 @dataclass(frozen=True)
 class DeviceModel:
-    """Throughputs of the cost model. Defaults: the H200 run of 2026-11-30 (issue 10): a bf16
+    """Throughputs of the cost model. Defaults: an H200 run of 2026-11-30 (the sweep in
+    :func:`fused_chunk_rows`' docstring): a bf16
     8192^3 matmul at 687 TFLOP/s (690-790 across runs), 4.3 TB/s measured copy bandwidth."""
 
     matmul_flops: float = 687e12  # FLOP/s of a large bf16 matmul
@@ -92,8 +93,10 @@ def cuda_step_seconds(n_valid: int, hidden_size: int, vocab_size: int, chunk_row
 
 
 def fused_chunk_rows(n_valid: int, hidden_size: int, vocab_size: int, *, device: str = "cpu", itemsize: int = 2,
-                     low_memory: bool = False, model: DeviceModel = H200) -> int:
-    """Valid tokens per chunk of ``fused_linear_gem_loss`` when ``chunk_size`` is None.
+                     low_memory: bool = False, chunk_size: Optional[int] = None, model: DeviceModel = H200) -> int:
+    """Valid tokens per chunk of ``fused_linear_gem_loss``: the caller's ``chunk_size`` when given,
+    else the policy below. Every chunking of the fused path (the autograd Function's, and under
+    vocabulary parallelism the functional layer's, which all ranks must share) comes from here.
 
     Args:
         n_valid: tokens whose label is not ``ignore_index`` (the chunk count follows them).
@@ -102,9 +105,11 @@ def fused_chunk_rows(n_valid: int, hidden_size: int, vocab_size: int, *, device:
         device: "cuda" or "cpu" (any other device type uses the CPU policy).
         itemsize: bytes per element of hidden / weight (2 for bf16 / fp16).
         low_memory: the chunking of the low-memory mode's first pass.
+        chunk_size: None, or the rows per chunk the caller chose (an int >= 1, validated by
+            ``functional.check_options``), returned as it is.
         model: throughputs of the CUDA cost model.
 
-    Returns an int in [1, max(n_valid, 1)].
+    Returns ``chunk_size`` when given, else an int in [1, max(n_valid, 1)].
 
     CPU: ``ceil(n_valid * H / V)`` rounded up to a multiple of 16 (memory first: a chunk of logits
     costs about what the valid hidden states cost; the CPU's matmul speed hardly depends on it).
@@ -112,9 +117,10 @@ def fused_chunk_rows(n_valid: int, hidden_size: int, vocab_size: int, *, device:
     CUDA: on a GPU the chunk count, not the FLOPs, decides. Each chunk's d weight matmul adds into
     the fp32 [V, H] accumulator, reading and writing 8 x V x H bytes (4.2 GB at Llama-3 8B, about
     1 ms at 4.3 TB/s), and the logits and d hidden matmuls each re-read W; thin chunks also waste
-    tensor-core tiles. Measured on an H200 (issue 10; T = 8192 tokens, H = 4096, V = 128,256, bf16,
-    forward + backward, ``triton.testing.do_bench`` median, ``max_memory_allocated`` above the
-    inputs, fp32 accumulator + a separate bf16 cast at the end):
+    tensor-core tiles. Measured on an H200 (2026-11-30; this table is the record of that sweep;
+    T = 8192 tokens, H = 4096, V = 128,256, bf16, forward + backward, ``triton.testing.do_bench``
+    median, ``max_memory_allocated`` above the inputs, fp32 accumulator + a separate bf16 cast at
+    the end):
 
     ========================  ======  =========  ========  =========================
     chunk rows (chunks)         ms    peak GiB   model ms  note
@@ -131,7 +137,8 @@ def fused_chunk_rows(n_valid: int, hidden_size: int, vocab_size: int, *, device:
 
     (``model ms`` is :func:`cuda_step_seconds` with the defaults: within 2-5 % from 512 rows up,
     8 % high at 272; it only ranks candidates. It prices this policy's choice at Llama-3 8B,
-    8192 tokens, at 45.6 ms: the 2.5 GiB budget, not the model, keeps it above 42 ms.) The policy takes the fewest chunks whose logits fit the
+    8192 tokens, at 45.6 ms: the 2.5 GiB budget, not the model, keeps it above 42 ms.) The policy
+    takes the fewest chunks whose logits fit the
     memory budget, ``c <= 3/8 x H`` rows in the default mode (the logits chunk costs at most 3/8 of
     the weight's bytes; ``1/2 x H`` in the low-memory mode's first pass, when no d weight exists
     yet), rounded to 128-row tiles, and among the chunk counts k0 .. k0 + 3 (k0 the fewest that fit)
@@ -139,6 +146,8 @@ def fused_chunk_rows(n_valid: int, hidden_size: int, vocab_size: int, *, device:
     about 2.4 GiB with the split accumulator of ``autograd/_fused_accumulate.py``; 4096 valid tokens
     (half ignored): 3 chunks of 1408, i.e. the chunk count, and so the time, halves.
     """
+    if chunk_size is not None:
+        return chunk_size
     n = max(int(n_valid), 0)
     if n == 0:
         return 1
@@ -176,7 +185,8 @@ def vocab_pass_plan(n_valid: int, n_tokens: int, hidden_size: int, vocab_size: i
     The valid rows are gathered (work proportional to the valid tokens) when they fit with a
     slice of at least min(128, H / 4) columns (so half the tokens valid still gathers); otherwise
     (more than about 60 % valid with some ignored) the pass runs over all tokens and ignored rows
-    give zero dZ. cols is a multiple of 128 when >= 128, at least 1 and at most V. Same on every device (memory is the point of this mode).
+    give zero dZ. cols is a multiple of 128 when >= 128, at least 1 and at most V. Same on every
+    device (memory is the point of this mode).
     """
     N, H, V = max(n_tokens, 1), max(hidden_size, 1), max(vocab_size, 1)
     n = max(n_valid, 1)
@@ -198,7 +208,8 @@ def vocab_pass_plan(n_valid: int, n_tokens: int, hidden_size: int, vocab_size: i
 CPU_BLOCK_ELEMENTS = 1 << 21
 # CUDA: each of the ~20 element-wise ops per block is a kernel launch (~5-10 us); at 2^21 elements
 # (16 rows of a 128k vocabulary) an op moves 8 MiB, ~2 us at 4.3 TB/s, so the path was launch-bound
-# (787 ms for the Llama-3 8B lm_head step on an H200, issue 10). 2^24 elements (64 MiB per fp32
+# (787 ms for the Llama-3 8B lm_head step on an H200:
+# gem-fused-torch in docs/gpu-results/2026-11-30-h200-81d598a.md). 2^24 elements (64 MiB per fp32
 # temporary, a few live at once) make each op ~15 us of memory traffic, above the launch cost.
 CUDA_BLOCK_ELEMENTS = 1 << 24
 # A block's fp32 temporaries never exceed 1/MAX_BLOCK_FRACTION of the [N, V] input's bytes (so

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Tuple
 
 ARCHS = (80, 90)
 DTYPES = ("fp32", "bf16", "fp16")
@@ -47,22 +47,12 @@ class BuildResult:
 
 
 def _kernels():
-    """name -> (jit function, launch configurations from ops/config.py). An autotuned kernel is
-    built with every candidate configuration, each for the element size it is meant for."""
-    from .ops import config
-    from .ops.gem_bwd import _gem_bwd_kernel
-    from .ops.gem_fwd import _gem_fwd_kernel
-    from .ops.gem_fwd_grad import _gem_fwd_grad_kernel
-    from .ops.gem_scale import _gem_scale_kernel
-    from .ops.grad_scale import _grad_scale_kernel
+    """name -> (jit function, launch configurations from ops/config.py): ``ops.KERNELS``. An
+    autotuned kernel is built with every candidate configuration, each for the element size it is
+    meant for."""
+    from .ops import KERNELS
 
-    return {
-        "gem_fwd": (_gem_fwd_kernel.fn, config.FORWARD_CONFIGS),
-        "gem_fwd_grad": (_gem_fwd_grad_kernel.fn, config.FORWARD_GRAD_CONFIGS),
-        "gem_bwd": (_gem_bwd_kernel, (config.BACKWARD,)),
-        "gem_scale": (_gem_scale_kernel, (config.SCALE,)),
-        "grad_scale": (_grad_scale_kernel, (config.GRAD_SCALE,)),
-    }
+    return KERNELS
 
 
 def _config_constexprs(cfg, flags=None) -> Dict[str, int]:
@@ -186,7 +176,8 @@ def main(argv: List[str] = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         # Interpreted kernels cannot be compiled: rerun this check in a clean process.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.run([sys.executable, "-m", "gem_kernels.gpu_build", *(argv or sys.argv[1:])], env=env).returncode
+        cmd = [sys.executable, "-m", "gem_kernels.gpu_build", *(argv or sys.argv[1:])]
+        return subprocess.run(cmd, env=env).returncode
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     jobs = [(kernel, arch, dtype, flags, launch)
             for kernel, dtype, flags, launch in variants(args.all) for arch in ARCHS]
@@ -210,7 +201,8 @@ def main(argv: List[str] = None) -> int:
         worst[key] = max(worst.get(key, 0), r.registers)
         if not r.ok:
             failures += 1
-            print(f"FAIL spill {kernel} sm_{arch} {dtype} {launch} {flags}: local={r.local_bytes} stack={r.stack_bytes}")
+            print(f"FAIL spill {kernel} sm_{arch} {dtype} {launch} {flags}: local={r.local_bytes} "
+                  f"stack={r.stack_bytes}")
     for (kernel, arch, cfg), regs in sorted(worst.items()):
         print(f"{kernel:12s} sm_{arch} {cfg}: max {regs} registers/thread")
     print(f"{len(results)} builds, {failures} failures (spills are failures)")

@@ -22,23 +22,23 @@ reductions, which these slices' shapes (hundreds of output tiles) do not use.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from ..chunk_policy import vocab_pass_plan
 from ..options import GEMOptions
+from ._paths import grad_into
 
 
 def vocab_slice_grads(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       rows: Optional[torch.Tensor], labels_v: torch.Tensor, stats_v: torch.Tensor,
-                      row_grad: torch.Tensor, opts: GEMOptions, grad_inplace: Callable, *, need_gw: bool,
-                      need_gb: bool):
+                      row_grad: torch.Tensor, opts: GEMOptions, *, need_gw: bool, need_gb: bool):
     """(grad_weight [V, H] or None, grad_bias [V] or None) in the parameter dtype.
 
     hidden2d [N, H]; rows [n_valid] int64 indices of the valid rows (None: all valid); labels_v,
     stats_v [n_valid, 5], row_grad [n_valid] (per-token upstream factor, may be 0-stride) of the
-    valid rows; grad_inplace(z, labels, stats, row_grad, opts) overwrites z with dLoss/dz.
+    valid rows; dLoss/dz comes from the GEM backward of ``opts.impl``, written over z.
     """
     N, H = hidden2d.shape
     V = weight.shape[0]
@@ -74,7 +74,7 @@ def vocab_slice_grads(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Option
             torch.addmm(bias[s:e], x, w.t(), out=z)
         else:
             torch.mm(x, w.t(), out=z)
-        grad_inplace(z, labels, stats, rg, dataclasses.replace(opts, vocab_start=opts.vocab_start + s))
+        grad_into(z, labels, stats, rg, dataclasses.replace(opts, vocab_start=opts.vocab_start + s), z)
         if gw is not None:
             torch.mm(z.t(), x, out=gw[s:e])
         if gb is not None:

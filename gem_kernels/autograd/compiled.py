@@ -9,10 +9,11 @@ Under torch.compile the functional layer calls :func:`gem_torch_compiled` and
 * the backward (``register_autograd``) is traced by AOTAutograd: gradients precomputed in the
   forward are rescaled out of place, deferred ones call the backward operator.
 
-The operators run the same bodies as the eager Functions (``gem_forward_chunked`` /
-``gem_grad_chunked``, ``fused_forward`` / ``fused_backward_recompute``). Differences from eager,
+The operators run the same bodies as the eager Functions (``gem_forward_row_blocks`` /
+``gem_grad_row_blocks``, ``fused_forward`` / ``fused_backward_recompute``). Differences from eager,
 about memory, never values: the rescaling allocates a new gradient instead of scaling in place,
-and ``inplace_backward`` is not applied (the gradient gets its own buffer). Vocabulary-parallel calls (``process_group``)
+and ``inplace_backward`` is not applied (the gradient gets its own buffer). Vocabulary-parallel calls
+(``process_group``)
 keep the eager Functions. The Triton logits path needs no operator here: its kernels are
 ``torch.library.triton_op`` and are traced as they are (CUDA only: the interpreter cannot be traced).
 
@@ -25,9 +26,10 @@ import torch
 from torch import Tensor
 
 from ..options import NUM_STATS, GEMOptions
-from ..torch_ops import finalize, gem_forward_chunked, gem_grad_chunked
+from ..chunk_policy import fused_chunk_rows
+from ..torch_ops import finalize, gem_forward_row_blocks, gem_grad_row_blocks
 from .autocast import autocast_off
-from .fused_linear import chunk_rows_for, fused_backward_recompute, fused_forward, valid_rows
+from .fused_linear import fused_backward_recompute, fused_forward, valid_rows
 
 
 # The forward operators read the valid-token count on the host (to skip ignored rows), which a CUDA
@@ -47,9 +49,14 @@ def _opt_args(opts: GEMOptions) -> tuple:
             opts.return_metrics)
 
 
-def _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics) -> GEMOptions:
+def _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics, impl="torch",
+             chunk_size=None, low_memory=False) -> GEMOptions:
+    """The GEMOptions of ``_opt_args`` (+ the fused path's impl, chunk_size and low_memory), rebuilt
+    inside an operator: the operators' schemas take scalars, not dataclasses. Only fields that the
+    computation reads cross; the rest (reduction, validate_labels) was used above the operator."""
     return GEMOptions(beta=beta, h=h, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
-                      z_loss_scale=z_loss_scale, return_ce=return_ce, return_metrics=return_metrics)
+                      z_loss_scale=z_loss_scale, return_ce=return_ce, return_metrics=return_metrics, impl=impl,
+                      chunk_size=chunk_size, low_memory=low_memory)
 
 
 def _extras_fake(like: Tensor, n: int, return_ce: bool, return_metrics: bool, dtype) -> Tensor:
@@ -76,7 +83,7 @@ def _gem_torch_fwd(logits: Tensor, labels: Tensor, beta: float, h: str, ignore_i
     """-> (loss [N], extras [N, k] (options.X_*) or [0], stats [N, 5], gradient of each row's loss
     [N, V] or [0])."""
     opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics)
-    partials, grad = gem_forward_chunked(logits, labels, opts, compute_grad=compute_grad)
+    partials, grad = gem_forward_row_blocks(logits, labels, opts, compute_grad=compute_grad)
     loss, ce, stats = finalize(partials, labels != ignore_index, opts, labels)
     return (loss, ce if ce is not None else loss.new_empty(0), stats,
             grad if grad is not None else logits.new_empty(0))
@@ -98,7 +105,7 @@ def _gem_torch_bwd(logits: Tensor, labels: Tensor, stats: Tensor, grad_loss: Ten
                    return_ce: bool, return_metrics: bool) -> Tensor:
     """d(sum_i grad_loss_i loss_i)/d logits from the saved row statistics."""
     opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics)
-    return gem_grad_chunked(logits, labels, stats, grad_loss, opts)
+    return gem_grad_row_blocks(logits, labels, stats, grad_loss, opts)
 
 
 @_gem_torch_bwd.register_fake
@@ -150,12 +157,12 @@ def _fused_fwd(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels:
                need_gb: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (loss [N], extras [N, k] (options.X_*) or [0], stats [N, 5] (deferred gradients) or [0, 5],
     grad_hidden, grad_weight, grad_bias (precomputed for a reduced loss, each [0] when not computed))."""
-    opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics)
+    opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics, impl,
+                    chunk_size, low_memory)
     # A compiled graph calls this operator under the caller's autocast state, whatever the
     # functional layer's autocast_off did while tracing: switch it off here too.
     with autocast_off(hidden2d.device.type):
-        fwd = fused_forward(hidden2d, weight, bias, labels, opts, impl, chunk_size, token_scale, None,
-                            need_gx, need_gw, need_gb, low_memory)
+        fwd = fused_forward(hidden2d, weight, bias, labels, opts, token_scale, None, need_gx, need_gw, need_gb)
     cdt = _compute_dtype(hidden2d.dtype)
     N = hidden2d.shape[0]
     if (need_gx or need_gw or need_gb) and not fwd.eager:
@@ -198,14 +205,15 @@ def _fused_bwd(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels:
                z_loss_scale: float, return_ce: bool, return_metrics: bool, impl: str, chunk_size: Optional[int],
                low_memory: bool, need_gx: bool, need_gw: bool, need_gb: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Deferred gradients (reduction "none", fp16): (grad_hidden, grad_weight, grad_bias), [0] when not needed."""
-    opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics)
+    opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics, impl,
+                    chunk_size, low_memory)
     rows, labels_v = valid_rows(labels, ignore_index)
     stats_v = stats if rows is None else stats.index_select(0, rows)
-    chunk_rows = chunk_rows_for(chunk_size, labels_v.shape[0], hidden2d, weight.shape[0], low_memory)
+    chunk_rows = fused_chunk_rows(labels_v.shape[0], hidden2d.shape[1], weight.shape[0], device=hidden2d.device.type,
+                                  itemsize=hidden2d.element_size(), low_memory=low_memory, chunk_size=chunk_size)
     with autocast_off(hidden2d.device.type):
-        grads = fused_backward_recompute(hidden2d, weight, bias, rows, labels_v, stats_v, grad_loss, opts, impl,
-                                         chunk_rows, (need_gx, need_gw, need_gb and bias is not None), None,
-                                         low_memory)
+        grads = fused_backward_recompute(hidden2d, weight, bias, rows, labels_v, stats_v, grad_loss, opts,
+                                         chunk_rows, (need_gx, need_gw, need_gb and bias is not None), None)
     return tuple(g if g is not None else hidden2d.new_empty(0) for g in grads)
 
 
@@ -263,14 +271,13 @@ torch.library.register_autograd("gem_kernels::fused_linear_gem_fwd", _fused_back
 
 
 def fused_linear_gem_compiled(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels1d: Tensor,
-                              opts: GEMOptions, impl: str, chunk_size: Optional[int], token_scale,
-                              grad_enabled: bool, low_memory: bool = False):
+                              opts: GEMOptions, token_scale, grad_enabled: bool):
     """(per-token loss [N], per-token extras [N, k] or empty), as FusedLinearGEMFunction, through the operators."""
     need_gx = grad_enabled and hidden2d.requires_grad
     need_gw = grad_enabled and weight.requires_grad
     need_gb = grad_enabled and bias is not None and bias.requires_grad
     if token_scale is not None and not isinstance(token_scale, Tensor):
         token_scale = torch.tensor(token_scale, dtype=torch.float64, device=hidden2d.device)
-    loss, ce, *_ = _fused_fwd(hidden2d, weight, bias, labels1d, token_scale, *_opt_args(opts), impl, chunk_size,
-                              low_memory, need_gx, need_gw, need_gb)
+    loss, ce, *_ = _fused_fwd(hidden2d, weight, bias, labels1d, token_scale, *_opt_args(opts), opts.impl,
+                              opts.chunk_size, opts.low_memory, need_gx, need_gw, need_gb)
     return loss, ce

@@ -39,28 +39,17 @@ from torch.autograd.function import once_differentiable
 
 from ..chunk_policy import fused_chunk_rows
 from ..options import GEMOptions
-from ..torch_ops import finalize, gem_grad_chunked
+from ..torch_ops import finalize
 from . import vocab_parallel
-from ._scale import scale_grads_, upstream_scale
-from .autocast import autocast_off
 from ._fused_accumulate import Accumulator
 from ._fused_low_memory import vocab_slice_grads
-from .gem import torch_partials, triton_grad, triton_partials, triton_partials_and_grad
+from ._once import take_once
+from ._paths import grad_into, partials_fn, triton_ops
+from ._scale import scale_grads_, upstream_scale
+from .autocast import autocast_off
 
 
-def _gem_partials(impl: str):
-    return triton_partials if impl == "triton" else torch_partials
-
-
-def _gem_grad_inplace(impl: str, z, labels, stats, row_grad, opts: GEMOptions) -> None:
-    """Overwrite the logits chunk ``z`` with d(sum_i row_grad_i * loss_i)/dz."""
-    if impl == "triton":
-        triton_grad(z, labels, stats, row_grad.float(), opts, out=z)
-    else:
-        gem_grad_chunked(z, labels, stats, row_grad, opts, out=z)
-
-
-def _chunk_loop(hidden2d, weight, bias, rows, labels_v, opts: GEMOptions, impl: str, chunk_rows: int, *,
+def _chunk_loop(hidden2d, weight, bias, rows, labels_v, opts: GEMOptions, chunk_rows: int, *,
                 row_grad=None, stats_v=None, need_gx=False, need_gw=False, need_gb=False,
                 keep_stats=False, group=None):
     """The chunked pass over the valid rows.
@@ -95,7 +84,7 @@ def _chunk_loop(hidden2d, weight, bias, rows, labels_v, opts: GEMOptions, impl: 
     xbuf = torch.empty(c_max, H, dtype=dt, device=dev) if rows is not None else None
     gbuf = torch.empty(c_max, H, dtype=dt, device=dev) if rows is not None and need_gx else None
     wt = weight.t()
-    partials_fn = _gem_partials(impl)
+    partials_of = partials_fn(opts)
     for a in range(0, n_valid, c_max):
         b = min(a + c_max, n_valid)
         c = b - a
@@ -112,14 +101,14 @@ def _chunk_loop(hidden2d, weight, bias, rows, labels_v, opts: GEMOptions, impl: 
         y = labels_v[a:b]
         # Gradient in forward: one kernel gives the chunk's partials and writes dZ over Z (its rows'
         # statistics are complete on one device; a vocabulary shard must combine them first).
-        one_kernel = grads and want_loss and group is None and impl == "triton"
+        one_kernel = grads and want_loss and group is None and opts.impl == "triton"
         if not want_loss:
             st = stats_v[a:b]
         else:
             if one_kernel:
-                partials = triton_partials_and_grad(z, y, row_grad[a:b].float(), opts, out=z)
+                partials = triton_ops().gem_forward_grad(z, y, row_grad[a:b].float(), opts, z)
             else:
-                partials = vocab_parallel.combined_partials(partials_fn, z, y, opts, group)
+                partials = vocab_parallel.combined_partials(partials_of, z, y, opts, group)
             l_c, ce_c, st = finalize(partials, y != opts.ignore_index, opts, y)
             if new_stats is not None:
                 new_stats.append(st)
@@ -129,7 +118,7 @@ def _chunk_loop(hidden2d, weight, bias, rows, labels_v, opts: GEMOptions, impl: 
         if not grads:
             continue
         if not one_kernel:
-            _gem_grad_inplace(impl, z, y, st, row_grad[a:b], opts)
+            grad_into(z, y, st, row_grad[a:b], opts, z)
         if need_gx:
             if idx is None:
                 torch.mm(z, weight, out=gx[a:b])
@@ -159,16 +148,6 @@ def valid_rows(labels: torch.Tensor, ignore_index: int):
     return rows, (labels if rows is None else labels.index_select(0, rows))
 
 
-def chunk_rows_for(chunk_size: Optional[int], n_valid: int, hidden2d: torch.Tensor, vocab_size: int,
-                   low_memory: bool = False) -> int:
-    """Rows per chunk: ``chunk_size`` when given, else ``chunk_policy.fused_chunk_rows`` for
-    hidden2d's device kind and element size."""
-    if chunk_size is not None:
-        return chunk_size
-    return fused_chunk_rows(n_valid, hidden2d.shape[1], vocab_size, device=hidden2d.device.type,
-                            itemsize=hidden2d.element_size(), low_memory=low_memory)
-
-
 class FusedForward(NamedTuple):
     """What :func:`fused_forward` computed: the loss and what a backward needs."""
 
@@ -182,15 +161,16 @@ class FusedForward(NamedTuple):
     chunk_rows: int
 
 
-def fused_forward(hidden2d, weight, bias, labels, opts: GEMOptions, impl: str, chunk_size: Optional[int],
-                  token_scale, group, need_gx: bool, need_gw: bool, need_gb: bool,
-                  low_memory: bool = False) -> FusedForward:
+def fused_forward(hidden2d, weight, bias, labels, opts: GEMOptions, token_scale, group, need_gx: bool,
+                  need_gw: bool, need_gb: bool) -> FusedForward:
     """The forward of the fused path (shared by FusedLinearGEMFunction and the torch.compile custom
     operators in ``compiled.py``). See FusedLinearGEMFunction for the arguments."""
     any_grad = need_gx or need_gw or need_gb
     rows, labels_v = valid_rows(labels, opts.ignore_index)
     n_valid = labels_v.shape[0]
-    chunk_rows = chunk_rows_for(chunk_size, n_valid, hidden2d, weight.shape[0], low_memory)
+    chunk_rows = fused_chunk_rows(n_valid, hidden2d.shape[1], weight.shape[0], device=hidden2d.device.type,
+                                  itemsize=hidden2d.element_size(), low_memory=opts.low_memory,
+                                  chunk_size=opts.chunk_size)
     # fp16 defers too: dZ must carry the upstream gradient (e.g. GradScaler's 2^16) before it is
     # rounded to fp16, or its small entries underflow; the upstream is only known in backward.
     eager = any_grad and token_scale is not None and hidden2d.dtype != torch.float16
@@ -201,9 +181,10 @@ def fused_forward(hidden2d, weight, bias, labels, opts: GEMOptions, impl: str, c
         row_grad = ts.reshape(()).expand(n_valid)
     # Low-memory mode: the chunk loop makes only d hidden (no dZ at all when d hidden is not needed);
     # it keeps the row statistics for the vocabulary pass.
+    low_memory = opts.low_memory
     loop_grad = None if low_memory and not need_gx else row_grad
     loss, ce, stats_v, gx, acc = _chunk_loop(
-        hidden2d, weight, bias, rows, labels_v, opts, impl, chunk_rows, row_grad=loop_grad,
+        hidden2d, weight, bias, rows, labels_v, opts, chunk_rows, row_grad=loop_grad,
         need_gx=need_gx, need_gw=need_gw and not low_memory, need_gb=need_gb and not low_memory,
         keep_stats=any_grad and (low_memory or not eager), group=group)
     grads = None
@@ -211,68 +192,59 @@ def fused_forward(hidden2d, weight, bias, labels, opts: GEMOptions, impl: str, c
         _sum_over_shards(gx, group)
         gw, gb = acc.result()
         if low_memory:
-            gw, gb = _vocab_pass(hidden2d, weight, bias, rows, labels_v, stats_v, row_grad, opts, impl,
-                                 need_gw, need_gb)
+            gw, gb = vocab_slice_grads(hidden2d, weight, bias, rows, labels_v, stats_v, row_grad, opts,
+                                       need_gw=need_gw, need_gb=need_gb)
         grads = (gx, gw, gb)
     return FusedForward(loss, ce, eager, grads, rows, labels_v, stats_v, chunk_rows)
 
 
 def fused_backward_recompute(hidden2d, weight, bias, rows, labels_v, stats_v, grad_loss, opts: GEMOptions,
-                             impl: str, chunk_rows: int, flags, group=None, low_memory: bool = False):
+                             chunk_rows: int, flags, group=None):
     """Deferred gradients (reduction "none", fp16): recompute each chunk's logits from the saved row
     statistics and fold the per-token upstream ``grad_loss`` [N] into dZ. Returns (gx, gw, gb).
     Low-memory mode: the chunks give d hidden only, the vocabulary pass d weight / d bias."""
     need_gx, need_gw, need_gb = flags
     row_grad = grad_loss if rows is None else grad_loss.index_select(0, rows)
     gx = gw = gb = None
+    low_memory = opts.low_memory
     if need_gx or not low_memory:  # low-memory mode without d hidden: no token-chunk pass at all
         _, _, _, gx, acc = _chunk_loop(
-            hidden2d, weight, bias, rows, labels_v, opts, impl, chunk_rows, row_grad=row_grad, stats_v=stats_v,
+            hidden2d, weight, bias, rows, labels_v, opts, chunk_rows, row_grad=row_grad, stats_v=stats_v,
             need_gx=need_gx, need_gw=need_gw and not low_memory, need_gb=need_gb and not low_memory)
         _sum_over_shards(gx, group)
         gw, gb = acc.result()
     if low_memory:
-        gw, gb = _vocab_pass(hidden2d, weight, bias, rows, labels_v, stats_v, row_grad, opts, impl, need_gw, need_gb)
+        gw, gb = vocab_slice_grads(hidden2d, weight, bias, rows, labels_v, stats_v, row_grad, opts,
+                                   need_gw=need_gw, need_gb=need_gb)
     return gx, gw, gb
 
 
-def _vocab_pass(hidden2d, weight, bias, rows, labels_v, stats_v, row_grad, opts, impl, need_gw, need_gb):
-    """Low-memory mode: d weight / d bias from vocabulary slices (see ``_fused_low_memory``)."""
-    def grad_inplace(z, y, st, rg, o):
-        _gem_grad_inplace(impl, z, y, st, rg, o)
-
-    return vocab_slice_grads(hidden2d, weight, bias, rows, labels_v, stats_v, row_grad, opts, grad_inplace,
-                             need_gw=need_gw, need_gb=need_gb)
-
-
 class FusedLinearGEMFunction(torch.autograd.Function):
-    """(hidden2d [N, H], weight [V, H], bias [V] | None, labels [N], opts, impl, chunk_size,
-    token_scale, group, grad_enabled, low_memory) -> (per-token loss [N], detached per-token extras
-    [N, opts.num_extras] (options.X_*) or empty), fp32 (fp64 for fp64 input).
+    """(hidden2d [N, H], weight [V, H], bias [V] | None, labels [N], opts, token_scale, group,
+    grad_enabled) -> (per-token loss [N], detached per-token extras [N, opts.num_extras]
+    (options.X_*) or empty), fp32 (fp64 for fp64 input).
 
     ``token_scale`` is d(reduced loss)/d(per-token loss) (a float or 0-d tensor: 1/count for
     "mean", 1 for "sum"): the gradients are then computed in forward with that factor and backward
     rescales them by upstream/token_scale. ``token_scale=None`` (reduction "none") defers all
-    gradient work to backward (see the module docstring). impl is "triton" or "torch".
-    chunk_size None: ``chunk_policy.fused_chunk_rows`` for this device. low_memory: d weight / d bias
-    come from a second pass over vocabulary slices (``_fused_low_memory``) instead of the fp32
-    accumulator.
+    gradient work to backward (see the module docstring). ``opts.impl`` is "triton" or "torch";
+    ``opts.chunk_size`` None: ``chunk_policy.fused_chunk_rows`` for this device; ``opts.low_memory``:
+    d weight / d bias come from a second pass over vocabulary slices (``_fused_low_memory``) instead
+    of the fp32 accumulator. ``grad_enabled``: the caller's grad mode (off inside forward).
 
     Host reads: one, of the valid-token count per forward (``valid_rows``: the chunking, and the
     gathering of valid rows, are sized by it: this is what makes ignored tokens cost nothing).
     """
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, labels, opts: GEMOptions, impl: str,
-                chunk_size: Optional[int], token_scale: Union[None, float, torch.Tensor], group=None,
-                grad_enabled: bool = True, low_memory: bool = False):
+    def forward(ctx, hidden2d, weight, bias, labels, opts: GEMOptions, token_scale: Union[None, float, torch.Tensor],
+                group=None, grad_enabled: bool = True):
         # Under torch.no_grad() no backward can follow: compute the loss only.
         need_gx = grad_enabled and ctx.needs_input_grad[0]
         need_gw = grad_enabled and ctx.needs_input_grad[1]
         need_gb = grad_enabled and bias is not None and ctx.needs_input_grad[2]
-        fwd = fused_forward(hidden2d, weight, bias, labels, opts, impl, chunk_size, token_scale, group,
-                            need_gx, need_gw, need_gb, low_memory)
-        ctx.opts, ctx.impl, ctx.chunk_rows, ctx.low_memory = opts, impl, fwd.chunk_rows, low_memory
+        fwd = fused_forward(hidden2d, weight, bias, labels, opts, token_scale, group, need_gx, need_gw, need_gb)
+        ctx.opts, ctx.chunk_rows = opts, fwd.chunk_rows
         ctx.flags = (need_gx, need_gw, need_gb)
         ctx.group = group
         ctx.device_type = hidden2d.device.type
@@ -294,18 +266,15 @@ class FusedLinearGEMFunction(torch.autograd.Function):
     @once_differentiable  # the gradients come from kernels / no_grad code: no double backward
     def backward(ctx, grad_loss, _grad_extras):
         with autocast_off(ctx.device_type):  # backward may run inside the caller's autocast block
-            return FusedLinearGEMFunction._backward(ctx, grad_loss)
+            grads = FusedLinearGEMFunction._backward(ctx, grad_loss)
+        return tuple(grads) + (None,) * 4  # opts, token_scale, group, grad_enabled
 
     @staticmethod
     def _backward(ctx, grad_loss):
-        none = (None,) * 7
+        """(grad_hidden, grad_weight, grad_bias, None for labels), each None when not required."""
         if ctx.eager:
-            grads = ctx.grads
-            if grads is _CONSUMED:
-                raise RuntimeError(
-                    "fused_linear_gem_loss scales its precomputed gradients in place and supports one "
-                    "backward per forward; run the forward again instead of retain_graph=True")
-            ctx.grads = _CONSUMED
+            grads = take_once(ctx, "grads", "fused_linear_gem_loss scales its precomputed gradients in place and "
+                              "supports one backward per forward; run the forward again instead of retain_graph=True")
             if grad_loss is None:
                 for g in grads:
                     if g is not None:
@@ -313,13 +282,13 @@ class FusedLinearGEMFunction(torch.autograd.Function):
             else:
                 # No host read: the factor stays a 0-d device tensor (see scale_grads_ for precision).
                 scale_grads_(grads, upstream_scale(grad_loss, ctx.rows, ctx.token_scale))
-            return tuple(grads) + (None,) + none[:7]
+            return tuple(grads) + (None,)
         hidden2d, weight, bias, rows, labels_v, stats_v = ctx.saved_tensors
         if grad_loss is None:
             grad_loss = torch.zeros(hidden2d.shape[0], dtype=torch.float32, device=hidden2d.device)
         grads = fused_backward_recompute(hidden2d, weight, bias, rows, labels_v, stats_v, grad_loss, ctx.opts,
-                                         ctx.impl, ctx.chunk_rows, ctx.flags, ctx.group, ctx.low_memory)
-        return tuple(grads) + (None,) + none[:7]
+                                         ctx.chunk_rows, ctx.flags, ctx.group)
+        return tuple(grads) + (None,)
 
 
 def _sum_over_shards(gx: Optional[torch.Tensor], group) -> None:
@@ -331,5 +300,3 @@ def _sum_over_shards(gx: Optional[torch.Tensor], group) -> None:
 
     dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=getattr(group, "group", group))
 
-
-_CONSUMED = object()

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..options import P_AMAX, P_M, P_S0, P_S1, P_S2, P_SCE, P_SENT, P_TY, GEMOptions
+from ..torch_ops import label_columns
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,10 @@ class VocabShard:
 
 
 def combined_partials(partials_fn, logits: torch.Tensor, labels: torch.Tensor, opts: GEMOptions, group):
-    """partials [N, 6] of the full (global) rows. With group None this is just partials_fn.
+    """partials [N, opts.num_partials] of the full (global) rows. With group None this is just partials_fn.
 
-    ``partials_fn(logits, labels, opts, label_logits=None) -> partials [N, 6]`` is the shard's
-    single-pass forward (``triton_partials`` or ``torch_partials``); ``opts.vocab_start`` is the
+    ``partials_fn(logits, labels, opts, label_logits=None) -> partials [N, opts.num_partials]`` is the shard's
+    single-pass forward (``ops.gem_forward`` or ``torch_ops.gem_partials``); ``opts.vocab_start`` is the
     global id of this shard's first column. ``group`` is None, a :class:`VocabShard` or a process group.
     """
     if group is None:
@@ -76,10 +77,7 @@ def shard_label_logits(partials_fn, logits: torch.Tensor, labels: torch.Tensor, 
     The raw label logit is gathered and run through ``partials_fn`` as a one-column row, so t_y goes
     through exactly the transform code of the shard's own pass (bit-identical to single device).
     """
-    N, V = logits.shape
-    local = labels.long() - opts.vocab_start
-    inside = (labels != opts.ignore_index) & (local >= 0) & (local < V)
-    col = torch.where(inside, local, torch.zeros_like(local))
+    col, inside = label_columns(labels.long(), opts, logits.shape[1])
     z_y = logits.gather(1, col[:, None])
     # The one column sits at global id `marker`; pick one that is not the ignore_index.
     marker = 0 if opts.ignore_index != 0 else 1

@@ -16,16 +16,14 @@ from ._vocab_parallel import resolve_vocab_shard, shard_chunk_rows
 from .gem import reference_loss
 
 
-def apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts: GEMOptions, impl: str, chunk_size, token_scale,
-                           group=None, low_memory: bool = False):
+def apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts: GEMOptions, token_scale, group=None):
     """The one place FusedLinearGEMFunction is applied: (per-token loss [N], detached per-token extras
-    [N, opts.num_extras] or empty; see options.X_*).
+    [N, opts.num_extras] or empty; see options.X_*). ``opts`` carries the resolved impl and chunk size.
     Under torch.compile (single device) the same bodies run as custom operators (autograd/compiled.py)."""
     if group is None and torch.compiler.is_compiling():
-        return fused_linear_gem_compiled(hidden2d, weight, bias, labels1d, opts, impl, chunk_size, token_scale,
-                                         torch.is_grad_enabled(), low_memory)
-    return FusedLinearGEMFunction.apply(hidden2d, weight, bias, labels1d, opts, impl, chunk_size, token_scale,
-                                        group, torch.is_grad_enabled(), low_memory)
+        return fused_linear_gem_compiled(hidden2d, weight, bias, labels1d, opts, token_scale, torch.is_grad_enabled())
+    return FusedLinearGEMFunction.apply(hidden2d, weight, bias, labels1d, opts, token_scale, group,
+                                        torch.is_grad_enabled())
 
 
 def _check_linear(hidden, weight, bias):
@@ -235,8 +233,8 @@ def fused_linear_gem_loss_with_options(hidden: torch.Tensor, weight: torch.Tenso
     loss_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     token_scale = token_weight(reduction, valid, num_items_in_batch, loss_dtype)
     with autocast_off(hidden.device.type):
-        per_token, extras = apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts, impl, opts.chunk_size,
-                                                   token_scale, layout.shard if layout else None, opts.low_memory)
+        per_token, extras = apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts, token_scale,
+                                                   layout.shard if layout else None)
     loss = reduce_tokens(per_token, valid, reduction, num_items_in_batch, labels.shape)
     return finish_outputs(loss, extras, valid, reduction, num_items_in_batch, labels.shape, opts.return_ce,
                           opts.return_metrics)

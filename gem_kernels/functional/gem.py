@@ -15,25 +15,25 @@ from ._checks import (check_float_tensor, check_labels, check_metrics_vocab, che
 from ._reduce import finish_outputs, reduce_tokens, token_weight
 from ._vocab_parallel import resolve_vocab_shard
 
-_FUNCTIONS = {"triton": GEMTritonFunction, "torch": GEMTorchFunction}
-
-
-def apply_gem(logits2d: torch.Tensor, labels1d: torch.Tensor, opts: GEMOptions, impl: str, group=None,
+def apply_gem(logits2d: torch.Tensor, labels1d: torch.Tensor, opts: GEMOptions, group=None,
               token_scale: Optional[torch.Tensor] = None):
     """The one place a GEM autograd Function is applied: (per-token loss [N], detached per-token extras
-    [N, opts.num_extras] or empty; see options.X_*).
-    The grad mode is passed in because inside Function.forward it is always off. ``token_scale``
-    (0-d fp32 tensor, d reduced loss / d per-token loss; None for reduction="none") lets the Triton
-    path compute the gradient in its forward. Under torch.compile the torch path runs as custom
-    operators (autograd/compiled.py); the Triton path's kernels are triton_ops, traced as they are,
-    with the split design (statistics forward + 2-D backward): the gradient-in-forward Function
-    hands a buffer from forward to backward through its context, which is kept out of traced graphs."""
-    if torch.compiler.is_compiling():
-        if impl == "torch" and group is None:
+    [N, opts.num_extras] or empty; see options.X_*). ``opts.impl`` is resolved ("triton" or "torch").
+    The grad mode is passed to the torch Function because inside Function.forward it is always off;
+    ``token_scale`` (0-d fp32 tensor, d reduced loss / d per-token loss; None for reduction="none"
+    and under no_grad) lets the Triton path compute the gradient in its forward. Under torch.compile
+    the torch path runs as custom operators (autograd/compiled.py); the Triton path's kernels are
+    triton_ops, traced as they are, with the split design (statistics forward + 2-D backward): the
+    gradient-in-forward Function hands a buffer from forward to backward through its context, which
+    is kept out of traced graphs."""
+    if opts.impl == "torch":
+        if group is None and torch.compiler.is_compiling():
             return gem_torch_compiled(logits2d, labels1d, replace(opts, inplace_backward=False),
                                       torch.is_grad_enabled())
+        return GEMTorchFunction.apply(logits2d, labels1d, opts, group, torch.is_grad_enabled())
+    if torch.compiler.is_compiling():
         token_scale = None
-    return _FUNCTIONS[impl].apply(logits2d, labels1d, opts, group, torch.is_grad_enabled(), token_scale)
+    return GEMTritonFunction.apply(logits2d, labels1d, opts, group, token_scale)
 
 
 def gem_loss(
@@ -122,7 +122,7 @@ def gem_loss(
             Triton kernels read outside the row (garbage loss or an illegal memory access) and the
             torch path silently treat the label logit as 0. Shape, dtype and device checks always run.
         impl: "triton" (Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
-            "torch" (chunked PyTorch, any device), "reference" (the materialised oracle
+            "torch" (PyTorch over row blocks, any device), "reference" (the materialised oracle
             :func:`gem_kernels.reference.gem_loss_reference`) or "auto" (default: triton for CUDA
             tensors or under TRITON_INTERPRET=1, else torch). Under torch.compile, "auto" gives CPU
             tensors "torch" (the Triton interpreter cannot be traced).
@@ -226,7 +226,7 @@ def gem_loss_with_options(logits: torch.Tensor, labels: torch.Tensor, options: G
     valid = labels1d != ignore_index
     reduction = opts.reduction
     token_scale = token_weight(reduction, valid, num_items_in_batch) if torch.is_grad_enabled() else None
-    per_token, extras = apply_gem(logits2d, labels1d, opts, impl, shard, token_scale)
+    per_token, extras = apply_gem(logits2d, labels1d, opts, shard, token_scale)
     loss = reduce_tokens(per_token, valid, reduction, num_items_in_batch, labels.shape)
     return finish_outputs(loss, extras, valid, reduction, num_items_in_batch, labels.shape, opts.return_ce,
                           opts.return_metrics)

@@ -1,10 +1,29 @@
-"""@triton.jit helpers shared by the GEM kernels, and the autotuning wrapper of the row kernels."""
+"""@triton.jit helpers shared by the GEM kernels, the constants they share with the rest of the
+package, and the autotuning wrapper of the row kernels."""
 import os
 
 import triton
 import triton.language as tl
 
+from .. import options as _options
 from .config import row_block
+
+# options.py's constants as Triton constexprs (a @triton.jit function reads a module-level global only
+# when it is a tl.constexpr): the partials' and statistics' columns, and the logsigmoid weight's 1/100.
+P_M = tl.constexpr(_options.P_M)
+P_S0 = tl.constexpr(_options.P_S0)
+P_S1 = tl.constexpr(_options.P_S1)
+P_S2 = tl.constexpr(_options.P_S2)
+P_SCE = tl.constexpr(_options.P_SCE)
+P_TY = tl.constexpr(_options.P_TY)
+P_SENT = tl.constexpr(_options.P_SENT)
+P_AMAX = tl.constexpr(_options.P_AMAX)
+S_M = tl.constexpr(_options.S_M)
+S_LOGS0 = tl.constexpr(_options.S_LOGS0)
+S_YCOEF = tl.constexpr(_options.S_YCOEF)
+S_TY = tl.constexpr(_options.S_TY)
+S_LSE = tl.constexpr(_options.S_LSE)
+INV_LOGSIGMOID_TEMPERATURE = tl.constexpr(1.0 / _options.LOGSIGMOID_TEMPERATURE)
 
 
 def row_autotune(configs, restore_value=None):
@@ -38,7 +57,8 @@ def row_autotune(configs, restore_value=None):
             out = out[:1]
         return out
 
-    return triton.autotune(configs=tconfigs, key=["V", "LOGSIGMOID", "METRICS"], prune_configs_by={"early_config_prune": prune},
+    return triton.autotune(configs=tconfigs, key=["V", "LOGSIGMOID", "METRICS"],
+                           prune_configs_by={"early_config_prune": prune},
                            restore_value=restore_value)
 
 
@@ -127,7 +147,7 @@ def row_partials(row_ptr, V, ty, inv_beta, logit_scale, softcap,
         diff = tl.where(finite, t - ty, 0.0)
         s0_v = s0_v * alpha + tl.sum(e, 0)
         if LOGSIGMOID:
-            ew = e * fast_sigmoid(diff * 0.01)
+            ew = e * fast_sigmoid(diff * INV_LOGSIGMOID_TEMPERATURE)
             s1_v = s1_v * alpha + tl.sum(ew, 0)
         else:
             ew = e
@@ -165,6 +185,21 @@ def row_partials(row_ptr, V, ty, inv_beta, logit_scale, softcap,
 
 
 @triton.jit
+def store_partials(out, m, s0, s1, s2, sce, ty, sent, amax, vocab_start, METRICS: tl.constexpr):
+    """Write one row's partials (options.P_*) at ``out``; with METRICS also sent and the global id of
+    the row's first maximal column (``amax`` local, -1 when none: an exact integer in fp32, V < 2^24)."""
+    tl.store(out + P_M, m)
+    tl.store(out + P_S0, s0)
+    tl.store(out + P_S1, s1)
+    tl.store(out + P_S2, s2)
+    tl.store(out + P_SCE, sce)
+    tl.store(out + P_TY, ty)
+    if METRICS:
+        tl.store(out + P_SENT, sent)
+        tl.store(out + P_AMAX, tl.where(amax >= 0, amax + vocab_start, -1).to(tl.float32))
+
+
+@triton.jit
 def grad_block(t, is_label, m, log_s0, y_coef, ty, lse, inv_beta, z_loss_scale, logit_scale, softcap,
                LOGSIGMOID: tl.constexpr, Z_LOSS: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
     """d loss / d z of a block of one row from its statistics (before any upstream factor):
@@ -172,7 +207,7 @@ def grad_block(t, is_label, m, log_s0, y_coef, ty, lse, inv_beta, z_loss_scale, 
     Shared by the 2-D backward kernel and the gradient-in-forward kernel."""
     g = tl.exp((t - m) * inv_beta - log_s0)
     if LOGSIGMOID:
-        g = g * fast_sigmoid((t - ty) * 0.01)
+        g = g * fast_sigmoid((t - ty) * INV_LOGSIGMOID_TEMPERATURE)
     g = tl.where(is_label, g - y_coef, g)
     if Z_LOSS:
         g += (2.0 * z_loss_scale * lse) * tl.exp(t - lse)

@@ -18,8 +18,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..options import NUM_PARTIALS, NUM_PARTIALS_METRICS
-from ._common import row_autotune, row_partials, transform_logits
+from ..options import NUM_PARTIALS, NUM_PARTIALS_METRICS, GEMOptions
+from ._args import kernel_args
+from ._common import row_autotune, row_partials, store_partials, transform_logits
 from .config import FORWARD_CONFIGS
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -69,51 +70,17 @@ def _gem_fwd_kernel(
             ty = transform_logits(zy, logit_scale, softcap, SCALE, SOFTCAP)
         m, s0, s1, s2, sce, sent, amax = row_partials(row_ptr, V, ty, inv_beta, logit_scale, softcap, LOGSIGMOID,
                                                       NEED_LSE, METRICS, SCALE, SOFTCAP, BLOCK_V, LANES)
-    tl.store(out + 0, m)
-    tl.store(out + 1, s0)
-    tl.store(out + 2, s1)
-    tl.store(out + 3, s2)
-    tl.store(out + 4, sce)
-    tl.store(out + 5, ty)
-    if METRICS:
-        tl.store(out + 6, sent)
-        # global id of the row's first maximal column, -1 when none (an exact integer in fp32: V < 2^24)
-        tl.store(out + 7, tl.where(amax >= 0, amax + vocab_start, -1).to(tl.float32))
+    store_partials(out, m, s0, s1, s2, sce, ty, sent, amax, vocab_start, METRICS)
 
 
 @triton_op("gem_kernels::gem_fwd", mutates_args=())
-def gem_forward(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    label_logits: Optional[torch.Tensor],
-    vocab_start: int,
-    ignore_index: int,
-    beta: float,
-    logsigmoid: bool,
-    need_lse: bool,
-    logit_scale: float,
-    softcap: float,
-    metrics: bool = False,
-) -> torch.Tensor:
-    """logits [N, V] (unit column stride, any row stride; fp32/bf16/fp16), labels [N] integer,
-    label_logits [N] fp32 or None (then t_y is read from the row) -> partials [N, 6] fp32, or
-    [N, 8] with ``metrics`` (options.P_*; ``metrics`` needs ``need_lse``).
-
-    ``softcap`` <= 0 means no softcap. Labels must already be validated: a non-ignored label
-    must lie in [vocab_start, vocab_start + V) unless label_logits is given.
-    """
-    if logits.dim() != 2 or (logits.stride(1) != 1 and logits.shape[1] > 1):
-        raise ValueError(f"gem_forward: logits must be 2-D with unit column stride, got shape "
-                         f"{tuple(logits.shape)} strides {logits.stride()}")
-    if logits.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"gem_forward: logits dtype must be one of {SUPPORTED_DTYPES}, got {logits.dtype}")
+def _gem_fwd(logits: torch.Tensor, labels: torch.Tensor, label_logits: Optional[torch.Tensor], vocab_start: int,
+             ignore_index: int, inv_beta: float, z_loss_scale: float, logit_scale: float, softcap: float,
+             LOGSIGMOID: bool, Z_LOSS: bool, SCALE: bool, SOFTCAP: bool, NEED_LSE: bool,
+             METRICS: bool) -> torch.Tensor:
+    """The operator (torch.compile traces it): the scalars of ``_args.KernelArgs`` in its order."""
     N, V = logits.shape
-    if labels.shape != (N,) or (N > 1 and labels.stride(0) != 1):
-        raise ValueError(f"gem_forward: labels must be contiguous of shape ({N},), got shape "
-                         f"{tuple(labels.shape)} strides {labels.stride()}")
-    if metrics and not need_lse:
-        raise ValueError("gem_forward: metrics=True needs need_lse=True (the entropy uses the lse sum)")
-    partials = torch.empty(N, NUM_PARTIALS_METRICS if metrics else NUM_PARTIALS, dtype=torch.float32,
+    partials = torch.empty(N, NUM_PARTIALS_METRICS if METRICS else NUM_PARTIALS, dtype=torch.float32,
                            device=logits.device)
     if N == 0:
         return partials
@@ -127,14 +94,46 @@ def gem_forward(
         partials.stride(0),
         vocab_start,
         ignore_index,
-        1.0 / beta,
+        inv_beta,
         logit_scale,
-        softcap if softcap > 0 else 1.0,
+        softcap,
         HAS_LABEL_LOGIT=label_logits is not None,
-        LOGSIGMOID=logsigmoid,
-        NEED_LSE=need_lse,
-        METRICS=metrics,
-        SCALE=logit_scale != 1.0 and softcap <= 0,  # the softcap transform applies the scale itself
-        SOFTCAP=softcap > 0,
+        LOGSIGMOID=LOGSIGMOID,
+        NEED_LSE=NEED_LSE,
+        METRICS=METRICS,
+        SCALE=SCALE,
+        SOFTCAP=SOFTCAP,
     )
     return partials
+
+
+def gem_forward(logits: torch.Tensor, labels: torch.Tensor, opts: GEMOptions,
+                label_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-row partial sums of the GEM forward: the launcher of ``_gem_fwd_kernel``.
+
+    Args:
+        logits: [N, V] fp32 / bf16 / fp16, unit column stride, any row stride (columns
+            [opts.vocab_start, opts.vocab_start + V) of the vocabulary).
+        labels: [N] contiguous integer, validated: a non-ignored label lies in
+            [vocab_start, vocab_start + V) unless ``label_logits`` is given.
+        opts: the call's GEMOptions (what the kernel reads comes from ``_args.kernel_args``).
+        label_logits: None (t_y is read from the row), or [N] fp32 transformed label logits (a
+            vocabulary shard whose label may sit on another rank).
+
+    Returns:
+        partials [N, opts.num_partials] fp32 (options.P_*).
+
+    Raises:
+        ValueError / TypeError: logits not 2-D with unit column stride or not a kernel dtype; labels
+            not contiguous of shape [N].
+    """
+    if logits.dim() != 2 or (logits.stride(1) != 1 and logits.shape[1] > 1):
+        raise ValueError(f"gem_forward: logits must be 2-D with unit column stride, got shape "
+                         f"{tuple(logits.shape)} strides {logits.stride()}")
+    if logits.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"gem_forward: logits dtype must be one of {SUPPORTED_DTYPES}, got {logits.dtype}")
+    N = logits.shape[0]
+    if labels.shape != (N,) or (N > 1 and labels.stride(0) != 1):
+        raise ValueError(f"gem_forward: labels must be contiguous of shape ({N},), got shape "
+                         f"{tuple(labels.shape)} strides {labels.stride()}")
+    return _gem_fwd(logits, labels, label_logits, *kernel_args(opts))

@@ -21,8 +21,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..options import NUM_PARTIALS, NUM_PARTIALS_METRICS
-from ._common import grad_block, row_autotune, row_partials, transform_logits
+from ..options import NUM_PARTIALS, NUM_PARTIALS_METRICS, GEMOptions
+from ._args import kernel_args
+from ._common import grad_block, row_autotune, row_partials, store_partials, transform_logits
 from .config import FORWARD_GRAD_CONFIGS
 from .gem_fwd import SUPPORTED_DTYPES
 
@@ -69,30 +70,14 @@ def _gem_fwd_grad_kernel(
         for i in range(0, n_blocks):
             offs = i * STEP + lanes
             tl.store(grad_row + offs, zeros, mask=offs < V)
-        tl.store(out + 0, float("-inf"))
-        tl.store(out + 1, 0.0)
-        tl.store(out + 2, 0.0)
-        tl.store(out + 3, 0.0)
-        tl.store(out + 4, 0.0)
-        tl.store(out + 5, 0.0)
-        if METRICS:
-            tl.store(out + 6, 0.0)
-            tl.store(out + 7, -1.0)
+        store_partials(out, float("-inf"), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1, vocab_start, METRICS)
     else:
         row_ptr = logits_ptr + row * stride_row
         col = label - vocab_start
         ty = transform_logits(tl.load(row_ptr + col).to(tl.float32), logit_scale, softcap, SCALE, SOFTCAP)
         m, s0, s1, s2, sce, sent, amax = row_partials(row_ptr, V, ty, inv_beta, logit_scale, softcap, LOGSIGMOID,
                                                       NEED_LSE, METRICS, SCALE, SOFTCAP, BLOCK_V, LANES)
-        tl.store(out + 0, m)
-        tl.store(out + 1, s0)
-        tl.store(out + 2, s1)
-        tl.store(out + 3, s2)
-        tl.store(out + 4, sce)
-        tl.store(out + 5, ty)
-        if METRICS:
-            tl.store(out + 6, sent)
-            tl.store(out + 7, tl.where(amax >= 0, amax + vocab_start, -1).to(tl.float32))
+        store_partials(out, m, s0, s1, s2, sce, ty, sent, amax, vocab_start, METRICS)
         # The statistics of torch_ops.stats.finalize, for this row.
         log_s0 = tl.log(s0)
         y_coef = s1 / s0
@@ -111,49 +96,13 @@ def _gem_fwd_grad_kernel(
 
 
 @triton_op("gem_kernels::gem_fwd_grad", mutates_args={"grad_logits"})
-def gem_forward_grad(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    row_scale: torch.Tensor,
-    grad_logits: torch.Tensor,
-    vocab_start: int,
-    ignore_index: int,
-    beta: float,
-    logsigmoid: bool,
-    need_lse: bool,
-    z_loss_scale: float,
-    logit_scale: float,
-    softcap: float,
-    metrics: bool = False,
-) -> torch.Tensor:
-    """Statistics and gradient of every row in one kernel.
-
-    logits [N, V] (unit column stride, any row stride; fp32/bf16/fp16); labels [N] contiguous integer
-    (validated: a non-ignored label lies in [vocab_start, vocab_start + V)); row_scale [N] fp32, any
-    stride (0 for one scalar): the factor each row's gradient is multiplied by; grad_logits [N, V]
-    in the logits' dtype with unit column stride, may be ``logits`` itself. ``softcap`` <= 0: none;
-    ``need_lse`` must be set when ``z_loss_scale`` != 0.
-    Writes d(sum_i row_scale_i * loss_i)/d logits into grad_logits and returns partials [N, 6] fp32
-    (options.P_*), or [N, 8] with ``metrics`` (needs ``need_lse``), the same as gem_forward's.
-    """
-    if logits.dim() != 2 or (logits.stride(1) != 1 and logits.shape[1] > 1):
-        raise ValueError(f"gem_forward_grad: logits must be 2-D with unit column stride, got shape "
-                         f"{tuple(logits.shape)} strides {logits.stride()}")
-    if logits.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"gem_forward_grad: logits dtype must be one of {SUPPORTED_DTYPES}, got {logits.dtype}")
+def _gem_fwd_grad(logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor, grad_logits: torch.Tensor,
+                  vocab_start: int, ignore_index: int, inv_beta: float, z_loss_scale: float, logit_scale: float,
+                  softcap: float, LOGSIGMOID: bool, Z_LOSS: bool, SCALE: bool, SOFTCAP: bool, NEED_LSE: bool,
+                  METRICS: bool) -> torch.Tensor:
+    """The operator (torch.compile traces it): the scalars of ``_args.KernelArgs`` in its order."""
     N, V = logits.shape
-    if labels.shape != (N,) or (N > 1 and labels.stride(0) != 1):
-        raise ValueError(f"gem_forward_grad: labels must be contiguous of shape ({N},), got shape "
-                         f"{tuple(labels.shape)} strides {labels.stride()}")
-    if row_scale.shape != (N,) or row_scale.dtype != torch.float32:
-        raise ValueError(f"gem_forward_grad: row_scale must be fp32 of shape ({N},), got "
-                         f"{row_scale.dtype} {tuple(row_scale.shape)}")
-    if (grad_logits.shape != logits.shape or grad_logits.dtype != logits.dtype
-            or (grad_logits.stride(1) != 1 and V > 1)):
-        raise ValueError("gem_forward_grad: grad_logits must match logits' shape and dtype with unit column stride")
-    if (z_loss_scale != 0.0 or metrics) and not need_lse:
-        raise ValueError("gem_forward_grad: z_loss_scale and metrics need need_lse=True")
-    partials = torch.empty(N, NUM_PARTIALS_METRICS if metrics else NUM_PARTIALS, dtype=torch.float32,
+    partials = torch.empty(N, NUM_PARTIALS_METRICS if METRICS else NUM_PARTIALS, dtype=torch.float32,
                            device=logits.device)
     if N == 0 or V == 0:
         return partials
@@ -170,15 +119,52 @@ def gem_forward_grad(
         grad_logits.stride(0),
         vocab_start,
         ignore_index,
-        1.0 / beta,
+        inv_beta,
         z_loss_scale,
         logit_scale,
-        softcap if softcap > 0 else 1.0,
-        LOGSIGMOID=logsigmoid,
-        NEED_LSE=need_lse,
-        METRICS=metrics,
-        Z_LOSS=z_loss_scale != 0.0,
-        SCALE=logit_scale != 1.0 and softcap <= 0,  # the softcap transform applies the scale itself
-        SOFTCAP=softcap > 0,
+        softcap,
+        LOGSIGMOID=LOGSIGMOID,
+        NEED_LSE=NEED_LSE,
+        METRICS=METRICS,
+        Z_LOSS=Z_LOSS,
+        SCALE=SCALE,
+        SOFTCAP=SOFTCAP,
     )
     return partials
+
+
+def gem_forward_grad(logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor, opts: GEMOptions,
+                     out: torch.Tensor) -> torch.Tensor:
+    """Statistics and gradient of every row in one kernel: the launcher of ``_gem_fwd_grad_kernel``.
+
+    Args:
+        logits: [N, V] fp32 / bf16 / fp16, unit column stride, any row stride.
+        labels: [N] contiguous integer, validated: a non-ignored label lies in
+            [opts.vocab_start, opts.vocab_start + V).
+        row_scale: [N] fp32, any stride (0 for one scalar): the factor each row's gradient is
+            multiplied by.
+        opts: the call's GEMOptions (what the kernel reads comes from ``_args.kernel_args``).
+        out: [N, V] in the logits' dtype with unit column stride; may be ``logits`` itself.
+
+    Returns:
+        partials [N, opts.num_partials] fp32 (options.P_*), the same as gem_forward's; writes
+        d(sum_i row_scale_i * loss_i)/d logits into ``out``.
+
+    Raises:
+        ValueError / TypeError: a tensor of another shape, dtype or layout than above.
+    """
+    if logits.dim() != 2 or (logits.stride(1) != 1 and logits.shape[1] > 1):
+        raise ValueError(f"gem_forward_grad: logits must be 2-D with unit column stride, got shape "
+                         f"{tuple(logits.shape)} strides {logits.stride()}")
+    if logits.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"gem_forward_grad: logits dtype must be one of {SUPPORTED_DTYPES}, got {logits.dtype}")
+    N, V = logits.shape
+    if labels.shape != (N,) or (N > 1 and labels.stride(0) != 1):
+        raise ValueError(f"gem_forward_grad: labels must be contiguous of shape ({N},), got shape "
+                         f"{tuple(labels.shape)} strides {labels.stride()}")
+    if row_scale.shape != (N,) or row_scale.dtype != torch.float32:
+        raise ValueError(f"gem_forward_grad: row_scale must be fp32 of shape ({N},), got "
+                         f"{row_scale.dtype} {tuple(row_scale.shape)}")
+    if out.shape != logits.shape or out.dtype != logits.dtype or (out.stride(1) != 1 and V > 1):
+        raise ValueError("gem_forward_grad: out must match logits' shape and dtype with unit column stride")
+    return _gem_fwd_grad(logits, labels, row_scale, out, *kernel_args(opts))

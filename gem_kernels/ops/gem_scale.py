@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..options import GEMOptions
 from .config import SCALE
 
 
@@ -44,28 +45,10 @@ def _gem_scale_kernel(
 
 
 @triton_op("gem_kernels::gem_scale", mutates_args={"grad_logits"})
-def gem_scale_rows(
-    grad_logits: torch.Tensor,
-    labels: torch.Tensor,
-    grad_loss: torch.Tensor,
-    token_scale: torch.Tensor,
-    ignore_index: int,
-) -> None:
-    """grad_logits[i] *= grad_loss[i] / token_scale in place, for every non-ignored row i, skipping
-    (on the device) rows where the factor is exactly 1.
-
-    grad_logits [N, V] unit column stride; labels [N] contiguous integer; grad_loss [N] any float
-    dtype and stride (0 for an expanded scalar); token_scale: one-element fp32 tensor, non-zero.
-    """
+def _gem_scale(grad_logits: torch.Tensor, labels: torch.Tensor, grad_loss: torch.Tensor, token_scale: torch.Tensor,
+               ignore_index: int) -> None:
+    """The operator (torch.compile traces it)."""
     N, V = grad_logits.shape
-    if labels.shape != (N,) or (N > 1 and labels.stride(0) != 1):
-        raise ValueError(f"gem_scale_rows: labels must be contiguous of shape ({N},)")
-    if grad_logits.stride(1) != 1 and V > 1:
-        raise ValueError("gem_scale_rows: grad_logits must have unit column stride")
-    if grad_loss.shape != (N,):
-        raise ValueError(f"gem_scale_rows: grad_loss must have shape ({N},), got {tuple(grad_loss.shape)}")
-    if token_scale.numel() != 1 or token_scale.dtype != torch.float32:
-        raise ValueError("gem_scale_rows: token_scale must be a one-element fp32 tensor")
     if N == 0 or V == 0:
         return
     wrap_triton(_gem_scale_kernel)[(N,)](
@@ -81,3 +64,31 @@ def gem_scale_rows(
         num_warps=SCALE.num_warps,
         num_stages=SCALE.num_stages,
     )
+
+
+def gem_scale_rows(grad_logits: torch.Tensor, labels: torch.Tensor, grad_loss: torch.Tensor,
+                   token_scale: torch.Tensor, opts: GEMOptions) -> None:
+    """grad_logits[i] *= grad_loss[i] / token_scale in place, for every row i whose label is not
+    ``opts.ignore_index``, skipping (on the device) rows where the factor is exactly 1: the launcher
+    of ``_gem_scale_kernel``.
+
+    Args:
+        grad_logits: [N, V] with unit column stride, scaled in place.
+        labels: [N] contiguous integer.
+        grad_loss: [N] any float dtype and stride (0 for an expanded scalar).
+        token_scale: one-element fp32 tensor, non-zero: the factor the rows already carry.
+        opts: the call's GEMOptions (only ignore_index is read).
+
+    Raises:
+        ValueError: a tensor of another shape, dtype or layout than above.
+    """
+    N, V = grad_logits.shape
+    if labels.shape != (N,) or (N > 1 and labels.stride(0) != 1):
+        raise ValueError(f"gem_scale_rows: labels must be contiguous of shape ({N},)")
+    if grad_logits.stride(1) != 1 and V > 1:
+        raise ValueError("gem_scale_rows: grad_logits must have unit column stride")
+    if grad_loss.shape != (N,):
+        raise ValueError(f"gem_scale_rows: grad_loss must have shape ({N},), got {tuple(grad_loss.shape)}")
+    if token_scale.numel() != 1 or token_scale.dtype != torch.float32:
+        raise ValueError("gem_scale_rows: token_scale must be a one-element fp32 tensor")
+    _gem_scale(grad_logits, labels, grad_loss, token_scale, opts.ignore_index)

@@ -1,8 +1,9 @@
-"""Chunked pure-PyTorch GEM: what CPU users run, and the same math as the Triton kernels.
+"""Pure-PyTorch GEM over blocks of rows: what CPU users run, and the same math as the Triton kernels.
 
-Rows are processed in blocks sized by ``chunk_policy.torch_block_rows`` (per device: 8 MiB fp32
+Rows are processed in row blocks sized by ``chunk_policy.torch_block_rows`` (per device: 8 MiB fp32
 temporaries on CPU, 64 MiB on CUDA, and at most an eighth of the input's bytes each), so the extra
-memory is a few blocks (never another [N, V] tensor beyond the gradient itself).
+memory is a few blocks (never another [N, V] tensor beyond the gradient itself). ("Row blocks" here;
+"chunks" are the fused lm_head path's chunks of valid tokens.)
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from typing import Optional, Tuple
 import torch
 
 from ..chunk_policy import torch_block_rows
-from ..options import (LOGSIGMOID_TEMPERATURE, P_AMAX, P_SCE, P_SENT, S_LOGS0, S_LSE, S_M, S_TY, S_YCOEF,
-                       GEMOptions)
+from ..options import (LOGSIGMOID_TEMPERATURE, P_AMAX, P_M, P_S0, P_S1, P_S2, P_SCE, P_SENT, P_TY, S_LOGS0, S_LSE,
+                       S_M, S_TY, S_YCOEF, GEMOptions)
 from .stats import finalize
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -38,12 +40,18 @@ def _chain(g: torch.Tensor, t: torch.Tensor, opts: GEMOptions) -> None:
         g.mul_(opts.logit_scale)
 
 
-def _label_logit(t: torch.Tensor, labels: torch.Tensor, opts: GEMOptions):
-    """(t_y [R] with 0 where the label is not in this tensor, column index [R], in-tensor mask [R])."""
-    V = t.shape[1]
+def label_columns(labels: torch.Tensor, opts: GEMOptions, V: int):
+    """Where each row's label sits among these V columns (global ids [opts.vocab_start,
+    opts.vocab_start + V)): (column [R] int, 0 where it is not here; inside [R] bool, False for
+    ignored rows and for labels of another vocabulary shard)."""
     local = labels - opts.vocab_start
     inside = (labels != opts.ignore_index) & (local >= 0) & (local < V)
-    col = torch.where(inside, local, torch.zeros_like(local))
+    return torch.where(inside, local, torch.zeros_like(local)), inside
+
+
+def _label_logit(t: torch.Tensor, labels: torch.Tensor, opts: GEMOptions):
+    """(t_y [R] with 0 where the label is not in this tensor, column index [R], in-tensor mask [R])."""
+    col, inside = label_columns(labels, opts, t.shape[1])
     ty = torch.where(inside, t.gather(1, col[:, None]).squeeze(1), torch.zeros((), dtype=t.dtype))
     return ty, col, inside
 
@@ -53,7 +61,7 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-def _chunk(z, labels, opts: GEMOptions, ty_given, grad_out: Optional[torch.Tensor]):
+def _row_block(z, labels, opts: GEMOptions, ty_given, grad_out: Optional[torch.Tensor]):
     """One block of rows. Returns partials [R, opts.num_partials], and writes the gradient into grad_out
     if given."""
     t = _transform(z, opts)
@@ -83,7 +91,7 @@ def _chunk(z, labels, opts: GEMOptions, ty_given, grad_out: Optional[torch.Tenso
         s2 = _rowdot(e, d.clamp(min=torch.finfo(d.dtype).min))
     s2 = s2 + (m1 - ty) * s1
     partials = torch.zeros(t.shape[0], opts.num_partials, dtype=t.dtype, device=t.device)
-    partials[:, 0], partials[:, 1], partials[:, 2], partials[:, 3], partials[:, 5] = m1, s0, s1, s2, ty
+    partials[:, P_M], partials[:, P_S0], partials[:, P_S1], partials[:, P_S2], partials[:, P_TY] = m1, s0, s1, s2, ty
     if opts.return_metrics:
         # One more block temporary, only when asked: the entropy needs exp(t - m) and t - m at once.
         ed = torch.exp(d)
@@ -119,7 +127,15 @@ def _row_blocks(N: int, V: int, elsize: int = 4, device: str = "cpu"):
         yield start, min(start + step, N)
 
 
-def gem_forward_chunked(
+def gem_partials(logits: torch.Tensor, labels: torch.Tensor, opts: GEMOptions,
+                 label_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-row partial sums [N, opts.num_partials] (options.P_*), the same shape of call as the
+    Triton launcher ``ops.gem_forward``: logits [N, V] (unit column stride), labels [N], and
+    ``label_logits`` [N] (t_y given: a vocabulary shard) or None."""
+    return gem_forward_row_blocks(logits, labels, opts, label_logits=label_logits)[0]
+
+
+def gem_forward_row_blocks(
     logits: torch.Tensor,
     labels: torch.Tensor,
     opts: GEMOptions,
@@ -158,17 +174,17 @@ def gem_forward_chunked(
             z, y = logits.index_select(0, sl), labels.index_select(0, sl)
         tyg = None if label_logits is None else label_logits[sl]
         if grad is not None and rows is None:
-            partials[sl] = _chunk(z, y, opts, tyg, grad[sl])
+            partials[sl] = _row_block(z, y, opts, tyg, grad[sl])
         elif grad is not None:
             buf = torch.empty(z.shape, dtype=grad.dtype, device=grad.device)
-            partials[sl] = _chunk(z, y, opts, tyg, buf)
+            partials[sl] = _row_block(z, y, opts, tyg, buf)
             grad.index_copy_(0, sl, buf)
         else:
-            partials[sl] = _chunk(z, y, opts, tyg, None)
+            partials[sl] = _row_block(z, y, opts, tyg, None)
     return partials, grad
 
 
-def gem_grad_chunked(
+def gem_grad_row_blocks(
     logits: torch.Tensor,
     labels: torch.Tensor,
     stats: torch.Tensor,

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ..options import (NUM_STATS, P_AMAX, P_M, P_S0, P_S1, P_S2, P_SCE, P_SENT, P_TY, X_ACC, X_CE,
-                       X_ENTROPY, GEMOptions)
+from ..options import (NUM_STATS, P_AMAX, P_M, P_S0, P_S1, P_S2, P_SCE, P_SENT, P_TY, S_LOGS0, S_LSE, S_M, S_TY,
+                       S_YCOEF, X_ACC, X_CE, X_ENTROPY, GEMOptions)
 
 
 def finalize(partials: torch.Tensor, valid: torch.Tensor, opts: GEMOptions, labels=None):
@@ -25,15 +25,15 @@ def finalize(partials: torch.Tensor, valid: torch.Tensor, opts: GEMOptions, labe
     s0_safe = torch.where(valid, s0, one)
     loss = torch.where(valid, s2 / s0_safe, zero)
     stats = torch.zeros(partials.shape[0], NUM_STATS, dtype=partials.dtype, device=partials.device)
-    stats[:, 0] = torch.where(valid, m, zero)
-    stats[:, 1] = torch.log(s0_safe)
-    stats[:, 2] = torch.where(valid, s1 / s0_safe, zero)
-    stats[:, 3] = torch.where(valid, ty, zero)
+    stats[:, S_M] = torch.where(valid, m, zero)
+    stats[:, S_LOGS0] = torch.log(s0_safe)
+    stats[:, S_YCOEF] = torch.where(valid, s1 / s0_safe, zero)
+    stats[:, S_TY] = torch.where(valid, ty, zero)
     extras = None
     if opts.need_lse:
         sce_safe = torch.where(valid, sce, one)
         lse = torch.where(valid, m + torch.log(sce_safe), zero)
-        stats[:, 4] = lse
+        stats[:, S_LSE] = lse
         if opts.z_loss_scale:
             loss = loss + opts.z_loss_scale * lse * lse
         if opts.num_extras:

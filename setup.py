@@ -17,7 +17,15 @@ setup(
         # deepspeed: the ZeRO-1/2/3 tests (tests/test_integrations_deepspeed.py). Its PyPI release is
         # an sdist that builds without torch (ops are compiled on first use), so installing it
         # never pulls a second torch into the build environment.
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.2", "numpy", "deepspeed>=0.19.8,<0.20"],
+        "dev": [
+            "pytest",
+            "pytest-benchmark",
+            "hypothesis",
+            "triton>=3.2",
+            "numpy",
+            "deepspeed>=0.19.8,<0.20",
+            "ruff>=0.6",
+        ],
         "deepspeed": ["deepspeed>=0.19.8,<0.20"],
         # peft: apply_gem on PEFT models (LoRA head refused, modules_to_save head fused; tested)
         "hf": ["transformers", "trl", "accelerate", "peft"],

@@ -11,6 +11,7 @@ the forward + backward wall time of eager and compiled calls (best of --repeats,
 interleaved). CPU code paths only: on a GPU the compiled Triton path is what matters, and it is
 not measured here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,10 +49,14 @@ def main(argv=None) -> int:
         "gem_loss(impl='torch')": (BY_NAME["gem-torch"].loss(shape), make_logits(shape, settings)),
         "fused_linear_gem_loss(impl='torch')": (BY_NAME["gem-fused-torch"].step(shape), make_inputs(shape, settings)),
     }
-    print(f"N={a.tokens} V={a.vocab} H={a.hidden} fp32, mean, 25% ignored, {torch.get_num_threads()} torch "
-          f"threads, torch {torch.__version__}, best of {a.repeats}")
-    print("| entry point | max abs diff loss / grads (compiled - eager) | first compiled call s | eager ms | "
-          "compiled ms | compiled / eager |")
+    print(
+        f"N={a.tokens} V={a.vocab} H={a.hidden} fp32, mean, 25% ignored, {torch.get_num_threads()} torch "
+        f"threads, torch {torch.__version__}, best of {a.repeats}"
+    )
+    print(
+        "| entry point | max abs diff loss / grads (compiled - eager) | first compiled call s | eager ms | "
+        "compiled ms | compiled / eager |"
+    )
     print("|---|---|---:|---:|---:|---:|")
     for name, (fn, inputs) in cases.items():
         torch._dynamo.reset()
@@ -68,8 +73,10 @@ def main(argv=None) -> int:
                 _step(f, inputs)
                 times[which].append(time.perf_counter() - t0)
         te, tc = min(times["eager"]) * 1e3, min(times["compiled"]) * 1e3
-        print(f"| `{name}` | {' / '.join(f'{d:.1e}' for d in diffs)} | {first:.1f} | {te:.1f} | {tc:.1f} | "
-              f"{tc / te:.2f} |")
+        print(
+            f"| `{name}` | {' / '.join(f'{d:.1e}' for d in diffs)} | {first:.1f} | {te:.1f} | {tc:.1f} | "
+            f"{tc / te:.2f} |"
+        )
     return 0
 
 

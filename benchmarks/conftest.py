@@ -3,6 +3,7 @@
 The Triton interpreter goes on before anything imports triton: gem_kernels imports its kernel
 modules on import even though this suite times only the CPU (non-Triton) paths.
 """
+
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"

@@ -12,6 +12,7 @@ per-block fp32 temporaries cover at most 1/8 of the input's bytes, or 2^16 eleme
 more, so this holds for it once N >= 8 and N * V >= 2^19.) The logits come from the main harness's
 input factory (benchmarks.runner.make_logits); no figure depends on their values.
 """
+
 from __future__ import annotations
 
 import os
@@ -83,10 +84,14 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     dtype = DTYPES[a.dtype]
     nv_bytes = a.tokens * a.vocab * torch.empty((), dtype=dtype).element_size()
-    print(f"N={a.tokens} V={a.vocab} {a.dtype}: one [N, V] tensor = {nv_bytes / 2**20:.1f} MiB; "
-          f"traffic budget {TRAFFIC_BUDGET} passes")
-    print("| impl | case | inplace_backward | traffic (passes over logits) | allocations >= N*V "
-          "| peak extra (x N*V bytes) |")
+    print(
+        f"N={a.tokens} V={a.vocab} {a.dtype}: one [N, V] tensor = {nv_bytes / 2**20:.1f} MiB; "
+        f"traffic budget {TRAFFIC_BUDGET} passes"
+    )
+    print(
+        "| impl | case | inplace_backward | traffic (passes over logits) | allocations >= N*V "
+        "| peak extra (x N*V bytes) |"
+    )
     print("|---|---|---|---|---|---|")
     ok = True
     for f in measure(a.tokens, a.vocab, dtype):

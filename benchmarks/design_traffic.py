@@ -10,6 +10,7 @@ GPU it is served from L2 while the rows in flight fit there, which only a GPU ru
 the last column (requested bytes less re-reads) is the DRAM traffic in that case. See docs/kernels.md.
 The logits come from the main harness's input factory (benchmarks.runner.make_logits).
 """
+
 from __future__ import annotations
 
 import os
@@ -64,12 +65,15 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     print(f"N={a.tokens} V={a.vocab} {a.dtype}; passes over the logits")
-    print("| call | forward read (of which re-read) | forward write | backward read | backward write "
-          "| requested | requested less re-reads |")
+    print(
+        "| call | forward read (of which re-read) | forward write | backward read | backward write "
+        "| requested | requested less re-reads |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for label, f, b, total, dram in measure(a.tokens, a.vocab, dtype):
-        print(f"| {label} | {f[0]:.3f} ({f[1]:.3f}) | {f[2]:.3f} | {b[0]:.3f} | {b[2]:.3f} | {total:.3f} "
-              f"| {dram:.3f} |")
+        print(
+            f"| {label} | {f[0]:.3f} ({f[1]:.3f}) | {f[2]:.3f} | {b[0]:.3f} | {b[2]:.3f} | {total:.3f} | {dram:.3f} |"
+        )
     return 0
 
 

@@ -15,6 +15,7 @@ is first run once at a tiny shape, so state a first call leaves behind stays out
 Interpreter timings are not kernel speed and are not reported (``--time`` times the providers that
 run no Triton kernel).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,10 +44,14 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--ignore-frac", type=float, default=0.5)
     ap.add_argument("--dtype", choices=DTYPES, default="float32")
-    ap.add_argument("--providers", default=DEFAULT_PROVIDERS,
-                    help="comma-separated provider names (python -m benchmarks --list)")
-    ap.add_argument("--time", action="store_true",
-                    help="also report the median CPU ms of forward + backward of the providers without Triton")
+    ap.add_argument(
+        "--providers", default=DEFAULT_PROVIDERS, help="comma-separated provider names (python -m benchmarks --list)"
+    )
+    ap.add_argument(
+        "--time",
+        action="store_true",
+        help="also report the median CPU ms of forward + backward of the providers without Triton",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as python -m benchmarks)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
@@ -67,11 +72,15 @@ def main(argv=None):
     n_valid = shape.valid
     item = torch.empty((), dtype=dtype).element_size()
     six = 6 * n_valid * args.hidden * args.vocab
-    print(f"tokens={args.tokens} valid={n_valid} H={args.hidden} V={args.vocab} dtype={args.dtype}; "
-          f"a [tokens, V] tensor would be {args.tokens * args.vocab * item / 2**20:.1f} MiB; "
-          f"6*valid*H*V = {six:,}")
-    print(f"{'provider':24s} {'peak MiB':>10s} {'largest MiB':>12s} {'matmul GFLOP':>13s} "
-          f"{'flops/(6 valid H V)':>20s}" + (f" {'fwd+bwd ms':>11s}" if args.time else ""))
+    print(
+        f"tokens={args.tokens} valid={n_valid} H={args.hidden} V={args.vocab} dtype={args.dtype}; "
+        f"a [tokens, V] tensor would be {args.tokens * args.vocab * item / 2**20:.1f} MiB; "
+        f"6*valid*H*V = {six:,}"
+    )
+    print(
+        f"{'provider':24s} {'peak MiB':>10s} {'largest MiB':>12s} {'matmul GFLOP':>13s} "
+        f"{'flops/(6 valid H V)':>20s}" + (f" {'fwd+bwd ms':>11s}" if args.time else "")
+    )
     rows = []
     for p in chosen:
         r = measure(p, shape, settings, timing=args.time)
@@ -83,8 +92,10 @@ def main(argv=None):
         counted = f"{flops / 1e9:13.3f} {flops / six:20.4f}" if flops is not None else f"{'-':>13s} {'-':>20s}"
         ms = r["time_ms_p50"]
         timed = (f" {ms:11.1f}" if ms is not None else f" {'-':>11s}") if args.time else ""
-        print(f"{p.name:24s} {r['peak_bytes'] / 2**20:10.2f} {r['largest_alloc_bytes'] / 2**20:12.2f} "
-              f"{counted}{timed}", flush=True)
+        print(
+            f"{p.name:24s} {r['peak_bytes'] / 2**20:10.2f} {r['largest_alloc_bytes'] / 2**20:12.2f} {counted}{timed}",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "n_valid": n_valid, "results": rows}, f, indent=1)

@@ -17,6 +17,7 @@ Used by the fused-linear tests and the benchmark scripts; the API (``peak_memory
   Out-of-place and ``out=`` variants (``mm``, ``addmm``, ``bmm``, ``baddbmm``) are already counted.
   Work done inside Triton kernels is invisible to it by design.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,8 +60,10 @@ class MemoryReport:
         return sum(1 for n in self.alloc_sizes if n >= nbytes)
 
     def mib(self) -> str:
-        return (f"peak {self.peak_bytes / 2**20:.2f} MiB, largest allocation "
-                f"{self.largest_alloc_bytes / 2**20:.2f} MiB ({self.num_allocs} allocations)")
+        return (
+            f"peak {self.peak_bytes / 2**20:.2f} MiB, largest allocation "
+            f"{self.largest_alloc_bytes / 2**20:.2f} MiB ({self.num_allocs} allocations)"
+        )
 
 
 def _replay(sizes: List[int]):

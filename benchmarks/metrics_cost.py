@@ -15,6 +15,7 @@ Three measurements, each with the statistics off and on, in the same run:
   at most 5% more time with the statistics on.
 Interpreter timings are never reported: the interpreter's speed says nothing about a GPU's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,7 @@ def _traffic_rows() -> list:
     for metrics in (False, True):
         x = z.clone().requires_grad_()
 
-        def step():
+        def step(x=x, metrics=metrics):
             out = gem_loss(x, y, impl="triton", return_metrics=metrics)
             (out[0] if isinstance(out, tuple) else out).backward()
 
@@ -64,8 +65,11 @@ def traffic_table() -> str:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     rows = json.loads(out.stdout.strip().splitlines()[-1])
     n, v = TRAFFIC_SHAPE
-    lines = [f"traffic, Triton forward + backward (interpreter byte count), bf16 logits [{n}, {v}]:",
-             "| return_metrics | loaded bytes | stored bytes | passes over the logits |", "|---|---:|---:|---:|"]
+    lines = [
+        f"traffic, Triton forward + backward (interpreter byte count), bf16 logits [{n}, {v}]:",
+        "| return_metrics | loaded bytes | stored bytes | passes over the logits |",
+        "|---|---:|---:|---:|",
+    ]
     for metrics, loaded, stored, passes in rows:
         lines.append(f"| {metrics} | {loaded:,} | {stored:,} | {passes:.5f} |")
     extra = (rows[1][1] + rows[1][2]) - (rows[0][1] + rows[0][2])
@@ -75,8 +79,11 @@ def traffic_table() -> str:
 
 # (label, gem_loss options): the default call, the CE alone (what the trainers logged before), and
 # the three statistics.
-TIME_CASES = (("default", {}), ("return_ce=True", {"return_ce": True}),
-              ("return_metrics=True", {"return_metrics": True}))
+TIME_CASES = (
+    ("default", {}),
+    ("return_ce=True", {"return_ce": True}),
+    ("return_metrics=True", {"return_metrics": True}),
+)
 
 
 def _step(z, y, options):
@@ -96,9 +103,12 @@ def torch_time_table(tokens: int, vocab: int, repeats: int) -> str:
             _step(x, y, options)
             times[label].append(time.perf_counter() - t0)
     best = {label: min(ts[1:]) for label, ts in times.items()}
-    lines = [f"CPU wall time, impl='torch', forward + backward, fp32 [{tokens}, {vocab}], "
-             f"{torch.get_num_threads()} torch threads, best of {repeats}, calls interleaved:",
-             "| call | ms | x default |", "|---|---:|---:|"]
+    lines = [
+        f"CPU wall time, impl='torch', forward + backward, fp32 [{tokens}, {vocab}], "
+        f"{torch.get_num_threads()} torch threads, best of {repeats}, calls interleaved:",
+        "| call | ms | x default |",
+        "|---|---:|---:|",
+    ]
     for label, _ in TIME_CASES:
         lines.append(f"| {label} | {best[label] * 1e3:.1f} | {best[label] / best['default']:.3f} |")
     return "\n".join(lines)
@@ -112,24 +122,30 @@ def gpu_time_table(tokens: int, vocab: int) -> str:
     from gem_kernels import gem_loss
 
     z, y = _logits(tokens, vocab, torch.bfloat16, device="cuda")
-    lines = [f"GPU time ({torch.cuda.get_device_name()}), impl='triton', bf16 [{tokens}, {vocab}], "
-             "triton.testing.do_bench median ms:", "| return_metrics | forward | forward + backward |",
-             "|---|---:|---:|"]
+    lines = [
+        f"GPU time ({torch.cuda.get_device_name()}), impl='triton', bf16 [{tokens}, {vocab}], "
+        "triton.testing.do_bench median ms:",
+        "| return_metrics | forward | forward + backward |",
+        "|---|---:|---:|",
+    ]
     res = {}
     for metrics in (False, True):
-        def fwd():
+
+        def fwd(metrics=metrics):
             with torch.no_grad():
                 gem_loss(z, y, impl="triton", return_metrics=metrics)
 
-        def fwd_bwd():
+        def fwd_bwd(metrics=metrics):
             x = z.detach().requires_grad_()
             out = gem_loss(x, y, impl="triton", return_metrics=metrics)
             (out[0] if isinstance(out, tuple) else out).backward()
 
         res[metrics] = (triton.testing.do_bench(fwd), triton.testing.do_bench(fwd_bwd))
         lines.append(f"| {metrics} | {res[metrics][0]:.3f} | {res[metrics][1]:.3f} |")
-    lines.append(f"extra time with the statistics: forward {res[True][0] / res[False][0] - 1:+.1%}, "
-                 f"forward + backward {res[True][1] / res[False][1] - 1:+.1%} (target <= +5%)")
+    lines.append(
+        f"extra time with the statistics: forward {res[True][0] / res[False][0] - 1:+.1%}, "
+        f"forward + backward {res[True][1] / res[False][1] - 1:+.1%} (target <= +5%)"
+    )
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ Each child replays every kernel several times, so this takes minutes per provide
 
     python -m benchmarks --ncu --models llama3 --tokens 8192 --providers gem-triton,liger-ce
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,11 +55,32 @@ def measure(provider: str, shape, table: str, dtype: str, timeout_s: int = 1800)
         return None, "ncu not found on PATH", []
     cap = shape.softcap or 0
     spec = f"{shape.tokens},{shape.vocab},{shape.hidden},{cap},{shape.ignore_frac}"
-    cmd = [exe, "--csv", "--print-units", "base", "--profile-from-start", "off", "--metrics", ",".join(METRICS),
-           sys.executable, "-m", "benchmarks.ncu", "--child", provider, spec, table, dtype]
+    cmd = [
+        exe,
+        "--csv",
+        "--print-units",
+        "base",
+        "--profile-from-start",
+        "off",
+        "--metrics",
+        ",".join(METRICS),
+        sys.executable,
+        "-m",
+        "benchmarks.ncu",
+        "--child",
+        provider,
+        spec,
+        table,
+        dtype,
+    ]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        out = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
     except subprocess.TimeoutExpired:
         return None, f"ncu timed out after {timeout_s} s", []
     kernels = parse_csv(out.stdout)

@@ -24,6 +24,7 @@ Cross-entropy rows compute plain CE. A shape's softcap is applied by every provi
 ``bytes_model`` gives each Triton provider's global-memory bytes per phase as a function of the
 shape (see roofline.py, where each figure comes from); it is what a GPU run reports as logical bytes.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -103,8 +104,10 @@ def _gem(impl: str, inplace: bool = False, h: str = "linear"):
     def build(shape: Shape):
         from gem_kernels import gem_loss
 
-        return lambda logits, labels: gem_loss(logits, labels, beta=BETA, h=h, softcap=shape.softcap, impl=impl,
-                                               inplace_backward=inplace)
+        return lambda logits, labels: gem_loss(
+            logits, labels, beta=BETA, h=h, softcap=shape.softcap, impl=impl, inplace_backward=inplace
+        )
+
     return build
 
 
@@ -113,6 +116,7 @@ def _gem_reference(h: str = "linear"):
         from gem_kernels.reference import gem_loss_reference
 
         return lambda logits, labels: gem_loss_reference(logits, labels, beta=BETA, h=h, softcap=shape.softcap)
+
     return build
 
 
@@ -120,8 +124,10 @@ def _gem_fused(impl: str, h: str = "linear", **extra):
     def build(shape: Shape):
         from gem_kernels import fused_linear_gem_loss
 
-        return lambda hidden, weight, labels: fused_linear_gem_loss(hidden, weight, labels, beta=BETA, h=h,
-                                                                    softcap=shape.softcap, impl=impl, **extra)
+        return lambda hidden, weight, labels: fused_linear_gem_loss(
+            hidden, weight, labels, beta=BETA, h=h, softcap=shape.softcap, impl=impl, **extra
+        )
+
     return build
 
 
@@ -167,7 +173,9 @@ def _liger_flce(accum_dtype: Optional[torch.dtype] = None):
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
         return lambda hidden, weight, labels: liger_fused_linear_cross_entropy(
-            hidden, weight, labels, softcap=shape.softcap, accum_dtype=accum_dtype)
+            hidden, weight, labels, softcap=shape.softcap, accum_dtype=accum_dtype
+        )
+
     return build
 
 
@@ -190,8 +198,9 @@ def _trl(shape: Shape):
 
     def step(hidden, weight, labels):
         mask = labels != -100
-        log_probs = ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask], 1.0, chunk,
-                                                 shape.softcap, 1.0, ("log_probs",))[0]
+        log_probs = ChunkedLogProbFunction.apply(
+            hidden[mask], weight, None, labels[mask], 1.0, chunk, shape.softcap, 1.0, ("log_probs",)
+        )[0]
         return -log_probs.sum() / mask.sum().clamp(min=1)
 
     return step
@@ -201,17 +210,58 @@ def _gem_providers(h: str) -> List[Provider]:
     suffix, what = ("", "GEM h=linear") if h == "linear" else ("-logsigmoid", "GEM h=logsigmoid")
     req = ("gem_kernels", "triton")
     return [
-        Provider(f"gem-triton{suffix}", f"{what}, gem_kernels Triton kernels (gem_loss impl='triton')", "logits",
-                 True, _gem("triton", h=h), req, computes="gem", h=h, bytes_model="gem-triton"),
-        Provider(f"gem-torch{suffix}", f"{what}, gem_kernels chunked PyTorch path (impl='torch')", "logits", False,
-                 _gem("torch", h=h), ("gem_kernels",), computes="gem", h=h),
-        Provider(f"gem-fused{suffix}", f"{what} fused with the lm_head (fused_linear_gem_loss impl='triton')",
-                 "fused", True, _gem_fused("triton", h=h), ("gem_kernels:fused_linear_gem_loss", "triton"),
-                 computes="gem", h=h, bytes_model="gem-fused"),
-        Provider(f"gem-fused-torch{suffix}", f"{what} fused with the lm_head, PyTorch path (impl='torch')", "fused",
-                 False, _gem_fused("torch", h=h), ("gem_kernels:fused_linear_gem_loss",), computes="gem", h=h),
-        Provider(f"gem-reference{suffix}", f"{what}, the authors' formula fully materialised (gem_loss_reference)",
-                 "logits", False, _gem_reference(h), ("gem_kernels.reference",), computes="gem", h=h),
+        Provider(
+            f"gem-triton{suffix}",
+            f"{what}, gem_kernels Triton kernels (gem_loss impl='triton')",
+            "logits",
+            True,
+            _gem("triton", h=h),
+            req,
+            computes="gem",
+            h=h,
+            bytes_model="gem-triton",
+        ),
+        Provider(
+            f"gem-torch{suffix}",
+            f"{what}, gem_kernels chunked PyTorch path (impl='torch')",
+            "logits",
+            False,
+            _gem("torch", h=h),
+            ("gem_kernels",),
+            computes="gem",
+            h=h,
+        ),
+        Provider(
+            f"gem-fused{suffix}",
+            f"{what} fused with the lm_head (fused_linear_gem_loss impl='triton')",
+            "fused",
+            True,
+            _gem_fused("triton", h=h),
+            ("gem_kernels:fused_linear_gem_loss", "triton"),
+            computes="gem",
+            h=h,
+            bytes_model="gem-fused",
+        ),
+        Provider(
+            f"gem-fused-torch{suffix}",
+            f"{what} fused with the lm_head, PyTorch path (impl='torch')",
+            "fused",
+            False,
+            _gem_fused("torch", h=h),
+            ("gem_kernels:fused_linear_gem_loss",),
+            computes="gem",
+            h=h,
+        ),
+        Provider(
+            f"gem-reference{suffix}",
+            f"{what}, the authors' formula fully materialised (gem_loss_reference)",
+            "logits",
+            False,
+            _gem_reference(h),
+            ("gem_kernels.reference",),
+            computes="gem",
+            h=h,
+        ),
     ]
 
 
@@ -219,49 +269,131 @@ _LINEAR, _LOGSIGMOID = _gem_providers("linear"), _gem_providers("logsigmoid")
 
 PROVIDERS: List[Provider] = [
     _LINEAR[0],
-    Provider("gem-triton-inplace", "GEM h=linear, Triton, gradient written over the logits (inplace_backward=True)",
-             "logits", True, _gem("triton", inplace=True), ("gem_kernels", "triton"), computes="gem", h="linear",
-             bytes_model="gem-triton"),
+    Provider(
+        "gem-triton-inplace",
+        "GEM h=linear, Triton, gradient written over the logits (inplace_backward=True)",
+        "logits",
+        True,
+        _gem("triton", inplace=True),
+        ("gem_kernels", "triton"),
+        computes="gem",
+        h="linear",
+        bytes_model="gem-triton",
+    ),
     _LINEAR[1],
-    Provider("gem-torch-inplace", "GEM h=linear, chunked PyTorch path, inplace_backward=True (the gradient is "
-             "recomputed per row block in backward, over the logits)", "logits", False,
-             _gem("torch", inplace=True), ("gem_kernels",), computes="gem", h="linear"),
+    Provider(
+        "gem-torch-inplace",
+        "GEM h=linear, chunked PyTorch path, inplace_backward=True (the gradient is "
+        "recomputed per row block in backward, over the logits)",
+        "logits",
+        False,
+        _gem("torch", inplace=True),
+        ("gem_kernels",),
+        computes="gem",
+        h="linear",
+    ),
     *_LINEAR[2:],
-    Provider("gem-fused-lowmem", "GEM h=linear fused, low_memory=True: d weight per vocabulary slice "
-             "(8 x T x H x V FLOPs, no [V, H] buffer besides the gradient)", "fused", True,
-             _gem_fused("triton", low_memory=True), ("gem_kernels:fused_linear_gem_loss", "triton"),
-             computes="gem", h="linear"),
-    Provider("gem-fused-torch-lowmem", "GEM h=linear fused, PyTorch path (impl='torch'), low_memory=True",
-             "fused", False, _gem_fused("torch", low_memory=True), ("gem_kernels:fused_linear_gem_loss",),
-             computes="gem", h="linear"),
-    *[Provider(f"gem-fused-chunk{c}", f"GEM h=linear fused (impl='triton') with chunk_size={c}", "fused", True,
-               _gem_fused("triton", chunk_size=c), ("gem_kernels:fused_linear_gem_loss", "triton"),
-               gpu_only="a chunk-size sweep: a GPU timing question", computes="gem", h="linear",
-               bytes_model="gem-fused")
-      for c in FUSED_CHUNK_SWEEP],
+    Provider(
+        "gem-fused-lowmem",
+        "GEM h=linear fused, low_memory=True: d weight per vocabulary slice "
+        "(8 x T x H x V FLOPs, no [V, H] buffer besides the gradient)",
+        "fused",
+        True,
+        _gem_fused("triton", low_memory=True),
+        ("gem_kernels:fused_linear_gem_loss", "triton"),
+        computes="gem",
+        h="linear",
+    ),
+    Provider(
+        "gem-fused-torch-lowmem",
+        "GEM h=linear fused, PyTorch path (impl='torch'), low_memory=True",
+        "fused",
+        False,
+        _gem_fused("torch", low_memory=True),
+        ("gem_kernels:fused_linear_gem_loss",),
+        computes="gem",
+        h="linear",
+    ),
+    *[
+        Provider(
+            f"gem-fused-chunk{c}",
+            f"GEM h=linear fused (impl='triton') with chunk_size={c}",
+            "fused",
+            True,
+            _gem_fused("triton", chunk_size=c),
+            ("gem_kernels:fused_linear_gem_loss", "triton"),
+            gpu_only="a chunk-size sweep: a GPU timing question",
+            computes="gem",
+            h="linear",
+            bytes_model="gem-fused",
+        )
+        for c in FUSED_CHUNK_SWEEP
+    ],
     *_LOGSIGMOID,
     Provider("torch-ce", "CE, torch F.cross_entropy on logits.float(), eager", "logits", False, _torch_ce),
     # kind "fused" only because the compiled step takes hidden and weight (matmul inside); in the
     # loss table it is the CE on given logits, compiled on its own.
-    Provider("torch-ce-compile", "CE, the torch-ce step (matmul included) under torch.compile", "fused", False,
-             _torch_ce_compiled, count_flops=False, build_loss=_torch_ce_compiled_loss,
-             gpu_only="torch.compile's CPU build time would dominate this run"),
-    Provider("liger-ce", "CE, Liger-Kernel cross_entropy (Triton)", "logits", True, _liger_ce,
-             ("liger_kernel.transformers.functional", "triton"), softcap_needs_gpu=True, bytes_model="liger-ce"),
-    Provider("liger-flce", "CE fused with the lm_head, Liger-Kernel fused_linear_cross_entropy", "fused", True,
-             _liger_flce(), ("liger_kernel.transformers.functional", "triton"), softcap_needs_gpu=True,
-             bytes_model="liger-ce"),
-    Provider("liger-flce-fp32-accum", "liger-flce with accum_dtype=float32 (d weight accumulated in fp32, as "
-             "gem-fused does; the default accumulates in the input dtype)", "fused", True,
-             _liger_flce(torch.float32), ("liger_kernel.transformers.functional", "triton"),
-             softcap_needs_gpu=True, bytes_model="liger-ce"),
-    Provider("cce", "CE fused with the lm_head, Cut Cross-Entropy linear_cross_entropy (Triton)", "fused", True,
-             _cce, ("cut_cross_entropy", "triton"),
-             gpu_only="its Triton kernels fail under the Triton interpreter (InterpreterError)"),
-    Provider("trl-fused", "CE fused with the lm_head, TRL's fused LM head (SFTTrainer's default loss; "
-             "trl.kernels.ChunkedLogProbFunction)", "fused", False, _trl, ("trl.kernels:ChunkedLogProbFunction",),
-             bytes_model="trl-fused",
-             cpu_note="on a CPU TRL folds its tiles with torch ops instead of its Triton kernel (as TRL itself does)"),
+    Provider(
+        "torch-ce-compile",
+        "CE, the torch-ce step (matmul included) under torch.compile",
+        "fused",
+        False,
+        _torch_ce_compiled,
+        count_flops=False,
+        build_loss=_torch_ce_compiled_loss,
+        gpu_only="torch.compile's CPU build time would dominate this run",
+    ),
+    Provider(
+        "liger-ce",
+        "CE, Liger-Kernel cross_entropy (Triton)",
+        "logits",
+        True,
+        _liger_ce,
+        ("liger_kernel.transformers.functional", "triton"),
+        softcap_needs_gpu=True,
+        bytes_model="liger-ce",
+    ),
+    Provider(
+        "liger-flce",
+        "CE fused with the lm_head, Liger-Kernel fused_linear_cross_entropy",
+        "fused",
+        True,
+        _liger_flce(),
+        ("liger_kernel.transformers.functional", "triton"),
+        softcap_needs_gpu=True,
+        bytes_model="liger-ce",
+    ),
+    Provider(
+        "liger-flce-fp32-accum",
+        "liger-flce with accum_dtype=float32 (d weight accumulated in fp32, as "
+        "gem-fused does; the default accumulates in the input dtype)",
+        "fused",
+        True,
+        _liger_flce(torch.float32),
+        ("liger_kernel.transformers.functional", "triton"),
+        softcap_needs_gpu=True,
+        bytes_model="liger-ce",
+    ),
+    Provider(
+        "cce",
+        "CE fused with the lm_head, Cut Cross-Entropy linear_cross_entropy (Triton)",
+        "fused",
+        True,
+        _cce,
+        ("cut_cross_entropy", "triton"),
+        gpu_only="its Triton kernels fail under the Triton interpreter (InterpreterError)",
+    ),
+    Provider(
+        "trl-fused",
+        "CE fused with the lm_head, TRL's fused LM head (SFTTrainer's default loss; "
+        "trl.kernels.ChunkedLogProbFunction)",
+        "fused",
+        False,
+        _trl,
+        ("trl.kernels:ChunkedLogProbFunction",),
+        bytes_model="trl-fused",
+        cpu_note="on a CPU TRL folds its tiles with torch ops instead of its Triton kernel (as TRL itself does)",
+    ),
 ]
 BY_NAME: Dict[str, Provider] = {p.name: p for p in PROVIDERS}
 

@@ -1,4 +1,5 @@
 """Outputs of a benchmark run: Markdown tables (stdout), a CSV with the machine, and PNG plots."""
+
 from __future__ import annotations
 
 import csv
@@ -121,40 +122,58 @@ def _counted(r: Dict, device: str, logits_bytes: int) -> str:
         return _bytes(r["ncu_dram_bytes"], logits_bytes) + " ncu DRAM"
     if r["traffic_bytes"] is not None:
         return _bytes(r["traffic_bytes"], logits_bytes)
-    return "n/a (no Triton kernels)" if r["traffic_note"] == "n/a (no Triton kernels)" else (
-        "n/a (interpreter off; --ncu reads DRAM bytes)" if device == "cuda" else "n/a")
+    return (
+        "n/a (no Triton kernels)"
+        if r["traffic_note"] == "n/a (no Triton kernels)"
+        else ("n/a (interpreter off; --ncu reads DRAM bytes)" if device == "cuda" else "n/a")
+    )
 
 
-LOSS_HEAD = ("| provider | h | peak fwd+bwd MiB | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd x fastest CE "
-             "| logical bytes fwd+bwd | counted bytes fwd+bwd | GB/s | of copy bandwidth |")
-STEP_HEAD = ("| provider | kind | h | peak fwd MiB | peak bwd MiB | peak fwd+bwd MiB | fwd ms | bwd ms | fwd+bwd ms "
-             "| fwd+bwd x fastest CE | of matmul floor | GFLOP fwd+bwd | Triton logical bytes fwd+bwd "
-             "| counted bytes fwd+bwd |")
+LOSS_HEAD = (
+    "| provider | h | peak fwd+bwd MiB | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd x fastest CE "
+    "| logical bytes fwd+bwd | counted bytes fwd+bwd | GB/s | of copy bandwidth |"
+)
+STEP_HEAD = (
+    "| provider | kind | h | peak fwd MiB | peak bwd MiB | peak fwd+bwd MiB | fwd ms | bwd ms | fwd+bwd ms "
+    "| fwd+bwd x fastest CE | of matmul floor | GFLOP fwd+bwd | Triton logical bytes fwd+bwd "
+    "| counted bytes fwd+bwd |"
+)
 
 
 def _row(table: str, name: str, f: Dict, b: Dict, fb: Dict, device: str, logits_bytes: int) -> str:
     counted = _counted(fb, device, logits_bytes)
     if table == "loss":
         gbps = "" if fb["achieved_bytes_per_s"] is None else f"{fb['achieved_bytes_per_s'] / 1e9:.0f}"
-        return (f"| {name} | {fb['h'] or '-'} | {_mib(fb['peak_bytes'])} | {_time(f)} | {_time(b)} | {_time(fb)} "
-                f"| {_x(fb)} | {_bytes(fb['model_bytes'], logits_bytes)} | {counted} | {gbps} "
-                f"| {_pct(fb['copy_fraction'])} |")
+        return (
+            f"| {name} | {fb['h'] or '-'} | {_mib(fb['peak_bytes'])} | {_time(f)} | {_time(b)} | {_time(fb)} "
+            f"| {_x(fb)} | {_bytes(fb['model_bytes'], logits_bytes)} | {counted} | {gbps} "
+            f"| {_pct(fb['copy_fraction'])} |"
+        )
     gflop = f"{fb['matmul_flops'] / 1e9:.3f}" if fb["matmul_flops"] is not None else ""
-    return (f"| {name} | {fb['kind']} | {fb['h'] or '-'} | {_mib(f['peak_bytes'])} | {_mib(b['peak_bytes'])} "
-            f"| {_mib(fb['peak_bytes'])} | {_time(f)} | {_time(b)} | {_time(fb)} | {_x(fb)} "
-            f"| {_pct(fb['floor_fraction'])} | {gflop} | {_bytes(fb['model_bytes'], logits_bytes)} | {counted} |")
+    return (
+        f"| {name} | {fb['kind']} | {fb['h'] or '-'} | {_mib(f['peak_bytes'])} | {_mib(b['peak_bytes'])} "
+        f"| {_mib(fb['peak_bytes'])} | {_time(f)} | {_time(b)} | {_time(fb)} | {_x(fb)} "
+        f"| {_pct(fb['floor_fraction'])} | {gflop} | {_bytes(fb['model_bytes'], logits_bytes)} | {counted} |"
+    )
 
 
 def header(meta: Dict[str, str], calib_text: str = "") -> List[str]:
-    hw = meta["gpu"] if meta["device"] == "cuda" else (f"{meta['cpu']} ({meta['cpu_cores']} cores, "
-                                                        f"{meta.get('torch_threads', '?')} torch thread(s))")
+    hw = (
+        meta["gpu"]
+        if meta["device"] == "cuda"
+        else (f"{meta['cpu']} ({meta['cpu_cores']} cores, {meta.get('torch_threads', '?')} torch thread(s))")
+    )
     interp = meta["triton_interpret"] not in ("", "0")
-    lines = [f"# GEM / cross-entropy benchmark ({meta['date_utc']} UTC)", "",
-             f"{hw}; torch {meta['torch']}, triton {meta['triton']}, gem_kernels {meta['gem_kernels']}, "
-             f"liger-kernel {meta['liger_kernel']}, cut-cross-entropy {meta['cut_cross_entropy']}, "
-             f"trl {meta.get('trl', '?')}"
-             + ("; Triton kernels in the interpreter (TRITON_INTERPRET=1): not timed" if interp else ""),
-             f"Command: `{meta['command']}`", ""]
+    lines = [
+        f"# GEM / cross-entropy benchmark ({meta['date_utc']} UTC)",
+        "",
+        f"{hw}; torch {meta['torch']}, triton {meta['triton']}, gem_kernels {meta['gem_kernels']}, "
+        f"liger-kernel {meta['liger_kernel']}, cut-cross-entropy {meta['cut_cross_entropy']}, "
+        f"trl {meta.get('trl', '?')}"
+        + ("; Triton kernels in the interpreter (TRITON_INTERPRET=1): not timed" if interp else ""),
+        f"Command: `{meta['command']}`",
+        "",
+    ]
     if calib_text:
         lines += [f"Measured in this run: {calib_text}.", ""]
     lines += [
@@ -169,12 +188,14 @@ def header(meta: Dict[str, str], calib_text: str = "") -> List[str]:
         "bytes / time; of copy bandwidth = that over the copy bandwidth above. Of matmul floor = the time "
         "of 6 x valid tokens x H x V FLOPs at this shape's matmul rate above, over the time. GFLOP = matmul "
         "FLOPs seen by PyTorch (not those inside Triton kernels).",
-        ""]
+        "",
+    ]
     return lines
 
 
-def markdown(records: Sequence[Dict], meta: Dict[str, str], calib_text: str = "",
-             rates: Optional[Dict[str, float]] = None) -> str:
+def markdown(
+    records: Sequence[Dict], meta: Dict[str, str], calib_text: str = "", rates: Optional[Dict[str, float]] = None
+) -> str:
     """Per shape: the loss-on-logits table, then the lm_head step table; a row per provider."""
     lines = header(meta, calib_text)
     shapes = list(dict.fromkeys(_shape_key(r) for r in records))
@@ -183,20 +204,30 @@ def markdown(records: Sequence[Dict], meta: Dict[str, str], calib_text: str = ""
         rows = [r for r in records if _shape_key(r) == key]
         first = rows[0]
         cap = f", softcap {first['softcap']}" if first["softcap"] != "" else ""
-        masked = (f", {first['tokens'] - first['valid_tokens']} of {first['tokens']} labels ignored"
-                  if first["valid_tokens"] != first["tokens"] else "")
+        masked = (
+            f", {first['tokens'] - first['valid_tokens']} of {first['tokens']} labels ignored"
+            if first["valid_tokens"] != first["tokens"]
+            else ""
+        )
         element = torch.empty((), dtype=getattr(torch, first["dtype"])).element_size()
         logits_bytes = first["tokens"] * first["vocab"] * element
-        lines += [f"## {first['model']}: T={first['tokens']}, V={first['vocab']}, H={first['hidden']}{cap}{masked}, "
-                  f"{first['dtype']} (logits [T, V] = {logits_bytes / MIB:.1f} MiB)", ""]
+        lines += [
+            f"## {first['model']}: T={first['tokens']}, V={first['vocab']}, H={first['hidden']}{cap}{masked}, "
+            f"{first['dtype']} (logits [T, V] = {logits_bytes / MIB:.1f} MiB)",
+            "",
+        ]
         if rates and key in rates:
             lines += [f"Matmul rate of this shape's lm_head product: {rates[key] / 1e12:.1f} TFLOP/s.", ""]
         for table in ("loss", "step"):
             trows = [r for r in rows if r.get("table", "step") == table]
             if not trows:
                 continue
-            lines += [f"### {titles[table]}", "", LOSS_HEAD if table == "loss" else STEP_HEAD,
-                      "|" + "---|" + "---:|" * ((LOSS_HEAD if table == "loss" else STEP_HEAD).count("|") - 2)]
+            lines += [
+                f"### {titles[table]}",
+                "",
+                LOSS_HEAD if table == "loss" else STEP_HEAD,
+                "|" + "---|" + "---:|" * ((LOSS_HEAD if table == "loss" else STEP_HEAD).count("|") - 2),
+            ]
             notes = []
             for name in dict.fromkeys(r["provider"] for r in trows):
                 by_phase = {r["phase"]: r for r in trows if r["provider"] == name}
@@ -220,8 +251,11 @@ def _series(records: Sequence[Dict], vary: str, fixed: str):
     ``fixed`` and differ in ``vary`` (e.g. vary vocab at one token count).
 
     Returns (the fixed value, {provider: [(x, MiB)]}, {provider: [(x, why missing)]}, {x: model name})."""
-    rows = [r for r in records if r["phase"] == "forward+backward" and r.get("table", "step") == "step"
-            and not r.get("ignore_frac")]
+    rows = [
+        r
+        for r in records
+        if r["phase"] == "forward+backward" and r.get("table", "step") == "step" and not r.get("ignore_frac")
+    ]
     groups: Dict = {}
     for r in rows:
         groups.setdefault(r[fixed], set()).add(r[vary])
@@ -269,13 +303,16 @@ def plots(records: Sequence[Dict], meta: Dict[str, str], outdir: str) -> List[st
     hw = meta["gpu"] if meta["device"] == "cuda" else f"CPU ({meta['cpu_cores']} cores)"
     dtype = records[0]["dtype"] if records else ""
     records = [r for r in records if not r["provider"].endswith("-logsigmoid")]
-    for vary, fixed, fname, xlabel in (("vocab", "tokens", "memory_vs_vocab.png", "vocabulary size V"),
-                                       ("tokens", "vocab", "memory_vs_tokens.png", "tokens T")):
+    for vary, fixed, fname, xlabel in (
+        ("vocab", "tokens", "memory_vs_vocab.png", "vocabulary size V"),
+        ("tokens", "vocab", "memory_vs_tokens.png", "tokens T"),
+    ):
         best, series, missing, models = _series(records, vary, fixed)
         xs_all = sorted(models)
         if len(xs_all) < 2:
-            print(f"{fname} skipped: the run has a single {xlabel} (run the default grid for the sweep)",
-                  file=sys.stderr)
+            print(
+                f"{fname} skipped: the run has a single {xlabel} (run the default grid for the sweep)", file=sys.stderr
+            )
             continue
         fig, ax = plt.subplots(figsize=(10, 5.6))
         kinds = {r["provider"]: r["kind"] for r in records}
@@ -285,8 +322,12 @@ def plots(records: Sequence[Dict], meta: Dict[str, str], outdir: str) -> List[st
             have = dict(pts)  # a missing x breaks the line (NaN) instead of bridging it
             ys = [have.get(x, float("nan")) for x in xs_all]
             twin = next((n for n, p in drawn if _same(pts, p)), None)
-            style = dict(marker=markers[i % len(markers)], linestyle="--" if kinds[name] == "fused" else "-",
-                         label=name + (f" (same as {twin})" if twin else ""), alpha=0.9)
+            style = dict(
+                marker=markers[i % len(markers)],
+                linestyle="--" if kinds[name] == "fused" else "-",
+                label=name + (f" (same as {twin})" if twin else ""),
+                alpha=0.9,
+            )
             if twin:  # drawn wider and hollow beneath the line it coincides with
                 style.update(linewidth=5, markersize=12, markerfacecolor="none", alpha=0.45, zorder=1)
             ax.plot(xs_all, ys, **style)
@@ -295,20 +336,42 @@ def plots(records: Sequence[Dict], meta: Dict[str, str], outdir: str) -> List[st
         foot = []
         axis_y = ax.get_xaxis_transform()  # x in data, y in axes fractions: marks sit on the x axis
         for name, gaps in missing.items():
-            ax.plot([x for x, _ in gaps], [0.0] * len(gaps), marker="x", color="red", markersize=8,
-                    linestyle="none", transform=axis_y, clip_on=False)
+            ax.plot(
+                [x for x, _ in gaps],
+                [0.0] * len(gaps),
+                marker="x",
+                color="red",
+                markersize=8,
+                linestyle="none",
+                transform=axis_y,
+                clip_on=False,
+            )
             where = ", ".join(str(x) for x, _ in gaps)
             foot.append(f"{name} at {vary} = {where} ({gaps[0][1][:110]})")
         if vary == "vocab":
             for x in xs_all:
-                ax.annotate(models[x], (x, 1.0), xycoords=axis_y, textcoords="offset points", xytext=(0, 3),
-                            ha="center", fontsize=7, color="dimgray")
+                ax.annotate(
+                    models[x],
+                    (x, 1.0),
+                    xycoords=axis_y,
+                    textcoords="offset points",
+                    xytext=(0, 3),
+                    ha="center",
+                    fontsize=7,
+                    color="dimgray",
+                )
         ax.set_xlabel(xlabel)
         ax.set_ylabel("peak memory, forward+backward (MiB, log scale)")
-        what = (f"models at T = {best}: H and softcap change with the model" if vary == "vocab"
-                else f"{models[xs_all[0]]}, V = {best}")
-        ax.set_title(f"Peak memory of the lm_head step vs {xlabel}; GEM rows h=linear\n({what}; {hw}, {dtype})",
-                     fontsize=9, pad=14)
+        what = (
+            f"models at T = {best}: H and softcap change with the model"
+            if vary == "vocab"
+            else f"{models[xs_all[0]]}, V = {best}"
+        )
+        ax.set_title(
+            f"Peak memory of the lm_head step vs {xlabel}; GEM rows h=linear\n({what}; {hw}, {dtype})",
+            fontsize=9,
+            pad=14,
+        )
         ax.grid(True, alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         wrapped = []

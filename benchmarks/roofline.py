@@ -34,8 +34,10 @@ shape's lm_head product ``hidden @ weight.T`` in the run's dtype. The loss table
 time against the copy bandwidth; the step table reports the matmul floor, 6 x Tv x H x V FLOPs (the
 lm_head's forward and both backward products over valid tokens) at that rate, against the time.
 """
+
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence
@@ -62,7 +64,10 @@ def _trl_fused(T, Tv, V, e):
 
 
 BYTES_MODELS: Dict[str, Callable] = {
-    "gem-triton": _gem_triton, "gem-fused": _gem_fused, "liger-ce": _liger_ce, "trl-fused": _trl_fused,
+    "gem-triton": _gem_triton,
+    "gem-fused": _gem_fused,
+    "liger-ce": _liger_ce,
+    "trl-fused": _trl_fused,
 }
 BYTES_SOURCES = {
     "gem-triton": "design (counted under the interpreter)",
@@ -88,8 +93,10 @@ class Calibration:
     matmul_flops_per_s: Dict[str, float] = field(default_factory=dict)  # per shape label
 
     def describe(self) -> str:
-        return (f"copy bandwidth {self.copy_bytes_per_s / 1e9:.1f} GB/s (read + write of a "
-                f"{self.copy_buffer_bytes / 2**20:.0f} MiB buffer, {self.device})")
+        return (
+            f"copy bandwidth {self.copy_bytes_per_s / 1e9:.1f} GB/s (read + write of a "
+            f"{self.copy_buffer_bytes / 2**20:.0f} MiB buffer, {self.device})"
+        )
 
 
 def _time_ms(fn: Callable, device: str) -> float:
@@ -112,7 +119,7 @@ def copy_bandwidth(device: str) -> Calibration:
     nbytes = 2**30 if device == "cuda" else 2**26
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), device)
+    ms = _time_ms(functools.partial(dst.copy_, src), device)
     del src, dst
     return Calibration(device, 2 * nbytes / (ms / 1e3), nbytes)
 
@@ -124,7 +131,7 @@ def matmul_rate(calib: Calibration, shapes: Sequence, dtype: torch.dtype) -> Non
             continue
         a = torch.randn(s.tokens, s.hidden, device=calib.device).to(dtype)
         b = torch.randn(s.vocab, s.hidden, device=calib.device).to(dtype)
-        ms = _time_ms(lambda: a @ b.t(), calib.device)
+        ms = _time_ms(functools.partial(torch.matmul, a, b.t()), calib.device)
         calib.matmul_flops_per_s[s.label] = 2 * s.tokens * s.hidden * s.vocab / (ms / 1e3)
         del a, b
 

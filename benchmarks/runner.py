@@ -9,6 +9,7 @@ two (see ``combine``). Timings are separate repeated runs. In the loss table, in
 given logits, so their repeated timed calls run on overwritten values; no kernel's work depends on
 the values.
 """
+
 from __future__ import annotations
 
 import gc
@@ -21,8 +22,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .measure import count_flops, peak_memory, quiet_fd2
-from .roofline import BYTES_SOURCES, model_bytes
 from .providers import Provider
+from .roofline import BYTES_SOURCES, model_bytes
 from .shapes import Shape
 from .traffic import count_traffic, interpreter_active
 
@@ -50,11 +51,11 @@ def make_inputs(shape: Shape, settings: Settings):
     g = torch.Generator(device=settings.device).manual_seed(settings.seed)
     kw = dict(device=settings.device, generator=g)
     hidden = torch.randn(shape.tokens, shape.hidden, **kw).to(settings.dtype).requires_grad_()
-    weight = (torch.randn(shape.vocab, shape.hidden, **kw) * (2.0 / math.sqrt(shape.hidden)))
+    weight = torch.randn(shape.vocab, shape.hidden, **kw) * (2.0 / math.sqrt(shape.hidden))
     weight = weight.to(settings.dtype).requires_grad_()
     labels = torch.randint(0, shape.vocab, (shape.tokens,), **kw)
     if shape.ignored:
-        labels[torch.randperm(shape.tokens, **kw)[:shape.ignored]] = -100
+        labels[torch.randperm(shape.tokens, **kw)[: shape.ignored]] = -100
     return hidden, weight, labels
 
 
@@ -103,6 +104,7 @@ def instrumented(fn: Callable, settings: Settings, traffic: bool, flops: bool = 
     def with_flops():
         def inner():
             box["result"] = fn()
+
         if flops:
             box["flops"] = count_flops(inner)
         else:
@@ -136,6 +138,7 @@ def combine(fwd: Dict, bwd: Dict) -> Dict:
     two run as one call is max(peak_fwd, end_fwd + peak_bwd) exactly; bytes and FLOPs add up.
     (tests/test_benchmarks_smoke.py checks this against a direct measurement.)
     """
+
     def add(key):
         a, b = fwd[key], bwd[key]
         return None if a is None or b is None else a + b
@@ -164,6 +167,7 @@ def time_calls(fn: Callable, settings: Settings, grads: List[torch.Tensor], setu
     loop: on CPU up to ``cpu_reps`` perf_counter timings within ``cpu_budget_s`` (at least 3);
     on GPU 20 CUDA-event timings after 3 warm-up calls.
     """
+
     def reset():
         for g in grads:
             g.grad = None
@@ -219,17 +223,46 @@ def _separate_flops(step: Callable, args):
 
 def _base_record(provider: Provider, shape: Shape, settings: Settings, phase: str, table: str) -> Dict:
     return {
-        "table": table, "provider": provider.name, "kind": provider.kind, "h": provider.h,
-        "computes": provider.computes, "shape": shape.label, "model": shape.model, "tokens": shape.tokens,
-        "valid_tokens": shape.valid, "ignore_frac": shape.ignore_frac,
-        "vocab": shape.vocab, "hidden": shape.hidden, "softcap": shape.softcap or "",
-        "dtype": str(settings.dtype).replace("torch.", ""), "device": settings.device, "phase": phase,
-        "status": "ok", "note": "", "peak_bytes": None, "largest_alloc_bytes": None,
-        "time_ms_p20": None, "time_ms_p50": None, "time_ms_p80": None, "time_note": "",
-        "loaded_bytes": None, "stored_bytes": None, "traffic_bytes": None, "traffic_bytes_per_token": None,
-        "logits_passes": None, "traffic_note": "", "matmul_flops": None, "loss": None,
-        "model_bytes": None, "bytes_source": "", "achieved_bytes_per_s": None, "copy_fraction": None,
-        "matmul_floor_ms": None, "floor_fraction": None, "x_fastest_ce": None, "fastest_ce": "",
+        "table": table,
+        "provider": provider.name,
+        "kind": provider.kind,
+        "h": provider.h,
+        "computes": provider.computes,
+        "shape": shape.label,
+        "model": shape.model,
+        "tokens": shape.tokens,
+        "valid_tokens": shape.valid,
+        "ignore_frac": shape.ignore_frac,
+        "vocab": shape.vocab,
+        "hidden": shape.hidden,
+        "softcap": shape.softcap or "",
+        "dtype": str(settings.dtype).replace("torch.", ""),
+        "device": settings.device,
+        "phase": phase,
+        "status": "ok",
+        "note": "",
+        "peak_bytes": None,
+        "largest_alloc_bytes": None,
+        "time_ms_p20": None,
+        "time_ms_p50": None,
+        "time_ms_p80": None,
+        "time_note": "",
+        "loaded_bytes": None,
+        "stored_bytes": None,
+        "traffic_bytes": None,
+        "traffic_bytes_per_token": None,
+        "logits_passes": None,
+        "traffic_note": "",
+        "matmul_flops": None,
+        "loss": None,
+        "model_bytes": None,
+        "bytes_source": "",
+        "achieved_bytes_per_s": None,
+        "copy_fraction": None,
+        "matmul_floor_ms": None,
+        "floor_fraction": None,
+        "x_fastest_ce": None,
+        "fastest_ce": "",
         "ncu_dram_bytes": None,
     }
 
@@ -282,7 +315,7 @@ def run(provider: Provider, shape: Shape, settings: Settings, timing: bool = Tru
         nested_flops = provider.count_flops and settings.device != "cuda"
         fwd = instrumented(lambda: step(*args), settings, traffic, nested_flops)
         loss = fwd.pop("result")
-        bwd = instrumented(lambda: loss.backward(), settings, traffic, nested_flops)
+        bwd = instrumented(loss.backward, settings, traffic, nested_flops)
         bwd.pop("result")
         loss_value = float(loss.detach().float())
         del loss
@@ -302,8 +335,7 @@ def run(provider: Provider, shape: Shape, settings: Settings, timing: bool = Tru
         grads = leaves
         try:  # a failure here (e.g. OOM from timing's repeated calls) keeps the memory figures
             times["forward"] = time_calls(lambda _: step(*args), settings, grads)
-            times["backward"] = time_calls(lambda loss: loss.backward(), settings, grads,
-                                           setup=lambda: step(*args))
+            times["backward"] = time_calls(lambda loss: loss.backward(), settings, grads, setup=lambda: step(*args))
             times["forward+backward"] = time_calls(lambda _: step(*args).backward(), settings, grads)
         except Exception as exc:
             time_failure = ("OOM while timing: " if _is_oom(exc) else "timing failed: ") + _describe(exc)
@@ -321,8 +353,13 @@ def run(provider: Provider, shape: Shape, settings: Settings, timing: bool = Tru
             r["model_bytes"], r["bytes_source"] = modelled[r["phase"]], BYTES_SOURCES[provider.bytes_model]
         if m["loaded_bytes"] is not None:
             total = m["loaded_bytes"] + m["stored_bytes"]
-            r.update(loaded_bytes=m["loaded_bytes"], stored_bytes=m["stored_bytes"], traffic_bytes=total,
-                     traffic_bytes_per_token=total / shape.tokens, logits_passes=total / logits_bytes)
+            r.update(
+                loaded_bytes=m["loaded_bytes"],
+                stored_bytes=m["stored_bytes"],
+                traffic_bytes=total,
+                traffic_bytes_per_token=total / shape.tokens,
+                logits_passes=total / logits_bytes,
+            )
         elif provider.triton:
             r["traffic_note"] = "n/a (needs the interpreter: run with --device cpu)"
         else:

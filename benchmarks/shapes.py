@@ -5,6 +5,7 @@ computes the loss of T tokens from hidden [T, H] and an lm_head weight [V, H] (s
 what each row includes); a masked shape sets round(ignore_frac * T) labels to -100, as SFT does for
 prompt tokens.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,8 +67,14 @@ def scaled(model: Model, scale: int) -> Model:
     return Model(f"{model.name}/{scale}", model.vocab // scale, model.hidden // scale, model.softcap)
 
 
-def grid(device: str, *, which: str = "default", models: Optional[Sequence[str]] = None,
-         tokens: Optional[Sequence[int]] = None, masked: bool = True) -> List[Shape]:
+def grid(
+    device: str,
+    *,
+    which: str = "default",
+    models: Optional[Sequence[str]] = None,
+    tokens: Optional[Sequence[int]] = None,
+    masked: bool = True,
+) -> List[Shape]:
     """The shapes to run.
 
     ``which="default"``: every model at the middle token count, plus a token sweep of the first

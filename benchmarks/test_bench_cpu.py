@@ -4,6 +4,7 @@ Only providers that run no Triton kernel are timed (Triton kernels run in the in
 CPU, whose speed says nothing about the kernels). Shape: the largest Llama-3 shape of the CPU grid
 (every dimension of the GPU shape divided by 128); the step is the one python -m benchmarks measures.
 """
+
 import pytest
 import torch
 

@@ -11,6 +11,7 @@ interleaved so all see the same machine) and peak extra memory (allocations trac
 torch.profiler, in units of N*V*4 bytes).
 Targets: GEM time <= 1.25 x CE time, GEM peak extra <= 1.25 x N*V*4.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -17,6 +17,7 @@ GEM gradient-in-forward kernel) has its second read counted there. On a GPU such
 served from L2 when the program's working set is still resident, so ``loaded_bytes - reread_bytes``
 is the DRAM read traffic when it is; whether it is can only be measured on the GPU.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -190,8 +191,10 @@ def count_traffic(fn, *args, **kwargs) -> TrafficReport:
     instrumented and the count would silently be 0.
     """
     if not interpreter_active():
-        raise RuntimeError("count_traffic needs the Triton interpreter: set TRITON_INTERPRET=1 before "
-                           "importing triton or any kernel module")
+        raise RuntimeError(
+            "count_traffic needs the Triton interpreter: set TRITON_INTERPRET=1 before "
+            "importing triton or any kernel module"
+        )
     _install()
     report = TrafficReport()
     with _LOCK:

@@ -10,6 +10,7 @@ runs one unmeasured step first (DeepSpeed records its module trace then), then o
 with ``benchmarks.measure.peak_memory``. Printed by rank 0: peak memory above the step's start and
 the largest single allocation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,17 +37,27 @@ def main():
 
     deepspeed.init_distributed(dist_backend="gloo" if args.device == "cpu" else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
-    config = {"train_micro_batch_size_per_gpu": args.rows, "gradient_accumulation_steps": 1,
-              "train_batch_size": args.rows * world, "zero_allow_untested_optimizer": True,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-              "steps_per_print": 10 ** 9}
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = {
+        "train_micro_batch_size_per_gpu": args.rows,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": args.rows * world,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "steps_per_print": 10**9,
+    }
+    cfg = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     hf_ds = HfDeepSpeedConfig(config)  # noqa: F841 (from_config builds under zero.Init while it lives)
     model = AutoModelForCausalLM.from_config(cfg)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-                                      config=config)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), config=config)
     engine.train()
     dev = engine.device
     g = torch.Generator().manual_seed(rank)
@@ -74,9 +85,11 @@ def main():
         engine.step()
     if rank == 0:
         n = args.rows * args.seq
-        print(f"ZeRO-3, {world} processes, per process: {args.rows} x {args.seq} tokens, V = {args.vocab}, "
-              f"H = {args.hidden}; head weight {args.vocab * args.hidden * 4 / 2**20:.2f} MiB fp32, logits "
-              f"[{n}, {args.vocab}] {n * args.vocab * 4 / 2**20:.2f} MiB fp32")
+        print(
+            f"ZeRO-3, {world} processes, per process: {args.rows} x {args.seq} tokens, V = {args.vocab}, "
+            f"H = {args.hidden}; head weight {args.vocab * args.hidden * 4 / 2**20:.2f} MiB fp32, logits "
+            f"[{n}, {args.vocab}] {n * args.vocab * 4 / 2**20:.2f} MiB fp32"
+        )
         print("| path | peak memory of the step (rank 0) | largest single allocation |")
         print("|---|---|---|")
         for name, r in results.items():

@@ -16,6 +16,7 @@ many elements of the head's weight this process holds at each point: the full [V
 held only inside the head's call in the forward and between the start of backward and the end of
 the head's backward.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,10 @@ def trace_head(head, log):
     def note(where):
         log.append((where, w.numel()))
 
-    handles = [head.register_forward_pre_hook(lambda m, a: note("head forward starts (after DeepSpeed's fetch)")),
-               head.register_forward_hook(lambda m, a, o: note("head forward returned (after DeepSpeed's release)"))]
+    handles = [
+        head.register_forward_pre_hook(lambda m, a: note("head forward starts (after DeepSpeed's fetch)")),
+        head.register_forward_hook(lambda m, a, o: note("head forward returned (after DeepSpeed's release)")),
+    ]
 
     def on_input(module, args):  # the hidden states, as DeepSpeed's pre-forward hook passed them on
         if args[0].requires_grad:
@@ -78,20 +81,33 @@ def main():
     zero = {"stage": args.stage, "stage3_param_persistence_threshold": 0}  # release even small weights
     if args.offload:
         zero["offload_param"] = {"device": "cpu"}
-    config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": args.accum,
-              "train_batch_size": micro * args.accum * world, "zero_optimization": zero,
-              "bf16": {"enabled": args.bf16}, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
+    config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": args.accum,
+        "train_batch_size": micro * args.accum * world,
+        "zero_optimization": zero,
+        "bf16": {"enabled": args.bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
 
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     # While an HfDeepSpeedConfig of a ZeRO-3 config is alive, transformers builds models under
     # deepspeed.zero.Init (from_pretrained too): each process only ever holds its shards.
     hf_ds = HfDeepSpeedConfig(config)
     model = AutoModelForCausalLM.from_config(cfg)
     apply_gem(model, beta=0.7, return_ce=True)  # the one GEM line
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
-                                      config=config)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), config=config)
     engine.train()
     del hf_ds
 
@@ -103,10 +119,11 @@ def main():
         # loss by the target tokens of the whole step; engine.backward divides by the accumulation
         # steps and the processes' gradients are averaged, so multiply both back.
         total = int((shift_causal_labels(batch["labels"]) != -100).sum())
-        gem = torch.zeros(()); ce = torch.zeros(())
+        gem = torch.zeros(())
+        ce = torch.zeros(())
         for a in range(args.accum):
             first = (a * world + rank) * micro
-            local = {k: v[first:first + micro] for k, v in batch.items()}
+            local = {k: v[first : first + micro] for k, v in batch.items()}
             out = engine(**local, num_items_in_batch=total)
             engine.backward(out.loss * world * args.accum)
             if trace:
@@ -114,13 +131,16 @@ def main():
                 for h in handles:
                     h.remove()
                 if rank == 0:
-                    print(f"lm_head.weight [{cfg.vocab_size}, {cfg.hidden_size}]: elements of the full weight held by "
-                          f"rank 0 in the first micro-batch (0: only its own shard)")
+                    print(
+                        f"lm_head.weight [{cfg.vocab_size}, {cfg.hidden_size}]: elements of the full weight held by "
+                        f"rank 0 in the first micro-batch (0: only its own shard)"
+                    )
                     for where, n in trace:
                         print(f"  {n:>6}  {where}")
                 trace = []
             engine.step()
-            gem += out.loss.detach().float(); ce += out.ce.detach().float()
+            gem += out.loss.detach().float()
+            ce += out.ce.detach().float()
         both = torch.stack([gem, ce])
         dist.all_reduce(both)
         if rank == 0:

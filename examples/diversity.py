@@ -35,6 +35,7 @@ distribution exactly would have first-token entropy H(0.6, 0.25, 0.1, 0.05) = 1.
 deterministic second token, so 0.52 nats per answer token, and would show sum_i 1 - (1 - p_i)^n
 distinct answers in n samples.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,8 +112,7 @@ def category_of(prompt: Sequence[int]) -> int:
     return int(prompt[1]) - CAT0
 
 
-def make_train_set(task: Task, num_per_category: int, shares: Sequence[float], g: torch.Generator,
-                   exclude=frozenset()):
+def make_train_set(task: Task, num_per_category: int, shares: Sequence[float], g: torch.Generator, exclude=frozenset()):
     """Training examples with the answers in exactly the given proportions per category, on fresh
     prompts (none in ``exclude``). Labels are -100 on the prompt (only the answer is trained on, as
     in SFT) and aligned with input_ids; the causal shift is the model's / loss integration's job."""
@@ -122,7 +122,7 @@ def make_train_set(task: Task, num_per_category: int, shares: Sequence[float], g
     examples = []
     for c in range(NUM_CATEGORIES):
         answers = [a for a, k in zip(task.valid[c], counts) for _ in range(k)]
-        for prompt, answer in zip(prompts[c * num_per_category:(c + 1) * num_per_category], answers):
+        for prompt, answer in zip(prompts[c * num_per_category : (c + 1) * num_per_category], answers):
             ids = torch.tensor(prompt + answer)
             labels = ids.clone()
             labels[:PROMPT_LEN] = -100
@@ -136,10 +136,20 @@ def make_train_set(task: Task, num_per_category: int, shares: Sequence[float], g
 def make_model(seed: int, state_dict=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16,
-                         pad_token_id=PAD, bos_token_id=BOS, eos_token_id=None, tie_word_embeddings=False,
-                         attn_implementation="eager")
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=16,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=None,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     torch.manual_seed(seed)  # identical initial weights for every loss
     model = LlamaForCausalLM(config)
     if state_dict is not None:
@@ -169,17 +179,21 @@ def diversity_metrics(model, task: Task, prompts: List[tuple], num_samples: int,
         ok = [tuple(a) for a in samples if task.is_valid(c, tuple(a))]
         valid_count += len(ok)
         distinct += len(set(ok))
-    return {"entropy": torch.stack(entropies).mean().item(),
-            "distinct": distinct / len(prompts),
-            "accuracy": valid_count / (len(prompts) * num_samples)}
+    return {
+        "entropy": torch.stack(entropies).mean().item(),
+        "distinct": distinct / len(prompts),
+        "accuracy": valid_count / (len(prompts) * num_samples),
+    }
 
 
 def data_reference(num_samples: int) -> Dict[str, float]:
     """The metrics of a model that reproduces the training distribution exactly (expected values)."""
     h = -sum(s * math.log(s) for s in TRAIN_SHARES)
-    return {"entropy": h / ANSWER_LEN,
-            "distinct": sum(1 - (1 - s) ** num_samples for s in TRAIN_SHARES),
-            "accuracy": 1.0}
+    return {
+        "entropy": h / ANSWER_LEN,
+        "distinct": sum(1 - (1 - s) ** num_samples for s in TRAIN_SHARES),
+        "accuracy": 1.0,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,13 +214,35 @@ class Setting:
 
 
 SETTINGS = {
-    "full": Setting(steps=600, eval_every=50, train_per_category=40, heldout_per_category=16, samples=32,
-                    pretrain_steps=300, pretrain_per_category=256, betas=(0.7, 0.5)),
-    "quick": Setting(steps=200, eval_every=25, train_per_category=40, heldout_per_category=8, samples=16,
-                     pretrain_steps=300, pretrain_per_category=256),
+    "full": Setting(
+        steps=600,
+        eval_every=50,
+        train_per_category=40,
+        heldout_per_category=16,
+        samples=32,
+        pretrain_steps=300,
+        pretrain_per_category=256,
+        betas=(0.7, 0.5),
+    ),
+    "quick": Setting(
+        steps=200,
+        eval_every=25,
+        train_per_category=40,
+        heldout_per_category=8,
+        samples=16,
+        pretrain_steps=300,
+        pretrain_per_category=256,
+    ),
     # for the test suite only: exercises every code path, says nothing about the science
-    "smoke": Setting(steps=6, eval_every=3, train_per_category=8, heldout_per_category=2, samples=4,
-                     pretrain_steps=3, pretrain_per_category=8),
+    "smoke": Setting(
+        steps=6,
+        eval_every=3,
+        train_per_category=8,
+        heldout_per_category=2,
+        samples=4,
+        pretrain_steps=3,
+        pretrain_per_category=8,
+    ),
 }
 
 
@@ -252,19 +288,46 @@ def gem_trainer(beta: float):
     return gem_hf.GEMTrainer, {"gem_options": {"beta": beta, "h": "linear", "impl": "torch"}}, "GEMTrainer"
 
 
-def _train(model, trainer_cls, extra: dict, train_set, steps: int, setting: Setting, seed: int, workdir: str,
-           callbacks=(), log_every: Optional[int] = None):
+def _train(
+    model,
+    trainer_cls,
+    extra: dict,
+    train_set,
+    steps: int,
+    setting: Setting,
+    seed: int,
+    workdir: str,
+    callbacks=(),
+    log_every: Optional[int] = None,
+):
     from transformers import PrinterCallback, TrainingArguments, default_data_collator
 
     logging = dict(logging_strategy="steps", logging_steps=log_every) if log_every else dict(logging_strategy="no")
     args = TrainingArguments(
-        output_dir=workdir, per_device_train_batch_size=setting.batch_size, max_steps=steps,
-        learning_rate=setting.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=min(20, steps // 10),
-        weight_decay=0.0, seed=seed, data_seed=seed, use_cpu=True, save_strategy="no", report_to=[],
-        disable_tqdm=True, dataloader_num_workers=0, **logging,
+        output_dir=workdir,
+        per_device_train_batch_size=setting.batch_size,
+        max_steps=steps,
+        learning_rate=setting.lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(20, steps // 10),
+        weight_decay=0.0,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=True,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **logging,
     )
-    trainer = trainer_cls(model=model, args=args, train_dataset=train_set, data_collator=default_data_collator,
-                          callbacks=list(callbacks), **extra)
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        data_collator=default_data_collator,
+        callbacks=list(callbacks),
+        **extra,
+    )
     trainer.remove_callback(PrinterCallback)  # keep stdout for the table
     trainer.train()
 
@@ -283,8 +346,9 @@ def pretrain(task: Task, setting: Setting, seed: int, exclude, workdir: str):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, prompts
 
 
-def finetune(loss: str, beta: Optional[float], base, task, train_set, heldout, setting: Setting, seed: int,
-             workdir: str) -> History:
+def finetune(
+    loss: str, beta: Optional[float], base, task, train_set, heldout, setting: Setting, seed: int, workdir: str
+) -> History:
     from transformers import Trainer
 
     history = History("CE" if loss == "ce" else f"GEM beta={beta:g}")
@@ -293,16 +357,23 @@ def finetune(loss: str, beta: Optional[float], base, task, train_set, heldout, s
     else:
         trainer_cls, extra, history.path = gem_trainer(beta)
     t0 = time.perf_counter()
-    _train(make_model(seed, base), trainer_cls, extra, train_set, setting.steps, setting, seed,
-           os.path.join(workdir, history.label.replace(" ", "_").replace("=", "")),
-           callbacks=[_make_callback(history, task, heldout, setting, seed + 1)],
-           log_every=setting.eval_every if loss != "ce" else None)
+    _train(
+        make_model(seed, base),
+        trainer_cls,
+        extra,
+        train_set,
+        setting.steps,
+        setting,
+        seed,
+        os.path.join(workdir, history.label.replace(" ", "_").replace("=", "")),
+        callbacks=[_make_callback(history, task, heldout, setting, seed + 1)],
+        log_every=setting.eval_every if loss != "ce" else None,
+    )
     history.seconds = time.perf_counter() - t0
     return history
 
 
-def run(mode: str = "full", seed: int = 0, betas: Optional[Sequence[float]] = None,
-        from_scratch: bool = False) -> Dict:
+def run(mode: str = "full", seed: int = 0, betas: Optional[Sequence[float]] = None, from_scratch: bool = False) -> Dict:
     """Run the experiment; returns {"setting", "reference", "histories", "pretrain_seconds"}."""
     from transformers import enable_full_determinism
 
@@ -321,15 +392,23 @@ def run(mode: str = "full", seed: int = 0, betas: Optional[Sequence[float]] = No
             base, _ = pretrain(task, setting, seed, frozenset(train_prompts) | frozenset(heldout), workdir)
         pretrain_seconds = time.perf_counter() - t0
         histories = [finetune(loss, b, base, task, train_set, heldout, setting, seed, workdir) for loss, b in runs]
-    return {"setting": setting, "reference": data_reference(setting.samples), "histories": histories,
-            "pretrain_seconds": pretrain_seconds, "from_scratch": from_scratch}
+    return {
+        "setting": setting,
+        "reference": data_reference(setting.samples),
+        "histories": histories,
+        "pretrain_seconds": pretrain_seconds,
+        "from_scratch": from_scratch,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------------
-METRICS = (("entropy", "entropy (nats / answer token)"), ("distinct", "distinct valid answers / prompt"),
-           ("accuracy", "accuracy (share valid)"))
+METRICS = (
+    ("entropy", "entropy (nats / answer token)"),
+    ("distinct", "distinct valid answers / prompt"),
+    ("accuracy", "accuracy (share valid)"),
+)
 
 
 def table(result: Dict) -> str:
@@ -339,8 +418,9 @@ def table(result: Dict) -> str:
         train = {step: ent for step, ent, _ in h.train}
         for step, m in zip(h.steps, h.metrics):
             th = f"{train[step]:>10.3f}" if step in train else f"{'':>10}"
-            lines.append(f"{h.label:<14}{step:>6}{m['entropy']:>10.3f}{m['distinct']:>10.2f}{m['accuracy']:>10.3f}"
-                         + th)
+            lines.append(
+                f"{h.label:<14}{step:>6}{m['entropy']:>10.3f}{m['distinct']:>10.2f}{m['accuracy']:>10.3f}" + th
+            )
         lines.append("")
     lines.append("summary: mean over the checkpoints of the second half of fine-tuning")
     for h in result["histories"]:
@@ -348,10 +428,13 @@ def table(result: Dict) -> str:
         mean = {k: sum(m[k] for m in late) / len(late) for k, _ in METRICS}
         late_train = [ent for step, ent, _ in h.train if step > setting.steps / 2]
         th = f"{sum(late_train) / len(late_train):>10.3f}" if late_train else ""
-        lines.append(f"{h.label:<14}{'late':>6}{mean['entropy']:>10.3f}{mean['distinct']:>10.2f}"
-                     f"{mean['accuracy']:>10.3f}" + th)
-    lines.append(f"{'data':<14}{'':>6}{ref['entropy']:>10.3f}{ref['distinct']:>10.2f}{ref['accuracy']:>10.3f}"
-                 f"   (a model reproducing the training distribution; n = {setting.samples})")
+        lines.append(
+            f"{h.label:<14}{'late':>6}{mean['entropy']:>10.3f}{mean['distinct']:>10.2f}{mean['accuracy']:>10.3f}" + th
+        )
+    lines.append(
+        f"{'data':<14}{'':>6}{ref['entropy']:>10.3f}{ref['distinct']:>10.2f}{ref['accuracy']:>10.3f}"
+        f"   (a model reproducing the training distribution; n = {setting.samples})"
+    )
     return "\n".join(lines)
 
 
@@ -364,10 +447,15 @@ def plot(result: Dict, path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for ax, (key, title) in zip(axes, METRICS):
         for h in result["histories"]:
-            line, = ax.plot(h.steps, [m[key] for m in h.metrics], marker="o", markersize=3, label=h.label)
+            (line,) = ax.plot(h.steps, [m[key] for m in h.metrics], marker="o", markersize=3, label=h.label)
             if key == "entropy" and h.train:  # the trainer's logged training entropy, same colour
-                ax.plot([t[0] for t in h.train], [t[1] for t in h.train], linestyle=":", color=line.get_color(),
-                        label=f"{h.label} (training log)")
+                ax.plot(
+                    [t[0] for t in h.train],
+                    [t[1] for t in h.train],
+                    linestyle=":",
+                    color=line.get_color(),
+                    label=f"{h.label} (training log)",
+                )
         ax.axhline(result["reference"][key], color="gray", linestyle="--", linewidth=1, label="training data")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step")
@@ -377,8 +465,11 @@ def plot(result: Dict, path: str) -> None:
     axes[2].set_ylim(max(0.0, min(0.8, lowest - 0.05)), 1.02)  # zoom in when every run is accurate
     axes[0].legend(fontsize=8)
     s = result["setting"]
-    fig.suptitle(f"held-out prompts, {s.samples} samples each; unbalanced training answers "
-                 f"{'/'.join(f'{x:.0%}' for x in TRAIN_SHARES)}", fontsize=10)
+    fig.suptitle(
+        f"held-out prompts, {s.samples} samples each; unbalanced training answers "
+        f"{'/'.join(f'{x:.0%}' for x in TRAIN_SHARES)}",
+        fontsize=10,
+    )
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -400,11 +491,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     mode.add_argument("--smoke", action="store_true", help="a few steps, for the test suite")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--betas", type=float, nargs="+", default=None, help="GEM betas (default: per mode)")
-    p.add_argument("--from-scratch", action="store_true",
-                   help="fine-tune a randomly initialised model instead of the balanced-CE base model")
-    p.add_argument("--out", default=None,
-                   help=f"where to write the plot (PNG; default {os.path.relpath(RESULTS)}/diversity-<mode>.png, "
-                        f"gitignored, so a run never writes into the repository root or over docs/img)")
+    p.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="fine-tune a randomly initialised model instead of the balanced-CE base model",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"where to write the plot (PNG; default {os.path.relpath(RESULTS)}/diversity-<mode>.png, "
+        f"gitignored, so a run never writes into the repository root or over docs/img)",
+    )
     a = p.parse_args(argv)
     mode_name = "smoke" if a.smoke else "quick" if a.quick else "full"
     a.out = output_path(a.out, mode_name)

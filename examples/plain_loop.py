@@ -15,6 +15,7 @@ target tokens in the whole accumulated batch (``num_items_in_batch``), so the ac
 is exactly that of one big batch. With several processes that count is summed over processes and
 the loss multiplied by the number of processes, because DDP averages gradients.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,16 @@ def main():
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(config)
     apply_gem(model, beta=args.beta, return_ce=True)  # the one GEM line
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -108,11 +117,14 @@ def main():
         batch = {k: v.to(device) for k, v in next(random_batches(1, 2, args.seq, config.vocab_size, seed=99)).items()}
         out = unwrapped(**batch)
         prompt = batch["input_ids"][:1, :8]
-        generated = unwrapped.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
-                                       do_sample=False)
+        generated = unwrapped.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False
+        )
     if rank == 0:
-        print(f"eval: gem {out.loss.item():.4f}, logits {tuple(out.logits.shape)}; "
-              f"generated {generated.shape[1] - prompt.shape[1]} tokens")
+        print(
+            f"eval: gem {out.loss.item():.4f}, logits {tuple(out.logits.shape)}; "
+            f"generated {generated.shape[1] - prompt.shape[1]} tokens"
+        )
 
 
 class _null:

@@ -10,6 +10,7 @@ gets the same loss and the gradient of its own slice. The fused path does the sa
 states and the weight slice without materialising logits. Rank 0 then checks both against a
 single-process computation on the full vocabulary.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,10 @@ def main() -> None:
     fused.backward()
     for r in range(world):  # print in rank order
         if r == rank:
-            print(f"[rank {rank}] vocab [{start}, {stop}): loss {loss.item():.6f}, fused loss {fused.item():.6f}",
-                  flush=True)
+            print(
+                f"[rank {rank}] vocab [{start}, {stop}): loss {loss.item():.6f}, fused loss {fused.item():.6f}",
+                flush=True,
+            )
         dist.barrier()
 
     # Check against one process holding the whole vocabulary.
@@ -66,8 +69,10 @@ def main() -> None:
         ref = gem_loss(h_full @ w_full.t(), labels, beta=0.7)
         ref.backward()
         print(f"single process loss {ref.item():.6f}")
-        print(f"|loss - single| = {abs(loss.item() - ref.item()):.2e}, "
-              f"|fused - single| = {abs(fused.item() - ref.item()):.2e}")
+        print(
+            f"|loss - single| = {abs(loss.item() - ref.item()):.2e}, "
+            f"|fused - single| = {abs(fused.item() - ref.item()):.2e}"
+        )
         print(f"max |grad_weight - single| = {(grad_weight - w_full.grad).abs().max().item():.2e}")
         print(f"max |fused grad_hidden - single| = {(h.grad - h_full.grad).abs().max().item():.2e}")
     dist.destroy_process_group()

@@ -1,4 +1,5 @@
 """gem-kernels: the GEM loss (Li et al., ICLR 2025) as cheap as cross-entropy."""
+
 from .functional import fused_linear_gem_loss, gem_loss
 from .modules import FusedLinearGEMLoss, GEMLoss
 

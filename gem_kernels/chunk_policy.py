@@ -10,6 +10,7 @@ Every choice is a pure function of shapes, the element size and the device kind 
 - :func:`vocab_pass_plan`: the vocabulary slices of its low-memory mode's second pass.
 - :func:`torch_block_rows`: rows per block of the chunked PyTorch GEM path.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,8 +58,16 @@ def _round_up(a: int, m: int) -> int:
     return _ceil_div(a, m) * m
 
 
-def cuda_step_seconds(n_valid: int, hidden_size: int, vocab_size: int, chunk_rows: int, *, itemsize: int = 2,
-                      low_memory: bool = False, model: DeviceModel = H200) -> float:
+def cuda_step_seconds(
+    n_valid: int,
+    hidden_size: int,
+    vocab_size: int,
+    chunk_rows: int,
+    *,
+    itemsize: int = 2,
+    low_memory: bool = False,
+    model: DeviceModel = H200,
+) -> float:
     """Modelled time of one fused lm_head + GEM step (forward + backward, d hidden and d weight) on
     a GPU, in seconds: the sum over chunks of
 
@@ -92,8 +101,17 @@ def cuda_step_seconds(n_valid: int, hidden_size: int, vocab_size: int, chunk_row
     return total
 
 
-def fused_chunk_rows(n_valid: int, hidden_size: int, vocab_size: int, *, device: str = "cpu", itemsize: int = 2,
-                     low_memory: bool = False, chunk_size: Optional[int] = None, model: DeviceModel = H200) -> int:
+def fused_chunk_rows(
+    n_valid: int,
+    hidden_size: int,
+    vocab_size: int,
+    *,
+    device: str = "cpu",
+    itemsize: int = 2,
+    low_memory: bool = False,
+    chunk_size: Optional[int] = None,
+    model: DeviceModel = H200,
+) -> int:
     """Valid tokens per chunk of ``fused_linear_gem_loss``: the caller's ``chunk_size`` when given,
     else the policy below. Every chunking of the fused path (the autograd Function's, and under
     vocabulary parallelism the functional layer's, which all ranks must share) comes from here.

@@ -10,12 +10,13 @@ reads the cubin's resource usage with the cuobjdump shipped in the triton wheel:
 
 Exits non-zero if any build fails or spills to local memory.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -73,8 +74,15 @@ def _configs_for(configs, dtype: str):
 # also proves that offsets are widened to 64 bits inside the kernels, not by the caller.
 _FLOAT_SCALARS = {"inv_beta", "logit_scale", "softcap", "z_loss_scale"}
 _INT64_POINTERS = {"labels_ptr"}
-_FP32_POINTERS = {"label_logit_ptr", "partials_ptr", "stats_ptr", "grad_loss_ptr", "row_scale_ptr", "token_scale_ptr",
-                  "factor_ptr"}
+_FP32_POINTERS = {
+    "label_logit_ptr",
+    "partials_ptr",
+    "stats_ptr",
+    "grad_loss_ptr",
+    "row_scale_ptr",
+    "token_scale_ptr",
+    "factor_ptr",
+}
 
 
 def _signature(fn, dtype: str, constexprs: Dict[str, object]) -> Dict[str, str]:
@@ -146,14 +154,16 @@ def build(kernel: str, arch: int, dtype: str, flags: Dict[str, bool], cfg) -> Bu
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        out = subprocess.run([cuobjdump_path(), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [cuobjdump_path(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     m = re.search(r"REG:(\d+)\s+STACK:(\d+).*?LOCAL:(\d+)", out)
     if not m:
         raise RuntimeError(f"could not read resource usage of {kernel}: {out}")
     config = dict(launch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return BuildResult(kernel, arch, dtype, flags, config, int(m.group(1)), int(m.group(3)), int(m.group(2)),
-                       compiled.asm["ttir"])
+    return BuildResult(
+        kernel, arch, dtype, flags, config, int(m.group(1)), int(m.group(3)), int(m.group(2)), compiled.asm["ttir"]
+    )
 
 
 def _build_job(job):
@@ -170,8 +180,12 @@ def main(argv: List[str] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--all", action="store_true", help="every constexpr combination")
     parser.add_argument("--json", metavar="PATH", help="also write every result (with its TTIR) as JSON")
-    parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
-                        help="builds run in this many processes (default: min(8, CPUs))")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="builds run in this many processes (default: min(8, CPUs))",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         # Interpreted kernels cannot be compiled: rerun this check in a clean process.
@@ -179,8 +193,9 @@ def main(argv: List[str] = None) -> int:
         cmd = [sys.executable, "-m", "gem_kernels.gpu_build", *(argv or sys.argv[1:])]
         return subprocess.run(cmd, env=env).returncode
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    jobs = [(kernel, arch, dtype, flags, launch)
-            for kernel, dtype, flags, launch in variants(args.all) for arch in ARCHS]
+    jobs = [
+        (kernel, arch, dtype, flags, launch) for kernel, dtype, flags, launch in variants(args.all) for arch in ARCHS
+    ]
     if args.jobs > 1:
         import multiprocessing
 
@@ -201,8 +216,9 @@ def main(argv: List[str] = None) -> int:
         worst[key] = max(worst.get(key, 0), r.registers)
         if not r.ok:
             failures += 1
-            print(f"FAIL spill {kernel} sm_{arch} {dtype} {launch} {flags}: local={r.local_bytes} "
-                  f"stack={r.stack_bytes}")
+            print(
+                f"FAIL spill {kernel} sm_{arch} {dtype} {launch} {flags}: local={r.local_bytes} stack={r.stack_bytes}"
+            )
     for (kernel, arch, cfg), regs in sorted(worst.items()):
         print(f"{kernel:12s} sm_{arch} {cfg}: max {regs} registers/thread")
     print(f"{len(results)} builds, {failures} failures (spills are failures)")

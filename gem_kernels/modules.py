@@ -1,4 +1,5 @@
 """nn.Module wrappers of the functional API."""
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,9 @@ def _split(options: dict):
 def _repr(opts: GEMOptions, process_group, vocab_start) -> str:
     """The options that differ from their defaults, then the shard arguments when given."""
     items = [f"{k}={getattr(opts, k)!r}" for k, v in OPTION_DEFAULTS.items() if getattr(opts, k) != v]
-    items += [f"{k}={v!r}" for k, v in (("process_group", process_group), ("vocab_start", vocab_start))
-              if v is not None]
+    items += [
+        f"{k}={v!r}" for k, v in (("process_group", process_group), ("vocab_start", vocab_start)) if v is not None
+    ]
     return ", ".join(items)
 
 
@@ -54,8 +56,14 @@ class GEMLoss(torch.nn.Module):
         self.options: GEMOptions = check_options("gem", **options)
 
     def forward(self, logits, labels, num_items_in_batch=None):
-        return gem_loss_with_options(logits, labels, self.options, num_items_in_batch=num_items_in_batch,
-                                     process_group=self.process_group, vocab_start=self.vocab_start)
+        return gem_loss_with_options(
+            logits,
+            labels,
+            self.options,
+            num_items_in_batch=num_items_in_batch,
+            process_group=self.process_group,
+            vocab_start=self.vocab_start,
+        )
 
     def extra_repr(self) -> str:
         return _repr(self.options, self.process_group, self.vocab_start)
@@ -96,9 +104,16 @@ class FusedLinearGEMLoss(torch.nn.Module):
         self.options: GEMOptions = check_options("fused", **options)
 
     def forward(self, hidden, weight, labels, bias=None, num_items_in_batch=None):
-        return fused_linear_gem_loss_with_options(hidden, weight, labels, bias, self.options,
-                                                  num_items_in_batch=num_items_in_batch,
-                                                  process_group=self.process_group, vocab_start=self.vocab_start)
+        return fused_linear_gem_loss_with_options(
+            hidden,
+            weight,
+            labels,
+            bias,
+            self.options,
+            num_items_in_batch=num_items_in_batch,
+            process_group=self.process_group,
+            vocab_start=self.vocab_start,
+        )
 
     def extra_repr(self) -> str:
         return _repr(self.options, self.process_group, self.vocab_start)

@@ -3,6 +3,7 @@
 This module is a leaf: every layer (kernels, torch path, autograd, functional API) reads it,
 and it imports nothing from the package.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields

@@ -3,6 +3,7 @@
 It materialises several [tokens, vocab] tensors and computes in the dtype it is given, so a test can
 run it in float64 (the truth) or in the input dtype (what plain PyTorch would get).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -117,7 +118,9 @@ def gem_loss_reference(
             ent = -torch.where(p == 0, torch.zeros_like(p), p * logp).sum(-1)
             # torch.argmax returns the first maximal index: ties go to the lowest index.
             hit = (torch.argmax(t, dim=-1) == safe).to(ent.dtype)
-            metrics = {name: reduce(torch.where(valid, x, zero).to(out_dtype)).detach()
-                       for name, x in (("ce", lse - t_y.squeeze(-1)), ("entropy", ent), ("token_accuracy", hit))}
+            metrics = {
+                name: reduce(torch.where(valid, x, zero).to(out_dtype)).detach()
+                for name, x in (("ce", lse - t_y.squeeze(-1)), ("entropy", ent), ("token_accuracy", hit))
+            }
         out.append(metrics)
     return out[0] if len(out) == 1 else tuple(out)

@@ -7,13 +7,15 @@ switched off explicitly (a module that only sets it by default, e.g. benchmarks.
 then leaves it off). An impossible choice (``cuda`` without a GPU) stops the run with a usage
 error before anything is collected.
 """
+
 import os
 
 import pytest
 import torch
 
 try:
-    from helpers import DEVICE as TEST_DEVICE, DEVICE_VARIABLE  # noqa: E402 (helpers chooses the device on import)
+    from helpers import DEVICE as TEST_DEVICE  # noqa: E402 (helpers chooses the device on import)
+    from helpers import DEVICE_VARIABLE
 except (ValueError, RuntimeError) as exc:
     raise pytest.UsageError(str(exc)) from None
 os.environ["TRITON_INTERPRET"] = "1" if TEST_DEVICE == "cpu" else "0"

@@ -6,6 +6,7 @@ available (Triton kernels compiled for it), else the CPU with the Triton interpr
 choice; ``cuda`` without a usable GPU is an error, not a silent fallback. ``make_inputs`` creates
 its tensors on that device, and the tolerances below are the same on both.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,9 +34,11 @@ def select_device(value: Optional[str] = None, cuda_available: Optional[bool] = 
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
     if value == "cuda" and not cuda_available:
-        raise RuntimeError(f"{DEVICE_VARIABLE}=cuda, but torch.cuda.is_available() is False (torch "
-                           f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); unset it or use "
-                           f"{DEVICE_VARIABLE}=cpu to run on the CPU with the Triton interpreter")
+        raise RuntimeError(
+            f"{DEVICE_VARIABLE}=cuda, but torch.cuda.is_available() is False (torch "
+            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); unset it or use "
+            f"{DEVICE_VARIABLE}=cpu to run on the CPU with the Triton interpreter"
+        )
     if value in ("", "auto"):
         return "cuda" if cuda_available else "cpu"
     return value
@@ -101,14 +104,24 @@ def _describe(actual: torch.Tensor, expected: torch.Tensor) -> str:
     diff = (a - e).abs()
     i = int(diff.argmax())
     rel = diff / e.abs().clamp(min=1e-12)
-    return (f"max abs err {diff[i].item():.3e} at flat index {i} (actual {a[i].item():.6g}, "
-            f"expected {e[i].item():.6g}); max rel err {rel.max().item():.3e}; "
-            f"nan actual/expected {int(a.isnan().sum())}/{int(e.isnan().sum())}")
+    return (
+        f"max abs err {diff[i].item():.3e} at flat index {i} (actual {a[i].item():.6g}, "
+        f"expected {e[i].item():.6g}); max rel err {rel.max().item():.3e}; "
+        f"nan actual/expected {int(a.isnan().sum())}/{int(e.isnan().sum())}"
+    )
 
 
-def assert_close(actual, expected, *, what: str, dtype: Optional[torch.dtype] = None,
-                 atol: Optional[float] = None, rtol: Optional[float] = None,
-                 baseline: Optional[torch.Tensor] = None, margin: float = 2.0):
+def assert_close(
+    actual,
+    expected,
+    *,
+    what: str,
+    dtype: Optional[torch.dtype] = None,
+    atol: Optional[float] = None,
+    rtol: Optional[float] = None,
+    baseline: Optional[torch.Tensor] = None,
+    margin: float = 2.0,
+):
     """Assert ``actual`` matches ``expected`` (usually the float64 truth) with a verbose message.
 
     With ``baseline`` (the same computation done by plain PyTorch in the same dtype), the error of
@@ -128,15 +141,16 @@ def assert_close(actual, expected, *, what: str, dtype: Optional[torch.dtype] = 
         err = (a - e).abs().max().item() if a.numel() else 0.0
         base = (baseline.detach().double() - e).abs().max().item() if a.numel() else 0.0
         bound = margin * base + atol
-        assert err <= bound, (f"{what} [{dt}]: error {err:.3e} exceeds {margin} x same-dtype PyTorch "
-                              f"error {base:.3e} + atol {atol:.1e}; {_describe(actual, expected)}")
+        assert err <= bound, (
+            f"{what} [{dt}]: error {err:.3e} exceeds {margin} x same-dtype PyTorch "
+            f"error {base:.3e} + atol {atol:.1e}; {_describe(actual, expected)}"
+        )
         return
     ok = (a - e).abs() <= atol + rtol * e.abs()
     assert bool(ok.all()), f"{what} [{dt}] (atol {atol:.1e}, rtol {rtol:.1e}): {_describe(actual, expected)}"
 
 
-def run_gem(logits: torch.Tensor, labels: torch.Tensor, impl: str, *, upstream=None, inplace: bool = False,
-            **options):
+def run_gem(logits: torch.Tensor, labels: torch.Tensor, impl: str, *, upstream=None, inplace: bool = False, **options):
     """One call of ``gem_loss`` (``impl="reference"``: ``gem_loss_reference``) on a fresh copy of
     ``logits`` and its backward: returns (the outputs as a tuple, the gradient of the copy).
 
@@ -162,24 +176,27 @@ def run_gem(logits: torch.Tensor, labels: torch.Tensor, impl: str, *, upstream=N
     outs = out if isinstance(out, tuple) else (out,)
     loss = outs[0]
     if upstream is None:
-        upstream = (torch.linspace(-1.0, 2.0, loss.numel(), dtype=loss.dtype, device=loss.device).view(loss.shape)
-                    if loss.dim() else 1.0)
+        upstream = (
+            torch.linspace(-1.0, 2.0, loss.numel(), dtype=loss.dtype, device=loss.device).view(loss.shape)
+            if loss.dim()
+            else 1.0
+        )
     elif isinstance(upstream, torch.Tensor):
         upstream = upstream.to(loss.device)
     (loss * upstream).sum().backward()
     return outs, leaf.grad
 
 
-def check_gem_against_reference(logits: torch.Tensor, labels: torch.Tensor, impl: str, *, upstream=None,
-                                inplace: bool = False, **options):
+def check_gem_against_reference(
+    logits: torch.Tensor, labels: torch.Tensor, impl: str, *, upstream=None, inplace: bool = False, **options
+):
     """``gem_loss(logits, labels, impl=impl, **options)`` and its gradient (see
     :func:`run_gem` for ``upstream`` and ``inplace``) against the float64 truth, each
     error held to the same-dtype PyTorch (the reference in the logits' dtype) error plus a margin;
     outputs are float32 and the gradient is in the logits' dtype."""
     dtype = logits.dtype
     outs, grad = run_gem(logits, labels, impl, upstream=upstream, inplace=inplace, **options)
-    truth_outs, truth_grad = run_gem(fresh(logits, torch.float64), labels, "reference", upstream=upstream,
-                                     **options)
+    truth_outs, truth_grad = run_gem(fresh(logits, torch.float64), labels, "reference", upstream=upstream, **options)
     base_outs, base_grad = run_gem(logits, labels, "reference", upstream=upstream, **options)
     what = f"({impl}, {dtype}, {options}, upstream {upstream}, inplace {inplace})"
     for i, (a, t, b) in enumerate(zip(outs, truth_outs, base_outs)):
@@ -198,6 +215,7 @@ def no_host_reads():
     def refuse(name):
         def f(*a, **k):
             raise AssertionError(f"host read: Tensor.{name}")
+
         return f
 
     try:
@@ -256,8 +274,13 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str, cases) -> None:
 
     os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     failures, names = [], []
     try:
         group = dist.new_group(list(range(world)))  # a non-default group, as tensor parallelism uses

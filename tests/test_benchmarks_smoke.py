@@ -3,22 +3,26 @@ tables and computes the right loss, so provider names and call signatures cannot
 providers are reported as skipped with their reason, never passed silently; the logical-bytes
 models match what the interpreter counts; the derived columns and the Nsight Compute parser are
 checked on constructed input."""
+
 import csv
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DEVICE, only_on
 
 from benchmarks import ncu, providers, roofline, runner
 from benchmarks.cli import main
 from benchmarks.measure import peak_memory
 from benchmarks.shapes import Shape, grid
 from gem_kernels.reference import gem_loss_reference
-from helpers import DEVICE, only_on
 
-SHAPES = {"plain": Shape("tiny", 8, 96, 16), "softcap": Shape("tiny", 8, 96, 16, softcap=30.0),
-          "masked": Shape("tiny", 8, 96, 16, ignore_frac=0.5)}
+SHAPES = {
+    "plain": Shape("tiny", 8, 96, 16),
+    "softcap": Shape("tiny", 8, 96, 16, softcap=30.0),
+    "masked": Shape("tiny", 8, 96, 16, ignore_frac=0.5),
+}
 CASES = [("plain", "loss"), ("plain", "step"), ("softcap", "step"), ("masked", "loss"), ("masked", "step")]
 # The test device: on a GPU the Triton providers run compiled and are timed (no interpreter counts).
 SETTINGS = runner.Settings(device=DEVICE, dtype=torch.float32, cpu_reps=3, cpu_budget_s=0.0)
@@ -148,6 +152,7 @@ def test_failing_provider_is_reported_not_raised():
     def build(shape):
         def step(hidden, weight, labels):
             raise ZeroDivisionError("boom")
+
         return step
 
     bad = providers.Provider("bad", "always raises", "fused", False, build)
@@ -178,20 +183,38 @@ def test_help_states_the_cpu_divisor(capsys):
 
 
 def _record(provider, table, phase, ms, **kw):
-    r = {"provider": provider, "table": table, "shape": "s", "phase": phase, "status": "ok", "time_ms_p50": ms,
-         "model_bytes": None, "valid_tokens": 10, "hidden": 4, "vocab": 100, "achieved_bytes_per_s": None,
-         "copy_fraction": None, "matmul_floor_ms": None, "floor_fraction": None, "x_fastest_ce": None}
+    r = {
+        "provider": provider,
+        "table": table,
+        "shape": "s",
+        "phase": phase,
+        "status": "ok",
+        "time_ms_p50": ms,
+        "model_bytes": None,
+        "valid_tokens": 10,
+        "hidden": 4,
+        "vocab": 100,
+        "achieved_bytes_per_s": None,
+        "copy_fraction": None,
+        "matmul_floor_ms": None,
+        "floor_fraction": None,
+        "x_fastest_ce": None,
+    }
     r.update(kw)
     return r
 
 
 def test_derived_columns():
-    calib = roofline.Calibration("cpu", copy_bytes_per_s=1e9, copy_buffer_bytes=1,
-                                 matmul_flops_per_s={"s": 6 * 10 * 4 * 100 / 1e-3})  # floor: 1 ms for fwd+bwd
-    recs = [_record("torch-ce", "step", "forward+backward", 4.0), _record("liger-ce", "step", "forward+backward", 2.0),
-            _record("gem-triton", "step", "forward+backward", 3.0),
-            _record("gem-triton", "loss", "forward+backward", 2.0, model_bytes=10**6),
-            _record("torch-ce", "loss", "forward+backward", None)]
+    calib = roofline.Calibration(
+        "cpu", copy_bytes_per_s=1e9, copy_buffer_bytes=1, matmul_flops_per_s={"s": 6 * 10 * 4 * 100 / 1e-3}
+    )  # floor: 1 ms for fwd+bwd
+    recs = [
+        _record("torch-ce", "step", "forward+backward", 4.0),
+        _record("liger-ce", "step", "forward+backward", 2.0),
+        _record("gem-triton", "step", "forward+backward", 3.0),
+        _record("gem-triton", "loss", "forward+backward", 2.0, model_bytes=10**6),
+        _record("torch-ce", "loss", "forward+backward", None),
+    ]
     roofline.derive(recs, calib, ["torch-ce", "liger-ce"])
     assert recs[2]["x_fastest_ce"] == pytest.approx(1.5) and recs[2]["fastest_ce"] == "liger-ce"
     assert recs[1]["x_fastest_ce"] == 1.0 and recs[0]["x_fastest_ce"] == 2.0
@@ -210,26 +233,61 @@ def test_bytes_models():
     assert named <= set(roofline.BYTES_MODELS) and named <= set(roofline.BYTES_SOURCES)
 
 
-NCU_COLUMNS = ("ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream", "Block Size",
-               "Grid Size", "Device", "CC", "Section Name", "Metric Name", "Metric Unit", "Metric Value")
+NCU_COLUMNS = (
+    "ID",
+    "Process ID",
+    "Process Name",
+    "Host Name",
+    "Kernel Name",
+    "Context",
+    "Stream",
+    "Block Size",
+    "Grid Size",
+    "Device",
+    "CC",
+    "Section Name",
+    "Metric Name",
+    "Metric Unit",
+    "Metric Value",
+)
 
 
 def _ncu_line(launch, kernel, grid, metric, unit, value):
     """One CSV line as ``ncu --csv --print-units base`` prints it (every field quoted)."""
-    fields = (launch, "123", "python", "h", kernel, "1", "7", "(256, 1, 1)", grid, "0", "9.0",
-              "Command line profiler metrics", metric, unit, value)
+    fields = (
+        launch,
+        "123",
+        "python",
+        "h",
+        kernel,
+        "1",
+        "7",
+        "(256, 1, 1)",
+        grid,
+        "0",
+        "9.0",
+        "Command line profiler metrics",
+        metric,
+        unit,
+        value,
+    )
     return ",".join(f'"{f}"' for f in fields)
 
 
-NCU_CSV = "\n".join([
-    "==PROF== Connected to process 123",
-    '==PROF== Profiling "gem_fwd": 0%....50%....100% - 9 passes',
-    ",".join(f'"{c}"' for c in NCU_COLUMNS),
-    _ncu_line("0", "gem_fwd_kernel", "(8192, 1, 1)", "dram__bytes_read.sum", "byte", "2,101,346,304"),
-    _ncu_line("0", "gem_fwd_kernel", "(8192, 1, 1)", "dram__bytes_write.sum", "byte", "196,608"),
-    _ncu_line("1", "gem_bwd_kernel", "(8192, 32, 1)", "dram__bytes_read.sum", "Mbyte", "2101.5"),
-    _ncu_line("1", "gem_bwd_kernel", "(8192, 32, 1)", "dram__bytes_write.sum", "byte", "2101346304"),
-]) + "\n"
+NCU_CSV = (
+    "\n".join(
+        [
+            "==PROF== Connected to process 123",
+            '==PROF== Profiling "gem_fwd": 0%....50%....100% - 9 passes',
+            ",".join(f'"{c}"' for c in NCU_COLUMNS),
+            _ncu_line("0", "gem_fwd_kernel", "(8192, 1, 1)", "dram__bytes_read.sum", "byte", "2,101,346,304"),
+            _ncu_line("0", "gem_fwd_kernel", "(8192, 1, 1)", "dram__bytes_write.sum", "byte", "196,608"),
+            _ncu_line("1", "gem_bwd_kernel", "(8192, 32, 1)", "dram__bytes_read.sum", "Mbyte", "2101.5"),
+            _ncu_line("1", "gem_bwd_kernel", "(8192, 32, 1)", "dram__bytes_write.sum", "byte", "2101346304"),
+        ]
+    )
+    + "\n"
+)
 
 
 def test_ncu_csv_parser():

@@ -1,20 +1,30 @@
 """The chunk policy (gem_kernels/chunk_policy.py) as pure functions of shapes and device kind:
 pinned at the benchmark grid's shapes (benchmarks/shapes.py), for CUDA and CPU, without a GPU."""
+
 from __future__ import annotations
 
 import pytest
 
 from benchmarks.shapes import grid
-from gem_kernels.chunk_policy import (CUDA_TILE_ROWS, cuda_step_seconds, fused_chunk_rows, torch_block_rows,
-                                      vocab_pass_plan)
+from gem_kernels.chunk_policy import (
+    CUDA_TILE_ROWS,
+    cuda_step_seconds,
+    fused_chunk_rows,
+    torch_block_rows,
+    vocab_pass_plan,
+)
 
 # (model, tokens) -> fused chunk rows at: all tokens valid, half of them valid, low-memory first pass.
 CUDA_PINNED = {
-    ("llama3", 4096): (1408, 1024, 2048), ("llama3", 8192): (1408, 1408, 2048),
+    ("llama3", 4096): (1408, 1024, 2048),
+    ("llama3", 8192): (1408, 1408, 2048),
     ("llama3", 16384): (1536, 1408, 2048),
-    ("qwen2.5", 4096): (1024, 1024, 1408), ("qwen2.5", 8192): (1280, 1024, 1664),
+    ("qwen2.5", 4096): (1024, 1024, 1408),
+    ("qwen2.5", 8192): (1280, 1024, 1664),
     ("qwen2.5", 16384): (1280, 1280, 1664),
-    ("gemma2", 4096): (768, 768, 1024), ("gemma2", 8192): (768, 768, 1024), ("gemma2", 16384): (768, 768, 1152),
+    ("gemma2", 4096): (768, 768, 1024),
+    ("gemma2", 8192): (768, 768, 1024),
+    ("gemma2", 16384): (768, 768, 1152),
 }
 
 
@@ -26,9 +36,11 @@ def test_cuda_choices_at_the_benchmark_grid():
     shapes = _shapes("cuda")
     assert set(shapes) == set(CUDA_PINNED)
     for key, s in shapes.items():
-        got = (fused_chunk_rows(s.tokens, s.hidden, s.vocab, device="cuda"),
-               fused_chunk_rows(s.tokens // 2, s.hidden, s.vocab, device="cuda"),
-               fused_chunk_rows(s.tokens, s.hidden, s.vocab, device="cuda", low_memory=True))
+        got = (
+            fused_chunk_rows(s.tokens, s.hidden, s.vocab, device="cuda"),
+            fused_chunk_rows(s.tokens // 2, s.hidden, s.vocab, device="cuda"),
+            fused_chunk_rows(s.tokens, s.hidden, s.vocab, device="cuda", low_memory=True),
+        )
         assert got == CUDA_PINNED[key], (key, got)
 
 
@@ -94,8 +106,13 @@ def test_vocab_pass_plan():
     assert vocab_pass_plan(5734, 8192, 4096, 128_256) == (False, 2560)
     assert vocab_pass_plan(100, 8192, 4096, 128_256) == (True, 128_256)  # capped at V
     assert vocab_pass_plan(0, 0, 16, 10) == (False, 10)
-    for n_valid, N, H, V in [(4096, 8192, 4096, 128_256), (8192, 8192, 2304, 256_000), (128, 256, 16, 1000),
-                             (200, 256, 16, 1000), (3, 256, 16, 7)]:
+    for n_valid, N, H, V in [
+        (4096, 8192, 4096, 128_256),
+        (8192, 8192, 2304, 256_000),
+        (128, 256, 16, 1000),
+        (200, 256, 16, 1000),
+        (3, 256, 16, 7),
+    ]:
         gather, cols = vocab_pass_plan(n_valid, N, H, V)
         rows = n_valid if gather or n_valid == N else N
         temp = rows * cols + (n_valid * H if gather else 0)

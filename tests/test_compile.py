@@ -5,15 +5,16 @@ the fused path; a Hugging Face Trainer step with torch_compile=True.
 Compiled functions are built once per module and reused (a new shape, dtype or option recompiles
 the same function), and shapes are small: compiling dominates the time of these tests.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import ON_CUDA, assert_close, make_inputs, no_host_reads
 
 from gem_kernels import FusedLinearGEMLoss, GEMLoss, fused_linear_gem_loss, gem_loss
 from gem_kernels.functional._checks import LABEL_RANGE_MESSAGE
 from gem_kernels.reference import gem_loss_reference
-from helpers import ON_CUDA, assert_close, make_inputs, no_host_reads
 
 REDUCTIONS = [("mean", None), ("sum", None), ("none", None), ("mean", 7), ("mean", "tensor"), ("mean", "tensor0")]
 
@@ -32,13 +33,21 @@ def _num_items(kind):
 
 
 def _gem_call(z, y, reduction, num_items, validate_labels=True):
-    return gem_loss(z, y, reduction=reduction, num_items_in_batch=num_items, impl="torch", return_ce=True,
-                    validate_labels=validate_labels)
+    return gem_loss(
+        z,
+        y,
+        reduction=reduction,
+        num_items_in_batch=num_items,
+        impl="torch",
+        return_ce=True,
+        validate_labels=validate_labels,
+    )
 
 
 def _fused_call(x, w, b, y, reduction, num_items):
-    return fused_linear_gem_loss(x, w, y, b, reduction=reduction, num_items_in_batch=num_items, impl="torch",
-                                 softcap=20.0)
+    return fused_linear_gem_loss(
+        x, w, y, b, reduction=reduction, num_items_in_batch=num_items, impl="torch", softcap=20.0
+    )
 
 
 _compiled_gem = torch.compile(_gem_call, fullgraph=True)
@@ -55,13 +64,17 @@ def _fresh_dynamo():
 def _grads(out, inputs, reduction):
     loss = out[0] if isinstance(out, tuple) else out
     # a non-uniform upstream for "none" checks the per-token path
-    up = (torch.linspace(0.5, 1.5, loss.numel(), device=loss.device).reshape(loss.shape) if reduction == "none"
-          else torch.ones((), device=loss.device))
+    up = (
+        torch.linspace(0.5, 1.5, loss.numel(), device=loss.device).reshape(loss.shape)
+        if reduction == "none"
+        else torch.ones((), device=loss.device)
+    )
     return torch.autograd.grad(loss, inputs, up)
 
 
-def _linear_inputs(seed, n=20, hidden=24, vocab=257, *, w_scale=0.5, bias=True, ignore=slice(None, None, 4),
-                   dtype=torch.float32):
+def _linear_inputs(
+    seed, n=20, hidden=24, vocab=257, *, w_scale=0.5, bias=True, ignore=slice(None, None, 4), dtype=torch.float32
+):
     """hidden [n, H], weight [V, H] (N(0, 1) * w_scale) and bias [V] (or None), drawn in that order
     from ``seed`` and cast to ``dtype``, all requiring grad; then labels [n] with ``labels[ignore]``
     set to -100. Returns (hidden, weight, bias, labels)."""
@@ -113,9 +126,16 @@ def test_gem_loss_compiles_fullgraph_and_matches_eager(reduction, items):
     z, y = make_inputs(n=24, vocab=257, seed=1, device="cpu")
     y = _all_ignored_if_zero(y, items)
     n = _num_items(items)
-    _check_compiled(lambda z: _compiled_gem(z, y, reduction, n), lambda z: _gem_call(z, y, reduction, n),
-                    lambda z: gem_loss_reference(z, y, beta=0.7, reduction=reduction, num_items_in_batch=n),
-                    [z], reduction, items, ["loss", "ce"], ["grad"])
+    _check_compiled(
+        lambda z: _compiled_gem(z, y, reduction, n),
+        lambda z: _gem_call(z, y, reduction, n),
+        lambda z: gem_loss_reference(z, y, beta=0.7, reduction=reduction, num_items_in_batch=n),
+        [z],
+        reduction,
+        items,
+        ["loss", "ce"],
+        ["grad"],
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -137,11 +157,18 @@ def test_fused_compiles_fullgraph_and_matches_eager(reduction, items):
     x, w, b, y = _linear_inputs(3)
     y = _all_ignored_if_zero(y, items)
     n = _num_items(items)
-    _check_compiled(lambda x, w, b: _compiled_fused(x, w, b, y, reduction, n),
-                    lambda x, w, b: _fused_call(x, w, b, y, reduction, n),
-                    lambda x, w, b: gem_loss_reference(x @ w.T + b, y, beta=0.7, reduction=reduction,
-                                                       num_items_in_batch=n, softcap=20.0),
-                    [x, w, b], reduction, items, ["loss"], ["grad_x", "grad_w", "grad_b"])
+    _check_compiled(
+        lambda x, w, b: _compiled_fused(x, w, b, y, reduction, n),
+        lambda x, w, b: _fused_call(x, w, b, y, reduction, n),
+        lambda x, w, b: gem_loss_reference(
+            x @ w.T + b, y, beta=0.7, reduction=reduction, num_items_in_batch=n, softcap=20.0
+        ),
+        [x, w, b],
+        reduction,
+        items,
+        ["loss"],
+        ["grad_x", "grad_w", "grad_b"],
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -213,8 +240,9 @@ def test_compiled_inplace_backward_leaves_logits():
     assert_close(g, g_e, what="inplace under compile", atol=1e-7, rtol=1e-6)
 
 
-@pytest.mark.skipif(ON_CUDA, reason="the CPU interpreter variant; on CUDA test_fused_triton_compiles_fullgraph_on_cuda "
-                    "covers it")
+@pytest.mark.skipif(
+    ON_CUDA, reason="the CPU interpreter variant; on CUDA test_fused_triton_compiles_fullgraph_on_cuda covers it"
+)
 def test_fused_triton_under_compile_runs_opaque():
     """The fused operator is opaque, so impl='triton' compiles on CPU too: its kernels run (in the
     interpreter) inside the operator, never traced."""
@@ -305,15 +333,18 @@ def test_torch_path_eager_backward_reads_nothing_on_the_host():
 # GPU: the Triton logits path traced through its triton_op kernels
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the Triton interpreter cannot be traced, so "
-                    "the triton_op kernels are compiled only on a GPU")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA: the Triton interpreter cannot be traced, so the triton_op kernels are compiled only on a GPU",
+)
 @pytest.mark.parametrize("reduction,items", REDUCTIONS)
 def test_gem_loss_triton_compiles_fullgraph_on_cuda(reduction, items):
     z, y = make_inputs(n=64, vocab=1001, seed=10, device="cuda")
     n = _num_items(items)
     n = n.cuda() if isinstance(n, torch.Tensor) else n
-    f = torch.compile(lambda z, y, r, n: gem_loss(z, y, reduction=r, num_items_in_batch=n, impl="triton"),
-                      fullgraph=True)
+    f = torch.compile(
+        lambda z, y, r, n: gem_loss(z, y, reduction=r, num_items_in_batch=n, impl="triton"), fullgraph=True
+    )
     zc = z.detach().clone().requires_grad_()
     out_c = f(zc, y, reduction, n)
     (g_c,) = _grads(out_c, (zc,), reduction)
@@ -399,8 +430,9 @@ def test_apply_gem_model_forward_is_one_graph():
     """A model patched by apply_gem, in training with labels: the transformer, the head interception
     and the fused loss (with its ce output) trace as one graph with no break."""
     pytest.importorskip("transformers")
-    from gem_kernels.integrations.transformers import apply_gem
     from test_integrations_transformers import make_batch, tiny_model
+
+    from gem_kernels.integrations.transformers import apply_gem
 
     model, batch = tiny_model("llama"), make_batch(n=2)
     apply_gem(model, impl="torch", return_ce=True)

@@ -1,10 +1,11 @@
 """The core kernels' measured figures hold: forward + backward move at most 3.05 passes over the
 logits, and allocate exactly one [N, V] tensor (none with inplace_backward). Not timed."""
+
 import pytest
 import torch
+from helpers import only_on
 
 from benchmarks.core_figures import TRAFFIC_BUDGET, measure
-from helpers import only_on
 
 INTERPRETED = only_on("cpu", "counts traffic of the Triton kernels under the interpreter, which is off on a GPU")
 

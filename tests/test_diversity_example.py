@@ -1,6 +1,7 @@
 """examples/diversity.py: the metrics are right on models with known output distributions, and the
 --smoke run trains CE and GEM end to end and reports finite, in-range metrics. The scientific
 outcome (does GEM keep more diversity?) is not asserted here; docs/diversity.md reports it."""
+
 import importlib.util
 import math
 import pathlib
@@ -55,14 +56,17 @@ def _model(task, weights, valid_second=True):
     return _FixedModel(first, second)
 
 
-@pytest.mark.parametrize("weights, valid_second, expected", [
-    # uniform over the 4 valid answers: entropy (ln 4 + 0) / 2, every sample valid, all 4 seen in 64 draws
-    ((0.25, 0.25, 0.25, 0.25), True, {"entropy": math.log(4) / 2, "distinct": 4.0, "accuracy": 1.0}),
-    # one answer only: zero entropy, one distinct answer
-    ((1.0, 1e-30, 1e-30, 1e-30), True, {"entropy": 0.0, "distinct": 1.0, "accuracy": 1.0}),
-    # right first words, wrong second word: nothing is valid
-    ((0.5, 0.5, 1e-30, 1e-30), False, {"entropy": math.log(2) / 2, "distinct": 0.0, "accuracy": 0.0}),
-])
+@pytest.mark.parametrize(
+    "weights, valid_second, expected",
+    [
+        # uniform over the 4 valid answers: entropy (ln 4 + 0) / 2, every sample valid, all 4 seen in 64 draws
+        ((0.25, 0.25, 0.25, 0.25), True, {"entropy": math.log(4) / 2, "distinct": 4.0, "accuracy": 1.0}),
+        # one answer only: zero entropy, one distinct answer
+        ((1.0, 1e-30, 1e-30, 1e-30), True, {"entropy": 0.0, "distinct": 1.0, "accuracy": 1.0}),
+        # right first words, wrong second word: nothing is valid
+        ((0.5, 0.5, 1e-30, 1e-30), False, {"entropy": math.log(2) / 2, "distinct": 0.0, "accuracy": 0.0}),
+    ],
+)
 def test_metrics_on_known_distributions(weights, valid_second, expected):
     task = div.make_task(0)
     prompts = div.make_prompts(2, torch.Generator().manual_seed(1))
@@ -81,11 +85,11 @@ def test_task_data_follow_the_task_definition():
     heldout = div.make_prompts(4, g, exclude=frozenset(prompts))
     assert not set(heldout) & set(prompts) and len(set(prompts)) == len(prompts)
     for c in range(div.NUM_CATEGORIES):
-        answers = [tuple(ex["input_ids"][div.PROMPT_LEN:].tolist()) for ex in data[c * 20:(c + 1) * 20]]
+        answers = [tuple(ex["input_ids"][div.PROMPT_LEN :].tolist()) for ex in data[c * 20 : (c + 1) * 20]]
         assert [answers.count(a) for a in task.valid[c]] == [12, 5, 2, 1]  # 60/25/10/5 %
     ex = data[0]
-    assert (ex["labels"][:div.PROMPT_LEN] == -100).all()
-    assert torch.equal(ex["labels"][div.PROMPT_LEN:], ex["input_ids"][div.PROMPT_LEN:])
+    assert (ex["labels"][: div.PROMPT_LEN] == -100).all()
+    assert torch.equal(ex["labels"][div.PROMPT_LEN :], ex["input_ids"][div.PROMPT_LEN :])
     assert int(max(ex["input_ids"].max() for ex in data)) < div.VOCAB_SIZE
 
 

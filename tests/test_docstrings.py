@@ -1,5 +1,6 @@
 """Every public function and module documents every argument (help(gem_loss) is the first thing a
 user reads): each parameter is named in an Args section, and beta's constraint (> 0) is stated."""
+
 import inspect
 import re
 
@@ -10,11 +11,16 @@ from gem_kernels.reference import gem_loss_reference
 
 
 def _public():
-    items = {"gem_loss": gem_kernels.gem_loss, "fused_linear_gem_loss": gem_kernels.fused_linear_gem_loss,
-             "gem_loss_reference": gem_loss_reference, "GEMLoss": gem_kernels.GEMLoss,
-             "FusedLinearGEMLoss": gem_kernels.FusedLinearGEMLoss}
+    items = {
+        "gem_loss": gem_kernels.gem_loss,
+        "fused_linear_gem_loss": gem_kernels.fused_linear_gem_loss,
+        "gem_loss_reference": gem_loss_reference,
+        "GEMLoss": gem_kernels.GEMLoss,
+        "FusedLinearGEMLoss": gem_kernels.FusedLinearGEMLoss,
+    }
     try:
         from gem_kernels.integrations import dtensor, transformers
+
         for name in ("apply_gem", "remove_gem", "is_gem_applied", "gem_compute_loss_func", "shift_causal_labels"):
             items[name] = getattr(transformers, name)
         items["dtensor_gem_loss"] = dtensor.dtensor_gem_loss
@@ -31,8 +37,7 @@ def _documented_names(fn):
         wrapped = gem_kernels.gem_loss if fn is gem_kernels.GEMLoss else gem_kernels.fused_linear_gem_loss
         names = set(inspect.signature(wrapped).parameters) | set(inspect.signature(fn.forward).parameters)
         return names - {"self", "process_group", "vocab_start"} | {"process_group"}
-    return {n for n, p in inspect.signature(fn).parameters.items()
-            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return {n for n, p in inspect.signature(fn).parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLIC))

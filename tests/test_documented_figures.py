@@ -10,20 +10,23 @@ no timing: about a second per provider on the CPU) and fails when a documented f
 more than 2 % (+0.01 MiB for rounding), e.g. after a change to a code path or to the harness.
 Regenerate the figures with the command and update the tables when it fails.
 """
+
 import os
 import re
 
 import pytest
 import torch
+from helpers import only_on
 
 from benchmarks import providers, runner
 from benchmarks.shapes import Shape
-from helpers import only_on
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ("README.md", "docs/benchmarks.md")
-MARKER = re.compile(r"<!-- memory-figures: (?P<cmd>[^|]+)\| table=(?P<table>\w+) \| T=(?P<T>\d+) V=(?P<V>\d+) "
-                    r"H=(?P<H>\d+) -->")
+MARKER = re.compile(
+    r"<!-- memory-figures: (?P<cmd>[^|]+)\| table=(?P<table>\w+) \| T=(?P<T>\d+) V=(?P<V>\d+) "
+    r"H=(?P<H>\d+) -->"
+)
 pytestmark = only_on("cpu", "the documented figures are those of the CPU run (float32, scaled shapes)")
 
 
@@ -35,7 +38,7 @@ def documented():
             text = f.read()
         for m in MARKER.finditer(text):
             shape = Shape("llama3/128", int(m["T"]), int(m["V"]), int(m["H"]))
-            lines = text[m.end():].lstrip("\n").splitlines()
+            lines = text[m.end() :].lstrip("\n").splitlines()
             header = [c.strip() for c in lines[0].strip("|").split("|")]
             col = header.index("peak fwd+bwd MiB")
             for line in lines[2:]:
@@ -75,7 +78,8 @@ def test_documented_peak_matches_the_command(doc, table, shape, name, mib):
     got = _measure(table, shape, name)
     assert abs(got - mib) <= 0.02 * mib + 0.01, (
         f"{doc}: {name} peak fwd+bwd documented as {mib} MiB, the command now gives {got:.2f} MiB "
-        f"({shape.label}, {table} table); rerun `python -m benchmarks` and update the table")
+        f"({shape.label}, {table} table); rerun `python -m benchmarks` and update the table"
+    )
 
 
 def _table_mib(path, row_start):
@@ -98,8 +102,7 @@ def test_integration_step_memory_matches_its_command():
     code = re.search(r"PYTHONPATH=\. python - <<'EOF'\n(.*?)\nEOF\n", text, re.S).group(1)
     env = {**os.environ, "PYTHONPATH": ROOT}
     env.pop("TRITON_INTERPRET", None)  # the command as a user runs it
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     got = {k: float(v) for k, v in re.findall(r"(logits|fused) path:\s+peak ([\d.]+) MiB", out.stdout)}
     assert set(got) == {"logits", "fused"}, out.stdout
@@ -108,4 +111,5 @@ def test_integration_step_memory_matches_its_command():
         for key, row in rows:
             mib = _table_mib(doc, row)
             assert abs(got[key] - mib) <= 0.02 * mib + 0.01, (
-                f"{doc}: {key} path peak documented as {mib} MiB, its command now prints {got[key]} MiB")
+                f"{doc}: {key} path peak documented as {mib} MiB, its command now prints {got[key]} MiB"
+            )

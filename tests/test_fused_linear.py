@@ -1,29 +1,40 @@
 """fused_linear_gem_loss against gem_loss_reference(hidden @ W.T + b) in float64, plus the
 memory / FLOP properties the fused path exists for."""
+
 from __future__ import annotations
 
 import itertools
 
 import pytest
 import torch
+from helpers import DEVICE, assert_close, only_on
 
 from benchmarks.measure import count_flops, peak_memory
 from gem_kernels import FusedLinearGEMLoss, fused_linear_gem_loss
 from gem_kernels.reference import gem_loss_reference
-from helpers import DEVICE, assert_close, only_on
 
 IMPLS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def linear_inputs(lead=(24,), hidden=16, vocab=101, *, dtype=torch.float32, ignore_frac=0.3, bias=True,
-                  scale=3.0, seed=0, ignore_index=-100):
+def linear_inputs(
+    lead=(24,),
+    hidden=16,
+    vocab=101,
+    *,
+    dtype=torch.float32,
+    ignore_frac=0.3,
+    bias=True,
+    scale=3.0,
+    seed=0,
+    ignore_index=-100,
+):
     """hidden [*lead, H] and weight [V, H] (logits ~ N(0, scale^2)), bias [V] or None, labels [*lead]
     with about ``ignore_frac`` ignored, on the test device. Float tensors are returned in float64
     (the truth's inputs); ``_leaf`` makes the dtype-cast copies the code under test sees."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, hidden, generator=g, dtype=torch.float64)
-    w = torch.randn(vocab, hidden, generator=g, dtype=torch.float64) * (scale / hidden ** 0.5)
+    w = torch.randn(vocab, hidden, generator=g, dtype=torch.float64) * (scale / hidden**0.5)
     b = torch.randn(vocab, generator=g, dtype=torch.float64) if bias else None
     labels = torch.randint(0, vocab, tuple(lead), generator=g)
     if ignore_frac > 0:
@@ -53,19 +64,33 @@ def _reference(x, w, labels, b=None, **kw):
     return gem_loss_reference(torch.nn.functional.linear(x, w, b), labels, **kw)
 
 
-def _check(impl, dtype, x, w, b, labels, *, grads=(True, True, True), upstream=None, chunk_size=None,
-           low_memory=False, **kw):
+def _check(
+    impl, dtype, x, w, b, labels, *, grads=(True, True, True), upstream=None, chunk_size=None, low_memory=False, **kw
+):
     """Compare impl in dtype against the float64 truth, bounded by the same-dtype PyTorch error."""
-    loss, ce, g = _forward_backward(fused_linear_gem_loss, x, w, b, labels, dtype, grads=grads,
-                                    upstream=upstream, impl=impl, chunk_size=chunk_size, low_memory=low_memory,
-                                    **kw)
-    t_loss, t_ce, t_g = _forward_backward(_reference, x, w, b, labels, torch.float64, grads=grads,
-                                          upstream=upstream, **kw)
+    loss, ce, g = _forward_backward(
+        fused_linear_gem_loss,
+        x,
+        w,
+        b,
+        labels,
+        dtype,
+        grads=grads,
+        upstream=upstream,
+        impl=impl,
+        chunk_size=chunk_size,
+        low_memory=low_memory,
+        **kw,
+    )
+    t_loss, t_ce, t_g = _forward_backward(
+        _reference, x, w, b, labels, torch.float64, grads=grads, upstream=upstream, **kw
+    )
     if dtype == torch.float64:
         base_loss, base_ce, base_g = t_loss, t_ce, t_g
     else:
-        base_loss, base_ce, base_g = _forward_backward(_reference, x, w, b, labels, dtype, grads=grads,
-                                                       upstream=upstream, **kw)
+        base_loss, base_ce, base_g = _forward_backward(
+            _reference, x, w, b, labels, dtype, grads=grads, upstream=upstream, **kw
+        )
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close(loss, t_loss, what=f"loss ({impl})", dtype=dtype, baseline=base_loss)
     if kw.get("return_ce"):
@@ -94,28 +119,44 @@ def test_float64_torch_impl_exact():
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("h", ["linear", "logsigmoid"])
-@pytest.mark.parametrize("extras", [
-    dict(),
-    dict(logit_scale=0.5, softcap=4.0),
-    dict(z_loss_scale=1e-2, return_ce=True),
-    dict(beta=1.0, logit_scale=2.0, softcap=10.0, z_loss_scale=1e-3, return_ce=True),
-], ids=["plain", "scale+softcap", "zloss+ce", "all"])
+@pytest.mark.parametrize(
+    "extras",
+    [
+        dict(),
+        dict(logit_scale=0.5, softcap=4.0),
+        dict(z_loss_scale=1e-2, return_ce=True),
+        dict(beta=1.0, logit_scale=2.0, softcap=10.0, z_loss_scale=1e-3, return_ce=True),
+    ],
+    ids=["plain", "scale+softcap", "zloss+ce", "all"],
+)
 def test_options(impl, h, extras):
     x, w, b, labels = linear_inputs(lead=(3, 7), seed=1)
     _check(impl, torch.float32, x, w, b, labels, h=h, chunk_size=4, **extras)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("reduction,nib", [("mean", None), ("sum", None), ("none", None), ("mean", 37),
-                                           ("mean", "tensor")])
+@pytest.mark.parametrize(
+    "reduction,nib", [("mean", None), ("sum", None), ("none", None), ("mean", 37), ("mean", "tensor")]
+)
 def test_reductions(impl, reduction, nib):
     x, w, b, labels = linear_inputs(lead=(2, 3, 5), seed=2)
     if nib == "tensor":
         nib = torch.tensor(19.0)
     # reduction="none": a random per-token upstream gradient (the deferred, recomputing backward).
     upstream = torch.randn(labels.shape, dtype=torch.float64) if reduction == "none" else None
-    loss, _ = _check(impl, torch.float32, x, w, b, labels, reduction=reduction, num_items_in_batch=nib,
-                     upstream=upstream, return_ce=True, chunk_size=3)
+    loss, _ = _check(
+        impl,
+        torch.float32,
+        x,
+        w,
+        b,
+        labels,
+        reduction=reduction,
+        num_items_in_batch=nib,
+        upstream=upstream,
+        return_ce=True,
+        chunk_size=3,
+    )
     assert loss.shape == (labels.shape if reduction == "none" else ())
 
 
@@ -132,8 +173,7 @@ def test_scaled_upstream_of_reduced_loss(impl):
 def test_requires_grad_combinations(impl, grads, reduction):
     x, w, b, labels = linear_inputs(seed=4)
     upstream = torch.rand(labels.shape, dtype=torch.float64) if reduction == "none" else None
-    _check(impl, torch.float32, x, w, b, labels, grads=grads, reduction=reduction, upstream=upstream,
-           chunk_size=6)
+    _check(impl, torch.float32, x, w, b, labels, grads=grads, reduction=reduction, upstream=upstream, chunk_size=6)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -186,16 +226,18 @@ def test_tied_embedding_weight(impl):
     labels = torch.randint(0, V, (3, 5), generator=g)
     labels[0, :2] = -100
     labels = labels.to(DEVICE)
-    proj64 = (torch.randn(H, H, generator=g, dtype=torch.float64) / H ** 0.5).to(DEVICE)
+    proj64 = (torch.randn(H, H, generator=g, dtype=torch.float64) / H**0.5).to(DEVICE)
 
     def model(w, proj, fn, **kw):
         hidden = torch.tanh(torch.nn.functional.embedding(ids, w) @ proj)
         return fn(hidden, w, labels, **kw)
 
     grads = {}
-    for name, dtype, fn, kw in [("ours", torch.float32, fused_linear_gem_loss, dict(impl=impl, chunk_size=4)),
-                                ("truth", torch.float64, _reference, {}),
-                                ("base", torch.float32, _reference, {})]:
+    for name, dtype, fn, kw in [
+        ("ours", torch.float32, fused_linear_gem_loss, dict(impl=impl, chunk_size=4)),
+        ("truth", torch.float64, _reference, {}),
+        ("base", torch.float32, _reference, {}),
+    ]:
         emb = torch.nn.Embedding(V, H, dtype=dtype, device=DEVICE)
         with torch.no_grad():
             emb.weight.copy_(w64)
@@ -241,32 +283,40 @@ def test_second_backward_of_reduced_loss_is_refused():
         loss.backward()
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(hidden=torch.zeros(4, 7)), ValueError, r"weight must have shape \[V, H\] with H = hidden.shape\[-1\] = 7"),
-    (dict(weight=torch.zeros(5, 8, 1)), ValueError, "weight must be 2-D"),
-    (dict(weight=torch.zeros(0, 8)), ValueError, "at least one row"),
-    (dict(bias=torch.zeros(6)), ValueError, r"bias must have shape \(5,\)"),
-    (dict(weight=torch.zeros(5, 8, dtype=torch.float64)), TypeError, "weight must have the dtype of hidden"),
-    (dict(bias=torch.zeros(5, dtype=torch.float16)), TypeError, "bias must have the dtype of hidden"),
-    (dict(hidden=torch.zeros(4, 8, dtype=torch.int32)), TypeError, "hidden must have dtype"),
-    (dict(weight=torch.zeros(5, 8, device="meta")), ValueError, "weight must be on the device of hidden"),
-    (dict(bias=torch.zeros(5, device="meta")), ValueError, "bias must be on the device of hidden"),
-    (dict(labels=torch.zeros(3, dtype=torch.long)), ValueError, r"labels must have shape \(4,\)"),
-    (dict(labels=torch.zeros(4)), TypeError, "labels must be an integer tensor"),
-    (dict(labels=torch.tensor([0, 1, 5, -100])), ValueError, r"labels must lie in \[0, 5\)"),
-    (dict(hidden=torch.tensor(1.0)), ValueError, "hidden must have at least one dimension"),
-    (dict(weight="W"), TypeError, "weight must be a torch.Tensor"),
-    (dict(chunk_size=0), ValueError, "chunk_size must be None or an int >= 1"),
-    (dict(chunk_size=2.5), ValueError, "chunk_size"),
-    (dict(reduction="avg"), ValueError, "reduction must be one of"),
-    (dict(impl="cuda"), ValueError, "impl must be one of"),
-    (dict(softcap=-1.0), ValueError, "softcap"),
-    (dict(inplace_backward=True), TypeError, "inplace_backward"),
-    (dict(reduction="sum", num_items_in_batch=4), ValueError, "num_items_in_batch"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (
+            dict(hidden=torch.zeros(4, 7)),
+            ValueError,
+            r"weight must have shape \[V, H\] with H = hidden.shape\[-1\] = 7",
+        ),
+        (dict(weight=torch.zeros(5, 8, 1)), ValueError, "weight must be 2-D"),
+        (dict(weight=torch.zeros(0, 8)), ValueError, "at least one row"),
+        (dict(bias=torch.zeros(6)), ValueError, r"bias must have shape \(5,\)"),
+        (dict(weight=torch.zeros(5, 8, dtype=torch.float64)), TypeError, "weight must have the dtype of hidden"),
+        (dict(bias=torch.zeros(5, dtype=torch.float16)), TypeError, "bias must have the dtype of hidden"),
+        (dict(hidden=torch.zeros(4, 8, dtype=torch.int32)), TypeError, "hidden must have dtype"),
+        (dict(weight=torch.zeros(5, 8, device="meta")), ValueError, "weight must be on the device of hidden"),
+        (dict(bias=torch.zeros(5, device="meta")), ValueError, "bias must be on the device of hidden"),
+        (dict(labels=torch.zeros(3, dtype=torch.long)), ValueError, r"labels must have shape \(4,\)"),
+        (dict(labels=torch.zeros(4)), TypeError, "labels must be an integer tensor"),
+        (dict(labels=torch.tensor([0, 1, 5, -100])), ValueError, r"labels must lie in \[0, 5\)"),
+        (dict(hidden=torch.tensor(1.0)), ValueError, "hidden must have at least one dimension"),
+        (dict(weight="W"), TypeError, "weight must be a torch.Tensor"),
+        (dict(chunk_size=0), ValueError, "chunk_size must be None or an int >= 1"),
+        (dict(chunk_size=2.5), ValueError, "chunk_size"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (dict(impl="cuda"), ValueError, "impl must be one of"),
+        (dict(softcap=-1.0), ValueError, "softcap"),
+        (dict(inplace_backward=True), TypeError, "inplace_backward"),
+        (dict(reduction="sum", num_items_in_batch=4), ValueError, "num_items_in_batch"),
+    ],
+)
 def test_bad_input(kwargs, exc, match):
-    args = dict(hidden=torch.zeros(4, 8), weight=torch.zeros(5, 8), labels=torch.tensor([0, 1, 4, -100]),
-                bias=torch.zeros(5))
+    args = dict(
+        hidden=torch.zeros(4, 8), weight=torch.zeros(5, 8), labels=torch.tensor([0, 1, 4, -100]), bias=torch.zeros(5)
+    )
     for k in list(kwargs):
         if k in args:
             args[k] = kwargs.pop(k)
@@ -283,11 +333,12 @@ def test_triton_impl_rejects_float64():
 
 # --- the properties the fused path exists for -------------------------------------------------
 
+
 def _memory_problem(n=256, hidden=32, vocab=1000, dtype=torch.float32, seed=11):
     """hidden [n, H], weight [V, H] requiring grad; labels with exactly half ignored (test device)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, hidden, generator=g).to(DEVICE, dtype).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=g) / hidden ** 0.5).to(DEVICE, dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(DEVICE, dtype).requires_grad_()
     labels = torch.randint(0, vocab, (n,), generator=g)
     labels[torch.randperm(n, generator=g)[: n // 2]] = -100
     return x, w, labels.to(DEVICE)
@@ -296,11 +347,15 @@ def _memory_problem(n=256, hidden=32, vocab=1000, dtype=torch.float32, seed=11):
 def _fwd_bwd(fn, x, w, labels, **kw):
     def step():
         fn(x, w, labels, **kw).backward()
+
     return step
 
 
-CPU_MEMORY = only_on("cpu", "its bounds are calibrated to CPU allocations (profiler events, oneDNN scratch); "
-                            "GPU memory is measured by python -m benchmarks")
+CPU_MEMORY = only_on(
+    "cpu",
+    "its bounds are calibrated to CPU allocations (profiler events, oneDNN scratch); "
+    "GPU memory is measured by python -m benchmarks",
+)
 
 
 @CPU_MEMORY
@@ -355,8 +410,16 @@ def test_peak_memory_not_above_liger_fused_linear_ce():
     assert reports[0].peak_bytes <= reports[1].peak_bytes, f"ours: {reports[0].mib()}; liger: {reports[1].mib()}"
 
 
-@pytest.mark.parametrize("grads,bias", [((True, True), False), ((True, True), True), ((True, False), True),
-                                        ((False, True), False), ((False, False), True)])
+@pytest.mark.parametrize(
+    "grads,bias",
+    [
+        ((True, True), False),
+        ((True, True), True),
+        ((True, False), True),
+        ((False, True), False),
+        ((False, False), True),
+    ],
+)
 def test_matmul_flops(grads, bias):
     """Matmul FLOPs over every ATen matmul (incl. in-place addmm_) = (2 + 2 per requested hidden /
     weight gradient) x valid_tokens x H x V: 6 with both. The bias gradient is a column sum, no
@@ -405,9 +468,11 @@ def test_autocast_runs_the_head_in_the_autocast_dtype(impl):
     plain PyTorch under the same autocast."""
     x, w, b, labels = linear_inputs(dtype=torch.bfloat16, seed=13)
     grads = {}
-    for name, fn, kw, dtype, amp in [("ours", fused_linear_gem_loss, dict(impl=impl, chunk_size=5), torch.float32, True),
-                                     ("base", _reference, {}, torch.float32, True),
-                                     ("truth", _reference, {}, torch.float64, False)]:
+    for name, fn, kw, dtype, amp in [
+        ("ours", fused_linear_gem_loss, dict(impl=impl, chunk_size=5), torch.float32, True),
+        ("base", _reference, {}, torch.float32, True),
+        ("truth", _reference, {}, torch.float64, False),
+    ]:
         xs, ws, bs = _leaf(x, dtype), _leaf(w, dtype), _leaf(b, dtype)
         with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=amp):
             loss = fn(xs, ws, labels, bs, **kw)
@@ -422,8 +487,13 @@ def test_autocast_runs_the_head_in_the_autocast_dtype(impl):
         assert torch.equal(got, want.float())
     assert torch.equal(grads["ours"][0], fused_linear_gem_loss(xb, wb, labels, bb, impl=impl, chunk_size=5))
     for i, what in enumerate(["loss", "grad_hidden", "grad_weight", "grad_bias"]):
-        assert_close(grads["ours"][i], grads["truth"][i], what=f"autocast {what}", dtype=torch.bfloat16,
-                     baseline=grads["base"][i])
+        assert_close(
+            grads["ours"][i],
+            grads["truth"][i],
+            what=f"autocast {what}",
+            dtype=torch.bfloat16,
+            baseline=grads["base"][i],
+        )
 
 
 def _no_grad_strided_fp16_inputs():

@@ -1,20 +1,24 @@
 """The fused path's memory modes: the default's d weight sums (never the fp32 sums and their cast
 together) and the opt-in ``low_memory=True`` (no weight-sized buffer besides the gradient), each
 checked against the float64 reference and for its peak memory on CPU."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import DEVICE, only_on
+from test_fused_linear import _check, linear_inputs
 
 from benchmarks.measure import count_flops
 from gem_kernels import FusedLinearGEMLoss, fused_linear_gem_loss
 from gem_kernels.autograd._fused_accumulate import Accumulator
 from gem_kernels.autograd._scale import SCALE_SLICE
-from helpers import DEVICE, only_on
-from test_fused_linear import _check, linear_inputs
 
-CPU_MEMORY = only_on("cpu", "counts CPU allocations from profiler events (oneDNN scratch left out); the GPU "
-                            "figures are benchmarks/fused_memory.py's and the lm_head-step benchmark's")
+CPU_MEMORY = only_on(
+    "cpu",
+    "counts CPU allocations from profiler events (oneDNN scratch left out); the GPU "
+    "figures are benchmarks/fused_memory.py's and the lm_head-step benchmark's",
+)
 MATMULS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::matmul"}
 
 
@@ -56,7 +60,7 @@ def peak_without_blas_scratch(fn):
 def _problem(n=64, hidden=256, vocab=1500, dtype=torch.bfloat16, frac=0.5, seed=21):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, hidden, generator=g).to(dtype).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=g) / hidden ** 0.5).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(dtype).requires_grad_()
     labels = torch.randint(0, vocab, (n,), generator=g)
     labels[torch.randperm(n, generator=g)[: int(n * frac)]] = -100
     return x, w, labels
@@ -87,8 +91,13 @@ def test_default_peak_is_two_weights_not_three(impl, dtype):
     # slab of the final conversion (<= 1/16 of W), the fp32 slice with which backward rescales the
     # precomputed gradients (autograd/_scale.py), the torch path's fp32 working blocks (a few
     # chunks' worth), O(tokens) bookkeeping
-    allowance = (2 * logits + W // 16 + min(SCALE_SLICE, w.numel()) * 4 + (8 * logits if impl == "torch" else 0)
-                 + 64 * x.shape[0] * 8)
+    allowance = (
+        2 * logits
+        + W // 16
+        + min(SCALE_SLICE, w.numel()) * 4
+        + (8 * logits if impl == "torch" else 0)
+        + 64 * x.shape[0] * 8
+    )
     assert allowance < W  # so the bound below excludes the old layout (3 x W + gx)
     assert peak <= 2 * W + gx + allowance, (peak / W, allowance / W)
     assert largest <= W, largest / W  # no fp32 [V, H] buffer (2 x W)
@@ -96,8 +105,9 @@ def test_default_peak_is_two_weights_not_three(impl, dtype):
 
 @CPU_MEMORY
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-@pytest.mark.parametrize("dtype,frac", [(torch.bfloat16, 0.5), (torch.bfloat16, 0.0), (torch.float32, 0.3),
-                                        (torch.float16, 0.9)])
+@pytest.mark.parametrize(
+    "dtype,frac", [(torch.bfloat16, 0.5), (torch.bfloat16, 0.0), (torch.float32, 0.3), (torch.float16, 0.9)]
+)
 def test_low_memory_peak(impl, dtype, frac):
     """low_memory=True: the gradients themselves plus 5/8 of grad_hidden (the vocabulary slices,
     and the gathered valid rows) or the first pass's logits chunk, plus O(tokens)."""
@@ -144,18 +154,45 @@ def test_low_memory_reductions_and_options(impl, reduction, nib, h):
     x, w, b, labels = linear_inputs(lead=(2, 3, 5), seed=7)
     upstream = torch.randn(labels.shape, dtype=torch.float64) if reduction == "none" else None
     extras = dict(softcap=4.0, logit_scale=0.5, z_loss_scale=1e-2) if impl == "torch" else {}
-    _check(impl, torch.float32, x, w, b, labels, reduction=reduction, num_items_in_batch=nib, upstream=upstream,
-           return_ce=True, chunk_size=3, h=h, low_memory=True, **extras)
+    _check(
+        impl,
+        torch.float32,
+        x,
+        w,
+        b,
+        labels,
+        reduction=reduction,
+        num_items_in_batch=nib,
+        upstream=upstream,
+        return_ce=True,
+        chunk_size=3,
+        h=h,
+        low_memory=True,
+        **extras,
+    )
 
 
-@pytest.mark.parametrize("grads", [(True, False, False), (False, True, False), (False, False, True),
-                                   (True, True, False), (False, True, True)])
+@pytest.mark.parametrize(
+    "grads",
+    [(True, False, False), (False, True, False), (False, False, True), (True, True, False), (False, True, True)],
+)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_low_memory_requires_grad_combinations(grads, reduction):
     x, w, b, labels = linear_inputs(seed=8)
     upstream = torch.rand(labels.shape, dtype=torch.float64) if reduction == "none" else None
-    _check("torch", torch.float32, x, w, b, labels, grads=grads, reduction=reduction, upstream=upstream,
-           chunk_size=6, low_memory=True)
+    _check(
+        "torch",
+        torch.float32,
+        x,
+        w,
+        b,
+        labels,
+        grads=grads,
+        reduction=reduction,
+        upstream=upstream,
+        chunk_size=6,
+        low_memory=True,
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -183,8 +220,10 @@ def test_low_memory_matmul_flops():
         xs, ws = x.clone().requires_grad_(gx), w.clone().requires_grad_(gw)
 
         def step():
-            fused_linear_gem_loss(xs, ws, labels, impl="triton", reduction=reduction, chunk_size=10,
-                                  low_memory=True).sum().backward()
+            fused_linear_gem_loss(
+                xs, ws, labels, impl="triton", reduction=reduction, chunk_size=10, low_memory=True
+            ).sum().backward()
+
         return count_flops(step)
 
     sparse = labels.clone()
@@ -227,7 +266,7 @@ def test_accumulator_in_place_conversion(V, H, dtype):
         x = torch.randn(4, H, generator=g).to(dtype)
         acc.add(dz, x)
         for i in range(V):  # the same fp32 sums of low-precision products, slice by slice
-            want[i] += (dz[:, i:i + 1].t() @ x)[0].float()
+            want[i] += (dz[:, i : i + 1].t() @ x)[0].float()
     got, _ = acc.result()
     assert got.shape == (V, H) and got.dtype == dtype
     assert torch.equal(got, want.to(dtype))

@@ -1,13 +1,14 @@
 """gem_loss (triton and torch paths) against the float64 reference, for every option and dtype."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DEVICE, ON_CUDA, assert_close, check_gem_against_reference, fresh, make_inputs, run_gem
 
 from gem_kernels import GEMLoss, gem_loss
 from gem_kernels.reference import gem_loss_reference
-from helpers import DEVICE, ON_CUDA, assert_close, check_gem_against_reference, fresh, make_inputs, run_gem
 
 IMPLS = ["triton", "torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -35,14 +36,14 @@ def test_matches_reference(impl, dtype, h, options):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("reduction,num_items", [("mean", None), ("mean", 7), ("mean", "tensor"), ("sum", None),
-                                                 ("none", None)])
+@pytest.mark.parametrize(
+    "reduction,num_items", [("mean", None), ("mean", 7), ("mean", "tensor"), ("sum", None), ("none", None)]
+)
 def test_reductions(impl, reduction, num_items):
     if num_items == "tensor":
         num_items = torch.tensor(11)
     logits, labels = make_inputs(lead=(3, 7), vocab=517, dtype=torch.float32)
-    check_gem_against_reference(logits, labels, impl, reduction=reduction, num_items_in_batch=num_items,
-                                return_ce=True)
+    check_gem_against_reference(logits, labels, impl, reduction=reduction, num_items_in_batch=num_items, return_ce=True)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -144,10 +145,12 @@ def test_masked_vocabulary_minus_inf(impl):
     logits[:, 4100:] = float("-inf")
     labels = labels % 4100
     outs, grad = run_gem(logits.requires_grad_(), labels, impl=impl, return_ce=True, z_loss_scale=1e-3)
-    ref_outs, ref_grad = run_gem(fresh(logits[:, :4100], torch.float64), labels, impl="reference", return_ce=True,
-                                 z_loss_scale=1e-3)
-    full_outs, full_grad = run_gem(fresh(logits, torch.float64), labels, impl="reference", return_ce=True,
-                                   z_loss_scale=1e-3)
+    ref_outs, ref_grad = run_gem(
+        fresh(logits[:, :4100], torch.float64), labels, impl="reference", return_ce=True, z_loss_scale=1e-3
+    )
+    full_outs, full_grad = run_gem(
+        fresh(logits, torch.float64), labels, impl="reference", return_ce=True, z_loss_scale=1e-3
+    )
     for a, t, f in zip(outs, ref_outs, full_outs):
         assert_close(a, t, what="loss with -inf logits")
         assert_close(f, t, what="reference with -inf logits")
@@ -168,8 +171,13 @@ def test_module_matches_functional():
     logits, labels = make_inputs(n=9, vocab=211)
     m = GEMLoss(beta=0.5, h="logsigmoid", reduction="sum")
     assert "beta=0.5" in repr(m)
-    assert_close(m(logits, labels), gem_loss(logits, labels, beta=0.5, h="logsigmoid", reduction="sum"),
-                 what="GEMLoss vs gem_loss", atol=0, rtol=0)
+    assert_close(
+        m(logits, labels),
+        gem_loss(logits, labels, beta=0.5, h="logsigmoid", reduction="sum"),
+        what="GEMLoss vs gem_loss",
+        atol=0,
+        rtol=0,
+    )
     mean = GEMLoss(beta=0.5, h="logsigmoid")
     assert_close(mean(logits, labels, num_items_in_batch=3) * 3, m(logits, labels), what="sum vs items", rtol=1e-6)
     with pytest.raises(TypeError, match="unknown option"):
@@ -286,8 +294,9 @@ def test_bf16_upstream_factor_is_not_rounded_first(impl, reduction):
     ref = xt.grad
     big = ref.abs() > 1e-4
     bias = ((x.grad.double() - ref)[big] / ref[big]).mean().item()
-    assert abs(bias) < 5e-4, (f"{impl}/{reduction}: mean relative gradient error {bias:.2e} "
-                              f"(a bf16-rounded 1/3 gives 1.9e-3)")
+    assert abs(bias) < 5e-4, (
+        f"{impl}/{reduction}: mean relative gradient error {bias:.2e} (a bf16-rounded 1/3 gives 1.9e-3)"
+    )
 
 
 @pytest.mark.parametrize("as_tensor", [False, True])
@@ -296,8 +305,9 @@ def test_reference_with_zero_num_items_is_zero(as_tensor):
     gives 0 for the loss and every statistic, not 0/0 = NaN."""
     logits, labels = make_inputs(n=8, vocab=50, ignore_frac=1.0)
     n = torch.tensor(0) if as_tensor else 0
-    loss, ce, metrics = gem_loss_reference(logits.double(), labels, num_items_in_batch=n, return_ce=True,
-                                           return_metrics=True)
+    loss, ce, metrics = gem_loss_reference(
+        logits.double(), labels, num_items_in_batch=n, return_ce=True, return_metrics=True
+    )
     for name, value in [("loss", loss), ("ce", ce)] + sorted(metrics.items()):
         assert value.item() == 0.0, f"{name}: {value.item()}"
     loss.backward()

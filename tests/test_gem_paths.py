@@ -1,14 +1,14 @@
 """The two Triton designs of gem_loss: gradient in forward (gem_fwd_grad + device-side upstream
 scaling) and statistics-only forward + 2-D backward. Which one runs when, that both match the
 float64 reference for every option, and what each moves through memory (interpreter byte counter)."""
+
 import pytest
 import torch
+from helpers import assert_close, check_gem_against_reference, fresh, make_inputs, no_host_reads, run_gem
 
 from benchmarks.traffic import count_traffic
-from gem_kernels import fused_linear_gem_loss, gem_loss
-from gem_kernels import ops
+from gem_kernels import fused_linear_gem_loss, gem_loss, ops
 from gem_kernels.reference import gem_loss_reference
-from helpers import assert_close, check_gem_against_reference, fresh, make_inputs, no_host_reads, run_gem
 
 KERNELS = ("gem_forward", "gem_forward_grad", "gem_backward", "gem_scale_rows")
 
@@ -34,8 +34,14 @@ OPTIONS = {
     "logsigmoid": {"h": "logsigmoid"},
     "softcap+scale": {"logit_scale": 1.3, "softcap": 5.0},
     "zloss+ce": {"z_loss_scale": 1e-2, "return_ce": True, "h": "logsigmoid"},
-    "everything": {"beta": 0.5, "h": "logsigmoid", "logit_scale": 0.8, "softcap": 4.0, "z_loss_scale": 1e-2,
-                   "return_ce": True},
+    "everything": {
+        "beta": 0.5,
+        "h": "logsigmoid",
+        "logit_scale": 0.8,
+        "softcap": 4.0,
+        "z_loss_scale": 1e-2,
+        "return_ce": True,
+    },
 }
 
 
@@ -48,8 +54,9 @@ def test_both_designs_match_reference(launches, path, options, dtype):
         check_gem_against_reference(logits, labels, "triton", **OPTIONS[options])
         assert "gem_forward_grad" in launches and "gem_backward" not in launches, launches
     else:
-        check_gem_against_reference(logits, labels, "triton", reduction="none", upstream=torch.linspace(-1.0, 2.0, 9),
-                                    **OPTIONS[options])
+        check_gem_against_reference(
+            logits, labels, "triton", reduction="none", upstream=torch.linspace(-1.0, 2.0, 9), **OPTIONS[options]
+        )
         assert "gem_forward_grad" not in launches and "gem_backward" in launches, launches
 
 
@@ -71,8 +78,9 @@ def test_reductions_and_upstream_factors(launches, reduction, num_items, upstrea
     if num_items == "tensor":
         num_items = torch.tensor(5)
     logits, labels = make_inputs(lead=(3, 4), vocab=300, dtype=torch.float32)
-    check_gem_against_reference(logits, labels, "triton", upstream=upstream, reduction=reduction,
-                                num_items_in_batch=num_items, return_ce=True)
+    check_gem_against_reference(
+        logits, labels, "triton", upstream=upstream, reduction=reduction, num_items_in_batch=num_items, return_ce=True
+    )
     assert launches.count("gem_forward_grad") == 1 and "gem_scale_rows" in launches, launches
 
 
@@ -185,7 +193,10 @@ def test_traffic_of_the_two_designs():
     bwd = count_traffic(fwd.result.backward)
     load, reread, store = _passes(fwd, nv)
     assert 2.0 <= load <= 2.0 + small and 1.0 <= reread <= 1.0 + small and 1.0 <= store <= 1.0 + small, (
-        load, reread, store)
+        load,
+        reread,
+        store,
+    )
     load, reread, store = _passes(bwd, nv)
     assert load <= small and store == 0, (load, store)  # upstream exactly 1: no pass over the gradient
 
@@ -225,8 +236,8 @@ def test_fused_path_uses_one_kernel_per_chunk(launches):
 def test_row_config_pruning():
     """The autotuner's candidates: the logits' element size, blocks no longer than the row, and a
     single one under the interpreter (nothing to time)."""
-    from gem_kernels.ops.gem_fwd import _gem_fwd_kernel
     from gem_kernels.ops import config
+    from gem_kernels.ops.gem_fwd import _gem_fwd_kernel
 
     prune = _gem_fwd_kernel.early_config_prune
     for dtype, size in ((torch.bfloat16, 2), (torch.float32, 4)):

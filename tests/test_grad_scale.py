@@ -4,16 +4,17 @@ The fused path computes its gradients in the forward with the reduction's token 
 backward rescales them by upstream / token weight. When the loss is backpropagated as is that
 factor must be exactly 1, so the kernel skips the pass over the [V, H] weight gradient on the device.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import DEVICE, ON_CUDA, only_on
 
 from benchmarks.traffic import count_traffic
 from gem_kernels import fused_linear_gem_loss
 from gem_kernels.autograd import fused_linear as fused_autograd
 from gem_kernels.ops import scale_grad_
-from helpers import DEVICE, ON_CUDA, only_on
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NUMEL = 2 * 8192 + 37  # three programs, the last one partly masked
@@ -37,8 +38,10 @@ def test_factor_one_leaves_every_bit(dtype):
     grad[0] = float("nan")  # untouched, not even multiplied by 1
     before = grad.clone()
     scale_grad_(grad, torch.ones(1, device=DEVICE))
-    assert torch.equal(grad.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                       before.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    assert torch.equal(
+        grad.view(torch.int16 if dtype != torch.float32 else torch.int32),
+        before.view(torch.int16 if dtype != torch.float32 else torch.int32),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -57,7 +60,7 @@ def test_factor_applied_in_fp32_rounded_once(dtype, factor):
         assert bool((err <= _ulp(exact.to(dtype))).all()), f"{dtype}: error over one ulp, max {err.max():.3e}"
     # a bf16 factor would be off by up to 2^-9 relative: the kernel must not round the factor
     if dtype == torch.bfloat16 and factor == 1.0 / 3.0:
-        rounded_factor = (grad.float() * torch.tensor(factor, dtype=torch.bfloat16).float())
+        rounded_factor = grad.float() * torch.tensor(factor, dtype=torch.bfloat16).float()
         assert not torch.equal(grad.float(), rounded_factor)
 
 
@@ -116,9 +119,9 @@ def test_fused_factor_is_exactly_one_for_a_loss_backpropagated_as_is(monkeypatch
     labels[::4] = -100
     num = torch.tensor(7, device=DEVICE) if items == "tensor" else items
     for mult in (1.0, 3.0):
-        def run():
-            loss = fused_linear_gem_loss(hidden, weight, labels, reduction=reduction, num_items_in_batch=num,
-                                         impl=impl)
+
+        def run(mult=mult):
+            loss = fused_linear_gem_loss(hidden, weight, labels, reduction=reduction, num_items_in_batch=num, impl=impl)
             (loss * mult if mult != 1.0 else loss).backward()
 
         factor = _captured_factor(monkeypatch, run).item()

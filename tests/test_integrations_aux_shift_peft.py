@@ -1,6 +1,7 @@
 """More ways a trainer integration could train something other than GEM (as in
 test_integrations_refusals.py): the MoE router loss under gradient accumulation (each GEM trainer follows the
 trainer it replaces), a collator's shift_labels on the compute_loss_func route, and PEFT heads."""
+
 from __future__ import annotations
 
 import copy
@@ -11,16 +12,25 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from test_integrations_refusals import assert_matches_reference, fused_step  # noqa: E402
+from test_integrations_transformers import (  # noqa: E402
+    BETA,
+    HIDDEN,
+    VOCAB,
+    ListDataset,
+    make_batch,
+    tiny_model,
+    trainer_args,
+)
 from transformers import Trainer  # noqa: E402
 
 from gem_kernels.integrations.transformers import (  # noqa: E402
-    GEMTrainer, apply_gem, gem_compute_loss_func, shift_causal_labels,
+    GEMTrainer,
+    apply_gem,
+    gem_compute_loss_func,
+    shift_causal_labels,
 )
 from gem_kernels.reference import gem_loss_reference  # noqa: E402
-from test_integrations_refusals import assert_matches_reference, fused_step  # noqa: E402
-from test_integrations_transformers import (  # noqa: E402
-    BETA, HIDDEN, VOCAB, ListDataset, make_batch, tiny_model, trainer_args,
-)
 
 COEF = 0.5
 
@@ -29,11 +39,26 @@ def tiny_moe(seed: int = 0):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, moe_intermediate_size=32,
-                         num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=16, max_position_embeddings=128, decoder_sparse_step=1,
-                         router_aux_loss_coef=COEF, output_router_logits=True, tie_word_embeddings=False,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = Qwen3MoeConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+        decoder_sparse_step=1,
+        router_aux_loss_coef=COEF,
+        output_router_logits=True,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = Qwen3MoeForCausalLM(cfg)
     model.set_experts_implementation("eager")  # the grouped-mm experts refuse the float64 reference
     with torch.no_grad():
@@ -50,8 +75,11 @@ def gem_plus_aux(rows, aux_weight):
         loss = 0.0
         for r in rows:
             out = m(input_ids=r["input_ids"], attention_mask=r["attention_mask"], output_router_logits=True)
-            loss = loss + gem_loss_reference(out.logits, shift_causal_labels(r["labels"]), beta=BETA,
-                                             num_items_in_batch=total) + aux_weight * COEF * out.aux_loss
+            loss = (
+                loss
+                + gem_loss_reference(out.logits, shift_causal_labels(r["labels"]), beta=BETA, num_items_in_batch=total)
+                + aux_weight * COEF * out.aux_loss
+            )
         return loss
 
     return loss_fn
@@ -67,11 +95,15 @@ def sgd_step(trainer, model):
 def test_gem_trainer_moe_aux_loss_follows_transformers(tmp_path):
     """transformers' rule: the model adds COEF * aux_loss to each micro-batch's loss, undivided."""
     batch = make_batch(n=2, seq=12)
-    rows = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(2)]
+    rows = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(2)]
     model = tiny_moe()
     before = copy.deepcopy(model)
-    trainer = GEMTrainer(model=model, args=trainer_args(tmp_path, 1, 2), train_dataset=ListDataset(batch),
-                         gem_options=dict(beta=BETA, impl="torch"))
+    trainer = GEMTrainer(
+        model=model,
+        args=trainer_args(tmp_path, 1, 2),
+        train_dataset=ListDataset(batch),
+        gem_options=dict(beta=BETA, impl="torch"),
+    )
     logged, steps = sgd_step(trainer, model)
     assert_matches_reference(logged, steps, before, gem_plus_aux(rows, 1.0), what="GEMTrainer MoE k=2")
 
@@ -81,20 +113,25 @@ def test_gem_sft_trainer_moe_aux_loss_follows_trl(tmp_path):
     added it undivided: router gradients 2x)."""
     datasets = pytest.importorskip("datasets")
     pytest.importorskip("trl")
-    from gem_kernels.integrations.trl import GEMSFTTrainer
     from test_integrations_trl import expected_batch, sft_args, sft_rows, word_tokenizer
+
+    from gem_kernels.integrations.trl import GEMSFTTrainer
 
     data = sft_rows("completion", n=2)
     padded = expected_batch(data)
     rows = []
     for i, r in enumerate(data):  # micro-batches of one row: no padding
         n = len(r["input_ids"])
-        rows.append({k: v[i:i + 1, :n] for k, v in padded.items()})
+        rows.append({k: v[i : i + 1, :n] for k, v in padded.items()})
     model = tiny_moe()
     before = copy.deepcopy(model)
-    trainer = GEMSFTTrainer(model=model, args=sft_args(tmp_path, per_device_train_batch_size=1),
-                            train_dataset=datasets.Dataset.from_list(data), processing_class=word_tokenizer(),
-                            gem_options=dict(beta=BETA, impl="torch"))
+    trainer = GEMSFTTrainer(
+        model=model,
+        args=sft_args(tmp_path, per_device_train_batch_size=1),
+        train_dataset=datasets.Dataset.from_list(data),
+        processing_class=word_tokenizer(),
+        gem_options=dict(beta=BETA, impl="torch"),
+    )
     logged, steps = sgd_step(trainer, model)
     assert_matches_reference(logged, steps, before, gem_plus_aux(rows, 0.5), what="GEMSFTTrainer MoE k=2")
     assert "aux_loss" in trainer.state.log_history[0]
@@ -126,14 +163,23 @@ def test_shift_labels_reach_the_loss(tmp_path, route):
     # that builds it, as padding-free ones do, is not affected)
     args = trainer_args(tmp_path, 2, 2, remove_unused_columns=False)
     if route == "compute_loss_func":
-        trainer = Trainer(model=model, args=args, train_dataset=ListDataset(batch),
-                          compute_loss_func=gem_compute_loss_func(beta=BETA, impl="torch"))
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=ListDataset(batch),
+            compute_loss_func=gem_compute_loss_func(beta=BETA, impl="torch"),
+        )
     elif route == "gem_trainer_logits":
-        trainer = GEMTrainer(model=model, args=args, train_dataset=ListDataset(batch),
-                             compute_loss_func=gem_compute_loss_func(beta=BETA, impl="torch"))
+        trainer = GEMTrainer(
+            model=model,
+            args=args,
+            train_dataset=ListDataset(batch),
+            compute_loss_func=gem_compute_loss_func(beta=BETA, impl="torch"),
+        )
     else:
-        trainer = GEMTrainer(model=model, args=args, train_dataset=ListDataset(batch),
-                             gem_options=dict(beta=BETA, impl="torch"))
+        trainer = GEMTrainer(
+            model=model, args=args, train_dataset=ListDataset(batch), gem_options=dict(beta=BETA, impl="torch")
+        )
     logged, steps = sgd_step(trainer, model)
 
     def loss_fn(m):
@@ -163,11 +209,19 @@ def test_gem_trainers_tell_the_loss_without_walking_the_stack(tmp_path, monkeypa
     before = copy.deepcopy(model)
     args = trainer_args(tmp_path, 2, 2, remove_unused_columns=False)
     if route == "gem_trainer_logits":
-        trainer = GEMTrainer(model=model, args=args, train_dataset=ListDataset(batch),
-                             compute_loss_func=gem_compute_loss_func(beta=BETA, impl="torch", ignore_index=0))
+        trainer = GEMTrainer(
+            model=model,
+            args=args,
+            train_dataset=ListDataset(batch),
+            compute_loss_func=gem_compute_loss_func(beta=BETA, impl="torch", ignore_index=0),
+        )
     else:
-        trainer = GEMTrainer(model=model, args=args, train_dataset=ListDataset(batch),
-                             gem_options=dict(beta=BETA, impl="torch", ignore_index=0))
+        trainer = GEMTrainer(
+            model=model,
+            args=args,
+            train_dataset=ListDataset(batch),
+            gem_options=dict(beta=BETA, impl="torch", ignore_index=0),
+        )
     logged, steps = sgd_step(trainer, model)
 
     def loss_fn(m):
@@ -191,8 +245,9 @@ def test_lora_head_is_refused_with_the_full_class():
 def test_modules_to_save_head_uses_the_fused_path():
     peft = pytest.importorskip("peft")
     torch.manual_seed(1)
-    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
-                             init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], init_lora_weights=False
+    )
     model = peft.get_peft_model(tiny_model("llama"), config)
     batch = make_batch(n=2, seq=8)
     before = copy.deepcopy(model)

@@ -9,6 +9,7 @@ single-process PyTorch in the same precision, plus an atol (1e-7, bf16 1e-5) far
 parameter's movement. Skipped when deepspeed is not importable, or with
 GEM_SKIP_MULTIPROCESS=1.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,11 +23,11 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from helpers import assert_close  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
 
 from gem_kernels.integrations.transformers import apply_gem, shift_causal_labels  # noqa: E402
 from gem_kernels.reference import gem_loss_reference  # noqa: E402
-from helpers import assert_close  # noqa: E402
 
 VOCAB, HIDDEN, BETA, LR, STEPS, WORLD = 257, 32, 0.7, 0.1, 2, 2
 
@@ -55,9 +56,20 @@ CASES = {
 
 def build_model(tied: bool, seed: int = 0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=tied,
+    )
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # spread the near-uniform initial logits so GEM is not trivial
         model.get_output_embeddings().weight.mul_(4.0)
@@ -70,8 +82,12 @@ def sft_rows():
     rows = []
     for i in range(4):
         length = 9 + 2 * i
-        rows.append({"input_ids": torch.randint(3, VOCAB, (length,), generator=g).tolist(),
-                     "completion_mask": [0] * (2 + i) + [1] * (length - 2 - i)})
+        rows.append(
+            {
+                "input_ids": torch.randint(3, VOCAB, (length,), generator=g).tolist(),
+                "completion_mask": [0] * (2 + i) + [1] * (length - 2 - i),
+            }
+        )
     return rows
 
 
@@ -112,8 +128,9 @@ def reference_trajectory(model, batch, compute_dtype, master_dtype, start_dtype=
     return master
 
 
-multiprocess = pytest.mark.skipif(os.environ.get("GEM_SKIP_MULTIPROCESS") == "1",
-                                  reason="GEM_SKIP_MULTIPROCESS=1 (these tests start 2 processes)")
+multiprocess = pytest.mark.skipif(
+    os.environ.get("GEM_SKIP_MULTIPROCESS") == "1", reason="GEM_SKIP_MULTIPROCESS=1 (these tests start 2 processes)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -128,13 +145,36 @@ def deepspeed_results(tmp_path_factory):
         build_model(tied).save_pretrained(out / f"model-{'tied' if tied else 'untied'}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # A CPU test on any machine: DeepSpeed's CPU accelerator and gloo even where CUDA is present.
-    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "PYTHONPATH": root,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-                           "--master_addr", "127.0.0.1", "--master_port", str(port), os.path.abspath(__file__),
-                           str(out), json.dumps(sorted(CASES))], env=env, cwd=root, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(WORLD),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            os.path.abspath(__file__),
+            str(out),
+            json.dumps(sorted(CASES)),
+        ],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
     results = {name: (torch.load(out / f"{name}.pt") if (out / f"{name}.pt").exists() else None) for name in CASES}
     return results, proc.returncode, (proc.stdout + proc.stderr)[-6000:]
 
@@ -163,8 +203,15 @@ def test_deepspeed_two_process_matches_single_process(deepspeed_results, case):
     for name, p in result["params"].items():
         moved = (truth[name] - start[name].double()).abs().max()
         assert moved > 5 * atol, f"{case}: {name} barely moves in 2 steps ({moved:.2e}); the test would be blind"
-        assert_close(p, truth[name], what=f"{case}: {name} after {STEPS} steps", baseline=base[name],
-                     dtype=torch.float32, margin=margin, atol=atol)
+        assert_close(
+            p,
+            truth[name],
+            what=f"{case}: {name} after {STEPS} steps",
+            baseline=base[name],
+            dtype=torch.float32,
+            margin=margin,
+            atol=atol,
+        )
 
 
 def test_zero3_probe_tie_is_finite_and_keeps_the_hook_path():
@@ -177,7 +224,7 @@ def test_zero3_probe_tie_is_finite_and_keeps_the_hook_path():
     for make in (lambda: raw * 1000.0, lambda: raw * 1000.0 - raw * 1000.0):  # fp16 overflow: +-inf; nan
         head_output = make()
         reached = []
-        head_output.register_hook(lambda g: reached.append(g))
+        head_output.register_hook(reached.append)
         loss = torch.tensor(1.5, requires_grad=True)
         total = loss + zero3_tie(head_output, probe=True).to(loss.dtype)
         assert torch.isfinite(head_output).logical_not().any() and total.item() == 1.5
@@ -210,21 +257,34 @@ def _ds_config(name, stage, offload, accum, dtype, auto: bool):
         zero["stage3_param_persistence_threshold"] = 0
     if offload:
         zero["offload_param"] = {"device": "cpu"}
-    cfg = {"zero_optimization": zero, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9,
-           "bf16": {"enabled": "auto" if auto else dtype == "bf16"}}
+    cfg = {
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "bf16": {"enabled": "auto" if auto else dtype == "bf16"},
+    }
     micro = 2 // accum
     if auto:  # Trainer fills these from TrainingArguments
-        cfg.update(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto",
-                   train_batch_size="auto", gradient_clipping="auto")
+        cfg.update(
+            train_micro_batch_size_per_gpu="auto",
+            gradient_accumulation_steps="auto",
+            train_batch_size="auto",
+            gradient_clipping="auto",
+        )
     else:
-        cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
-                   train_batch_size=micro * accum * WORLD, gradient_clipping=0.0)
+        cfg.update(
+            train_micro_batch_size_per_gpu=micro,
+            gradient_accumulation_steps=accum,
+            train_batch_size=micro * accum * WORLD,
+            gradient_clipping=0.0,
+        )
     return cfg
 
 
 def _load(out_dir, tied):
-    return LlamaForCausalLM.from_pretrained(os.path.join(out_dir, f"model-{'tied' if tied else 'untied'}"),
-                                            dtype=torch.float32)
+    return LlamaForCausalLM.from_pretrained(
+        os.path.join(out_dir, f"model-{'tied' if tied else 'untied'}"), dtype=torch.float32
+    )
 
 
 def _run_apply_gem(out_dir, name, stage, tied, init, offload, accum, dtype, rank):
@@ -258,31 +318,54 @@ def _run_trainer(out_dir, name, route, stage, tied, init, offload, accum, dtype)
 
     cfg = _ds_config(name, stage, offload, accum, dtype, auto=True)
     model = _load(out_dir, tied) if init == "normal" else None  # before the args: no zero.Init
-    common = dict(output_dir=os.path.join(out_dir, "trainer"), per_device_train_batch_size=2 // accum,
-                  gradient_accumulation_steps=accum, max_steps=STEPS, learning_rate=LR, optim="sgd",
-                  lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, report_to=[],
-                  use_cpu=True, save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True,
-                  bf16=dtype == "bf16", deepspeed=cfg)
+    common = dict(
+        output_dir=os.path.join(out_dir, "trainer"),
+        per_device_train_batch_size=2 // accum,
+        gradient_accumulation_steps=accum,
+        max_steps=STEPS,
+        learning_rate=LR,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        bf16=dtype == "bf16",
+        deepspeed=cfg,
+    )
     if route == "gem_sft_trainer":
         from trl import SFTConfig
 
         from gem_kernels.integrations.trl import GEMSFTTrainer
+
         args = SFTConfig(**common, completion_only_loss=True)  # TRL default: gradient checkpointing on
     else:
         from gem_kernels.integrations.transformers import GEMTrainer
+
         args = TrainingArguments(**common)
     if model is None:  # TrainingArguments(deepspeed=ZeRO-3) makes from_pretrained build under zero.Init
         model = _load(out_dir, tied)
     if route == "gem_sft_trainer":
         from test_integrations_trl import word_tokenizer
 
-        trainer = GEMSFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(sft_rows()),
-                                processing_class=word_tokenizer(), gem_options=dict(beta=BETA, impl="torch"))
+        trainer = GEMSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=datasets.Dataset.from_list(sft_rows()),
+            processing_class=word_tokenizer(),
+            gem_options=dict(beta=BETA, impl="torch"),
+        )
     else:
         from test_integrations_transformers import ListDataset
 
-        trainer = GEMTrainer(model=model, args=args, train_dataset=ListDataset(global_batch()),
-                             gem_options=dict(beta=BETA, impl="torch"))
+        trainer = GEMTrainer(
+            model=model, args=args, train_dataset=ListDataset(global_batch()), gem_options=dict(beta=BETA, impl="torch")
+        )
     trainer.train()
     return trainer.model_wrapped
 

@@ -3,6 +3,7 @@ transforms between the head and the logits, a trainer that takes the labels away
 other than -100, serialisation, another integration replacing GEM's forward. Each test feeds an
 input that would do so and holds the right value or the clear error. Tiny models built from configs
 (V = 257, H = 32); no downloads."""
+
 from __future__ import annotations
 
 import copy
@@ -15,18 +16,29 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from helpers import assert_close  # noqa: E402
+from test_integrations_transformers import (  # noqa: E402
+    BETA,
+    HIDDEN,
+    VOCAB,
+    ListDataset,
+    make_batch,
+    tiny_model,
+    trainer_args,
+)
 from transformers import LlamaForCausalLM, Trainer  # noqa: E402
 
 from gem_kernels.integrations._logit_transforms import check_probe, probe_values  # noqa: E402
 from gem_kernels.integrations.transformers import (  # noqa: E402
-    GEMTrainer, apply_gem, gem_compute_loss_func, is_gem_applied, logit_transform_from_config, remove_gem,
+    GEMTrainer,
+    apply_gem,
+    gem_compute_loss_func,
+    is_gem_applied,
+    logit_transform_from_config,
+    remove_gem,
     shift_causal_labels,
 )
 from gem_kernels.reference import gem_loss_reference  # noqa: E402
-from helpers import assert_close  # noqa: E402
-from test_integrations_transformers import (  # noqa: E402
-    BETA, HIDDEN, VOCAB, ListDataset, make_batch, tiny_model, trainer_args,
-)
 
 
 def reference_step(model, loss_fn, dtype):
@@ -52,8 +64,13 @@ def assert_matches_reference(got_loss, got_grads, model, loss_fn, what):
 def own_logits_gem(batch, ignore_index=-100, num_items=None):
     """GEM of the model's own logits (whatever its forward does after the head)."""
     targets = shift_causal_labels(batch["labels"], ignore_index)
-    return lambda m: gem_loss_reference(m(input_ids=batch["input_ids"]).logits, targets, beta=BETA,
-                                        ignore_index=ignore_index, num_items_in_batch=num_items)
+    return lambda m: gem_loss_reference(
+        m(input_ids=batch["input_ids"]).logits,
+        targets,
+        beta=BETA,
+        ignore_index=ignore_index,
+        num_items_in_batch=num_items,
+    )
 
 
 def fused_step(model, batch):
@@ -73,17 +90,36 @@ def capped_recurrent_model(kind: str):
     if kind == "recurrent_gemma":
         from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
 
-        cfg = RecurrentGemmaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16, lru_width=HIDDEN,
-                                   attention_window_size=16, block_types=["recurrent", "attention"],
-                                   logits_soft_cap=3.0, pad_token_id=0)
+        cfg = RecurrentGemmaConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            lru_width=HIDDEN,
+            attention_window_size=16,
+            block_types=["recurrent", "attention"],
+            logits_soft_cap=3.0,
+            pad_token_id=0,
+        )
         model = RecurrentGemmaForCausalLM(cfg)
     else:
         from transformers import xLSTMConfig, xLSTMForCausalLM
 
         # (its native kernels need the q/k width, rounded up to 64, equal to hidden_size)
-        cfg = xLSTMConfig(vocab_size=VOCAB, hidden_size=64, num_heads=2, qk_dim_factor=1.0, num_blocks=2,
-                          chunk_size=4, output_logit_soft_cap=3.0, mode="train", pad_token_id=0)
+        cfg = xLSTMConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_heads=2,
+            qk_dim_factor=1.0,
+            num_blocks=2,
+            chunk_size=4,
+            output_logit_soft_cap=3.0,
+            mode="train",
+            pad_token_id=0,
+        )
         model = xLSTMForCausalLM(cfg)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(8.0)
@@ -215,8 +251,9 @@ def test_plain_trainer_label_smoothing_is_refused(tmp_path):
         GEMTrainer(model=tiny_model("llama"), args=args, train_dataset=ListDataset(batch))
     # A compute_loss_func that is not GEM on an apply_gem model: the same refusal.
     ce = lambda outputs, labels, num_items_in_batch=None: outputs.logits.float().logsumexp(-1).mean()  # noqa: E731
-    trainer = Trainer(model=model, args=trainer_args(tmp_path, 4, 1), train_dataset=ListDataset(batch),
-                      compute_loss_func=ce)
+    trainer = Trainer(
+        model=model, args=trainer_args(tmp_path, 4, 1), train_dataset=ListDataset(batch), compute_loss_func=ce
+    )
     with pytest.raises(ValueError, match="compute_loss_func"):
         trainer.train()
     # Outside a Trainer, a training-mode call without labels is plain inference, as before.
@@ -243,19 +280,28 @@ def test_gem_trainer_counts_with_its_ignore_index(tmp_path, accum):
     model = tiny_model("llama")
     before = copy.deepcopy(model)
     start = {k: p.detach().clone() for k, p in model.named_parameters()}
-    trainer = GEMTrainer(model=model, args=trainer_args(tmp_path, 4 // accum, accum), train_dataset=ListDataset(batch),
-                         gem_options=dict(beta=BETA, impl="torch", ignore_index=0))
+    trainer = GEMTrainer(
+        model=model,
+        args=trainer_args(tmp_path, 4 // accum, accum),
+        train_dataset=ListDataset(batch),
+        gem_options=dict(beta=BETA, impl="torch", ignore_index=0),
+    )
     trainer.train()
     logged = torch.tensor(trainer.state.log_history[0]["loss"])
     steps = {k: start[k] - p.detach() for k, p in model.named_parameters()}
-    assert_matches_reference(logged, steps, before, own_logits_gem_masked(batch, 0),
-                             what=f"GEMTrainer ignore_index=0 k={accum}")
+    assert_matches_reference(
+        logged, steps, before, own_logits_gem_masked(batch, 0), what=f"GEMTrainer ignore_index=0 k={accum}"
+    )
 
 
 def own_logits_gem_masked(batch, ignore_index):
     targets = shift_causal_labels(batch["labels"], ignore_index)
-    return lambda m: gem_loss_reference(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                        targets, beta=BETA, ignore_index=ignore_index)
+    return lambda m: gem_loss_reference(
+        m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+        targets,
+        beta=BETA,
+        ignore_index=ignore_index,
+    )
 
 
 @pytest.mark.parametrize("route", ["apply_gem", "compute_loss_func"])
@@ -263,11 +309,18 @@ def test_plain_trainer_refuses_a_foreign_ignore_index(tmp_path, route):
     batch = zero_labelled_batch()
     model = tiny_model("llama")
     if route == "apply_gem":
-        trainer = Trainer(model=apply_gem(model, beta=BETA, impl="torch", ignore_index=0),
-                          args=trainer_args(tmp_path, 4, 1), train_dataset=ListDataset(batch))
+        trainer = Trainer(
+            model=apply_gem(model, beta=BETA, impl="torch", ignore_index=0),
+            args=trainer_args(tmp_path, 4, 1),
+            train_dataset=ListDataset(batch),
+        )
     else:
-        trainer = Trainer(model=model, args=trainer_args(tmp_path, 4, 1), train_dataset=ListDataset(batch),
-                          compute_loss_func=gem_compute_loss_func(beta=BETA, impl="torch", ignore_index=0))
+        trainer = Trainer(
+            model=model,
+            args=trainer_args(tmp_path, 4, 1),
+            train_dataset=ListDataset(batch),
+            compute_loss_func=gem_compute_loss_func(beta=BETA, impl="torch", ignore_index=0),
+        )
     with pytest.raises(ValueError, match=r"ignore_index=0.*labels != -100.*GEMTrainer"):
         trainer.train()
     # Outside a Trainer the caller's own count is used (here: this batch's 26 targets).
@@ -293,8 +346,11 @@ def test_patched_model_round_trips(tmp_path):
     expected = _gem_loss_of(model, batch)
     path = tmp_path / "model.pt"
     torch.save(model, path)
-    copies = {"pickle": pickle.loads(pickle.dumps(model)), "torch.save": torch.load(path, weights_only=False),
-              "deepcopy": copy.deepcopy(model)}
+    copies = {
+        "pickle": pickle.loads(pickle.dumps(model)),
+        "torch.save": torch.load(path, weights_only=False),
+        "deepcopy": copy.deepcopy(model),
+    }
     for how, other in copies.items():
         assert is_gem_applied(other), how
         assert other.forward._gem_target is other, f"{how}: the forward must call the copy, not the original"
@@ -315,8 +371,9 @@ def test_patched_model_in_a_spawned_worker(tmp_path):
 
     batch = make_batch(n=2, seq=8)
     model = apply_gem(tiny_model("llama"), beta=BETA, impl="torch")
-    proc = mp.get_context("spawn").Process(target=_spawn_worker,
-                                           args=(pickle.dumps((model, batch)), str(tmp_path / "out.pt")))
+    proc = mp.get_context("spawn").Process(
+        target=_spawn_worker, args=(pickle.dumps((model, batch)), str(tmp_path / "out.pt"))
+    )
     proc.start()
     proc.join(timeout=300)
     assert proc.exitcode == 0, f"spawned worker failed (exit code {proc.exitcode})"
@@ -331,8 +388,11 @@ def test_patched_model_in_a_spawned_worker(tmp_path):
 def test_use_liger_kernel_is_refused(tmp_path):
     batch = make_batch(n=4)
     with pytest.raises(ValueError, match="use_liger_kernel"):
-        GEMTrainer(model=tiny_model("llama"), args=trainer_args(tmp_path, 4, 1, use_liger_kernel=True),
-                   train_dataset=ListDataset(batch))
+        GEMTrainer(
+            model=tiny_model("llama"),
+            args=trainer_args(tmp_path, 4, 1, use_liger_kernel=True),
+            train_dataset=ListDataset(batch),
+        )
 
 
 def test_is_gem_applied_is_truthful_when_liger_replaces_the_forward():
@@ -352,8 +412,12 @@ def test_gem_trainer_guards_every_step(tmp_path):
     """A forward installed after GEMTrainer patched the model (as Liger does inside train()) trains
     CE: the guard raises on that step instead."""
     batch = make_batch(n=4)
-    trainer = GEMTrainer(model=tiny_model("llama"), args=trainer_args(tmp_path, 2, 2, steps=1),
-                         train_dataset=ListDataset(batch), gem_options=dict(beta=BETA, impl="torch"))
+    trainer = GEMTrainer(
+        model=tiny_model("llama"),
+        args=trainer_args(tmp_path, 2, 2, steps=1),
+        train_dataset=ListDataset(batch),
+        gem_options=dict(beta=BETA, impl="torch"),
+    )
     model = trainer.model
     model.forward = types.MethodType(LlamaForCausalLM.forward, model)
     assert not is_gem_applied(model)

@@ -1,5 +1,6 @@
 """GEM in Hugging Face transformers: the logits path (compute_loss_func), the fused path
 (apply_gem / GEMTrainer), gradient accumulation and memory. Tiny models built from configs."""
+
 from __future__ import annotations
 
 import copy
@@ -11,17 +12,28 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from helpers import assert_close, only_on  # noqa: E402
 from transformers import (  # noqa: E402
-    CohereConfig, Gemma2Config, Gemma2ForCausalLM, GraniteConfig, LlamaConfig, LlamaForCausalLM,
-    Trainer, TrainingArguments,
+    CohereConfig,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GraniteConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainingArguments,
 )
 
 from gem_kernels.integrations.transformers import (  # noqa: E402
-    GEMTrainer, apply_gem, gem_compute_loss_func, is_gem_applied, logit_transform_from_config, remove_gem,
+    GEMTrainer,
+    apply_gem,
+    gem_compute_loss_func,
+    is_gem_applied,
+    logit_transform_from_config,
+    remove_gem,
     shift_causal_labels,
 )
 from gem_kernels.reference import gem_loss_reference  # noqa: E402
-from helpers import assert_close, only_on  # noqa: E402
 
 VOCAB, HIDDEN = 257, 32
 BETA = 0.7
@@ -29,9 +41,19 @@ BETA = 0.7
 
 def tiny_model(kind: str, seed: int = 0):
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
-                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
     else:
@@ -52,8 +74,8 @@ def make_batch(n: int = 4, seq: int = 12, seed: int = 0):
     for i in range(n):
         pad = (3 * i) % 7
         if pad:
-            mask[i, seq - pad:] = 0
-            ids[i, seq - pad:] = 0
+            mask[i, seq - pad :] = 0
+            ids[i, seq - pad :] = 0
         labels[i, : 1 + (2 * i) % 5] = -100
     labels[mask == 0] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
@@ -70,8 +92,9 @@ def _reference_step(model, batch, num_items, dtype, opts):
     if is_gem_applied(m):
         remove_gem(m)
     logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    loss = gem_loss_reference(logits, shift_causal_labels(batch["labels"]), beta=BETA,
-                              num_items_in_batch=num_items, **opts)
+    loss = gem_loss_reference(
+        logits, shift_causal_labels(batch["labels"]), beta=BETA, num_items_in_batch=num_items, **opts
+    )
     loss.backward()
     return loss.detach(), {k: p.grad.detach().clone() for k, p in m.named_parameters() if p.grad is not None}
 
@@ -101,8 +124,7 @@ def check_against_truth(model, loss, batch, num_items=None, what=""):
     assert_close(loss.reshape(()), t_loss.reshape(()), what=f"{what} loss", baseline=b_loss, dtype=torch.float32)
     for name, p in model.named_parameters():
         assert p.grad is not None, f"{what}: no gradient reached {name}"
-        assert_close(p.grad, t_grads[name], what=f"{what} grad {name}", baseline=b_grads[name],
-                     dtype=torch.float32)
+        assert_close(p.grad, t_grads[name], what=f"{what} grad {name}", baseline=b_grads[name], dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,10 +141,18 @@ def test_logits_path_matches_reference(kind):
     check_against_truth(model, loss, batch, num_items, what=f"{kind} logits path")
 
 
-@pytest.mark.parametrize("kind,impl", [
-    ("llama", "torch"), ("gemma2", "torch"),
-    pytest.param("gemma2", "triton", marks=only_on("cpu", "the model stays on the CPU here, so impl='triton' "
-                                                          "needs the interpreter"))])
+@pytest.mark.parametrize(
+    "kind,impl",
+    [
+        ("llama", "torch"),
+        ("gemma2", "torch"),
+        pytest.param(
+            "gemma2",
+            "triton",
+            marks=only_on("cpu", "the model stays on the CPU here, so impl='triton' needs the interpreter"),
+        ),
+    ],
+)
 def test_fused_path_matches_reference(kind, impl):
     model, batch = tiny_model(kind), make_batch(n=2, seq=8)
     apply_gem(model, beta=BETA, impl=impl)
@@ -183,7 +213,7 @@ def test_devices_sum_to_full_batch():
     model.train()
     total = n_targets(batch["labels"])
     full = model(**batch, num_items_in_batch=total).loss
-    halves = [model(**{k: v[i:i + 2] for k, v in batch.items()}, num_items_in_batch=total).loss for i in (0, 2)]
+    halves = [model(**{k: v[i : i + 2] for k, v in batch.items()}, num_items_in_batch=total).loss for i in (0, 2)]
     assert_close(halves[0] + halves[1], full, what="sum over devices vs full batch", dtype=torch.float32)
 
 
@@ -196,8 +226,9 @@ def test_logit_transforms_read_from_config():
 
     # HyperCLOVA X multiplies by logits_scaling, MiniCPM3 applies it to the hidden states before the
     # head, Falcon-H1 multiplies by lm_head_multiplier; an unknown model type is refused, not guessed.
-    cfgs = {name: getattr(transformers, name, None) for name in ("HyperCLOVAXConfig", "MiniCPM3Config",
-                                                                 "FalconH1Config")}
+    cfgs = {
+        name: getattr(transformers, name, None) for name in ("HyperCLOVAXConfig", "MiniCPM3Config", "FalconH1Config")
+    }
     if cfgs["HyperCLOVAXConfig"] is not None:
         assert logit_transform_from_config(cfgs["HyperCLOVAXConfig"](logits_scaling=4.0)) == (4.0, None)
     if cfgs["MiniCPM3Config"] is not None:
@@ -249,16 +280,31 @@ class ListDataset(torch.utils.data.Dataset):
 
 def trainer_args(tmp_path, per_device, accum, steps=1, **kw):
     return TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=per_device, gradient_accumulation_steps=accum,
-        max_steps=steps, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
-        max_grad_norm=0.0, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0,
-        dataloader_num_workers=0, disable_tqdm=True, **kw)
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accum,
+        max_steps=steps,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **kw,
+    )
 
 
 def make_trainer(path, model, args, dataset, impl="torch"):
     if path == "logits":
-        return Trainer(model=model, args=args, train_dataset=dataset,
-                       compute_loss_func=gem_compute_loss_func(beta=BETA, impl=impl))
+        return Trainer(
+            model=model, args=args, train_dataset=dataset, compute_loss_func=gem_compute_loss_func(beta=BETA, impl=impl)
+        )
     if path == "apply_gem":
         return Trainer(model=apply_gem(model, beta=BETA, impl=impl), args=args, train_dataset=dataset)
     return GEMTrainer(model=model, args=args, train_dataset=dataset, gem_options=dict(beta=BETA, impl=impl))
@@ -277,14 +323,30 @@ def test_trainer_step_equals_one_big_batch(tmp_path, path, accum):
     trainer = make_trainer(path, model, trainer_args(tmp_path, 4 // accum, accum), ListDataset(batch))
     trainer.train()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert_close(torch.tensor(logged[0]), t_loss.float(), what=f"{path} k={accum} logged loss",
-                 baseline=b_loss, dtype=torch.float32, atol=1e-5)
+    assert_close(
+        torch.tensor(logged[0]),
+        t_loss.float(),
+        what=f"{path} k={accum} logged loss",
+        baseline=b_loss,
+        dtype=torch.float32,
+        atol=1e-5,
+    )
     for name, p in model.named_parameters():
-        assert_close(start[name] - p.detach(), t_grads[name], what=f"{path} k={accum} step of {name}",
-                     baseline=b_grads[name], dtype=torch.float32)
+        assert_close(
+            start[name] - p.detach(),
+            t_grads[name],
+            what=f"{path} k={accum} step of {name}",
+            baseline=b_grads[name],
+            dtype=torch.float32,
+        )
     if path == "gem_trainer":  # the CE logged beside GEM is the big batch's mean CE
-        assert_close(torch.tensor(trainer.state.log_history[0]["ce"]), full_batch_ce(model_before, batch),
-                     what=f"k={accum} logged CE", dtype=torch.float32, atol=1e-5)
+        assert_close(
+            torch.tensor(trainer.state.log_history[0]["ce"]),
+            full_batch_ce(model_before, batch),
+            what=f"k={accum} logged CE",
+            dtype=torch.float32,
+            atol=1e-5,
+        )
 
 
 @only_on("cpu", "trainer_args keeps the model on the CPU (use_cpu=True), where impl='triton' needs the interpreter")
@@ -294,8 +356,13 @@ def test_gem_trainer_triton_end_to_end(tmp_path):
     model, batch = tiny_model("gemma2"), make_batch(n=4, seq=8)
     args = trainer_args(tmp_path, 2, 2, steps=2, per_device_eval_batch_size=4)
     args.learning_rate = 1e-2
-    trainer = GEMTrainer(model=model, args=args, train_dataset=ListDataset(batch), eval_dataset=ListDataset(batch),
-                         gem_options=dict(beta=BETA, impl="triton"))
+    trainer = GEMTrainer(
+        model=model,
+        args=args,
+        train_dataset=ListDataset(batch),
+        eval_dataset=ListDataset(batch),
+        gem_options=dict(beta=BETA, impl="triton"),
+    )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
@@ -310,12 +377,17 @@ def test_gem_trainer_triton_end_to_end(tmp_path):
 def test_trainer_setup(tmp_path):
     model, batch = tiny_model("llama"), make_batch(n=2)
     with pytest.raises(ValueError, match="compute_loss_func"):  # only gem_compute_loss_func (the logits path)
-        GEMTrainer(model=model, args=trainer_args(tmp_path, 2, 1), train_dataset=ListDataset(batch),
-                   compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum())
+        GEMTrainer(
+            model=model,
+            args=trainer_args(tmp_path, 2, 1),
+            train_dataset=ListDataset(batch),
+            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum(),
+        )
     with pytest.raises(ValueError, match="beta"):
         GEMTrainer(model=model, args=trainer_args(tmp_path, 2, 1), gem_options=dict(beta=-1.0))
-    trainer = GEMTrainer(model_init=lambda: tiny_model("llama"), args=trainer_args(tmp_path, 2, 1),
-                         train_dataset=ListDataset(batch))
+    trainer = GEMTrainer(
+        model_init=lambda: tiny_model("llama"), args=trainer_args(tmp_path, 2, 1), train_dataset=ListDataset(batch)
+    )
     assert is_gem_applied(trainer.model) and trainer.model_accepts_loss_kwargs
 
 
@@ -340,12 +412,21 @@ def test_gem_trainer_checks_its_options_once(tmp_path, monkeypatch, path):
     model, batch = tiny_model("llama"), make_batch(n=4)
     args = trainer_args(tmp_path, 2, 1, per_device_eval_batch_size=4)
     if path == "gem_trainer":
-        trainer = GEMTrainer(model=model, args=args, train_dataset=ListDataset(batch),
-                             eval_dataset=ListDataset(batch), gem_options=dict(beta=BETA, impl="torch"))
+        trainer = GEMTrainer(
+            model=model,
+            args=args,
+            train_dataset=ListDataset(batch),
+            eval_dataset=ListDataset(batch),
+            gem_options=dict(beta=BETA, impl="torch"),
+        )
     else:
-        trainer = GEMTrainer(model=model, args=args, train_dataset=ListDataset(batch),
-                             eval_dataset=ListDataset(batch),
-                             compute_loss_func=gem_compute_loss_func(beta=BETA, impl="torch"))
+        trainer = GEMTrainer(
+            model=model,
+            args=args,
+            train_dataset=ListDataset(batch),
+            eval_dataset=ListDataset(batch),
+            compute_loss_func=gem_compute_loss_func(beta=BETA, impl="torch"),
+        )
     # once per option set: the trainer's gem_options ("fused"), and the callable's ("gem", logits path)
     assert sorted(checked) == (["fused"] if path == "gem_trainer" else ["fused", "gem"])
     trainer.train()
@@ -388,10 +469,16 @@ def test_import_gem_kernels_does_not_import_transformers():
     import subprocess
     import sys
 
-    code = ("import sys, gem_kernels, gem_kernels.integrations; "
-            "print('transformers' in sys.modules, 'trl' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (
+        "import sys, gem_kernels, gem_kernels.integrations; print('transformers' in sys.modules, 'trl' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
 
 
@@ -408,30 +495,51 @@ def _ddp_worker(out_dir: str, path: str):
     trainer = make_trainer(path, model, args, ListDataset(batch))
     trainer.train()
     if trainer.args.process_index == 0:
-        torch.save({"world": trainer.args.world_size, "log": trainer.state.log_history[0],
-                    "steps": {k: start[k] - p.detach() for k, p in model.named_parameters()}},
-                   os.path.join(out_dir, f"{path}.pt"))
+        torch.save(
+            {
+                "world": trainer.args.world_size,
+                "log": trainer.state.log_history[0],
+                "steps": {k: start[k] - p.detach() for k, p in model.named_parameters()},
+            },
+            os.path.join(out_dir, f"{path}.pt"),
+        )
 
 
 def _run_two_processes(tmp_path, mode):
+    import socket
     import subprocess
     import sys
-
-    import socket
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
     with socket.socket() as s:  # a free loopback port, so runs never collide on a fixed one
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                    "127.0.0.1", "--master_port", str(port), os.path.abspath(__file__), str(tmp_path), mode],
-                   check=True, env=env, cwd=root)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            os.path.abspath(__file__),
+            str(tmp_path),
+            mode,
+        ],
+        check=True,
+        env=env,
+        cwd=root,
+    )
     return torch.load(tmp_path / f"{mode}.pt")
 
 
-multiprocess = pytest.mark.skipif(os.environ.get("GEM_SKIP_MULTIPROCESS") == "1",
-                                  reason="GEM_SKIP_MULTIPROCESS=1 (these tests start 2 processes)")
+multiprocess = pytest.mark.skipif(
+    os.environ.get("GEM_SKIP_MULTIPROCESS") == "1", reason="GEM_SKIP_MULTIPROCESS=1 (these tests start 2 processes)"
+)
 
 
 @multiprocess
@@ -442,22 +550,33 @@ def test_two_process_ddp_step_equals_one_big_batch(tmp_path, path):
     model, batch = tiny_model("llama"), make_batch(n=4)
     t_loss, t_grads = truth(model, batch)
     b_loss, b_grads = same_dtype_baseline(model, batch)
-    assert_close(torch.tensor(result["log"]["loss"]), t_loss.float(), what=f"2-process {path} logged loss",
-                 baseline=b_loss, dtype=torch.float32, atol=1e-5)
+    assert_close(
+        torch.tensor(result["log"]["loss"]),
+        t_loss.float(),
+        what=f"2-process {path} logged loss",
+        baseline=b_loss,
+        dtype=torch.float32,
+        atol=1e-5,
+    )
     if path == "gem_trainer":
-        assert_close(torch.tensor(result["log"]["ce"]), full_batch_ce(model, batch), what="2-process logged CE",
-                     dtype=torch.float32, atol=1e-5)
+        assert_close(
+            torch.tensor(result["log"]["ce"]),
+            full_batch_ce(model, batch),
+            what="2-process logged CE",
+            dtype=torch.float32,
+            atol=1e-5,
+        )
         # entropy and accuracy: per micro-batch token means over both processes; with sequential
         # sampling micro-batch k holds rows 2k (process 0) and 2k + 1 (process 1)
         from test_metrics_integrations import expected_logs
 
         want_ent, want_acc = expected_logs(model, batch, 2)
         assert_close(torch.tensor(result["log"]["entropy"]), want_ent, what="2-process logged entropy", atol=1e-5)
-        assert_close(torch.tensor(result["log"]["mean_token_accuracy"]), want_acc, what="2-process accuracy",
-                     atol=1e-6)
+        assert_close(torch.tensor(result["log"]["mean_token_accuracy"]), want_acc, what="2-process accuracy", atol=1e-6)
     for name, step in result["steps"].items():
-        assert_close(step, t_grads[name], what=f"2-process {path} step of {name}", baseline=b_grads[name],
-                     dtype=torch.float32)
+        assert_close(
+            step, t_grads[name], what=f"2-process {path} step of {name}", baseline=b_grads[name], dtype=torch.float32
+        )
 
 
 @multiprocess
@@ -495,7 +614,7 @@ def _fsdp2_worker(out_dir: str, mode: str):
     fully_shard(model, mesh=mesh)
     model.train()
     rows = 4 // world
-    local = {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
+    local = {k: v[rank * rows : (rank + 1) * rows] for k, v in batch.items()}
     out = model(**local, num_items_in_batch=n_targets(batch["labels"]))
     (out.loss * world).backward()  # FSDP averages gradients over the processes, as DDP does
     loss = out.loss.detach().clone()

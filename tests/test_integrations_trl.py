@@ -1,6 +1,7 @@
 """GEM in TRL's SFTTrainer: GEMSFTTrainer (fused path) and SFTTrainer(compute_loss_func=...) (logits
 path), with completion-only and assistant-only masks. Tiny models and a word-level tokenizer built
 in memory; no downloads."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,13 +11,13 @@ pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 tokenizers = pytest.importorskip("tokenizers")
 
+from helpers import assert_close  # noqa: E402
+from test_integrations_transformers import BETA, VOCAB, same_dtype_baseline, tiny_model, truth  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from gem_kernels.integrations.transformers import gem_compute_loss_func  # noqa: E402
 from gem_kernels.integrations.trl import GEMSFTTrainer  # noqa: E402
-from helpers import assert_close  # noqa: E402
-from test_integrations_transformers import BETA, VOCAB, same_dtype_baseline, tiny_model, truth  # noqa: E402
 
 
 def word_tokenizer():
@@ -62,20 +63,39 @@ def expected_batch(rows):
 
 
 def sft_args(tmp_path, **overrides):
-    kw = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
-              learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
-              logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", completion_only_loss=True,
-              bf16=False, activation_checkpointing=False, disable_tqdm=True, seed=0)
+    kw = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        completion_only_loss=True,
+        bf16=False,
+        activation_checkpointing=False,
+        disable_tqdm=True,
+        seed=0,
+    )
     kw.update(overrides)
     return SFTConfig(**kw)
 
 
-@pytest.mark.parametrize("route,masks", [
-    ("gem_sft_trainer", "completion"),
-    ("gem_sft_trainer", "assistant"),
-    ("gem_sft_trainer", "completion+assistant"),
-    ("compute_loss_func", "completion+assistant"),
-])
+@pytest.mark.parametrize(
+    "route,masks",
+    [
+        ("gem_sft_trainer", "completion"),
+        ("gem_sft_trainer", "assistant"),
+        ("gem_sft_trainer", "completion+assistant"),
+        ("compute_loss_func", "completion+assistant"),
+    ],
+)
 def test_sft_step_equals_reference(tmp_path, route, masks):
     """One SGD step (lr 1, accumulation 2) moves the parameters by -grad of GEM on the masked labels
     of the whole batch, computed by gem_loss_reference on the full logits in float64."""
@@ -85,8 +105,12 @@ def test_sft_step_equals_reference(tmp_path, route, masks):
     start = {k: p.detach().clone() for k, p in model.named_parameters()}
     t_loss, t_grads = truth(model, batch)
     b_loss, b_grads = same_dtype_baseline(model, batch)
-    common = dict(model=model, args=sft_args(tmp_path), train_dataset=datasets.Dataset.from_list(rows),
-                  processing_class=word_tokenizer())
+    common = dict(
+        model=model,
+        args=sft_args(tmp_path),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=word_tokenizer(),
+    )
     if route == "gem_sft_trainer":
         trainer = GEMSFTTrainer(**common, gem_options=dict(beta=BETA, impl="torch"))
     else:
@@ -94,11 +118,22 @@ def test_sft_step_equals_reference(tmp_path, route, masks):
             trainer = SFTTrainer(**common, compute_loss_func=gem_compute_loss_func(beta=BETA, impl="torch"))
     trainer.train()
     log = trainer.state.log_history[0]
-    assert_close(torch.tensor(log["loss"]), t_loss.float(), what=f"{route}/{masks} logged loss",
-                 baseline=b_loss, dtype=torch.float32, atol=1e-5)
+    assert_close(
+        torch.tensor(log["loss"]),
+        t_loss.float(),
+        what=f"{route}/{masks} logged loss",
+        baseline=b_loss,
+        dtype=torch.float32,
+        atol=1e-5,
+    )
     for name, p in model.named_parameters():
-        assert_close(start[name] - p.detach(), t_grads[name], what=f"{route}/{masks} step of {name}",
-                     baseline=b_grads[name], dtype=torch.float32)
+        assert_close(
+            start[name] - p.detach(),
+            t_grads[name],
+            what=f"{route}/{masks} step of {name}",
+            baseline=b_grads[name],
+            dtype=torch.float32,
+        )
     if route == "gem_sft_trainer":
         assert "ce" in log and log["num_tokens"] == float(batch["attention_mask"].sum())
 
@@ -109,10 +144,16 @@ def test_gem_sft_trainer_with_trl_defaults(tmp_path):
     rows = sft_rows("completion")
     model = tiny_model("llama")
     t_loss, _ = truth(model, expected_batch(rows))
-    args = sft_args(tmp_path, bf16=True, activation_checkpointing=True, max_steps=2, learning_rate=1e-3,
-                    optim="adamw_torch")
-    trainer = GEMSFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                            processing_class=word_tokenizer(), gem_options=dict(beta=BETA, impl="torch"))
+    args = sft_args(
+        tmp_path, bf16=True, activation_checkpointing=True, max_steps=2, learning_rate=1e-3, optim="adamw_torch"
+    )
+    trainer = GEMSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=word_tokenizer(),
+        gem_options=dict(beta=BETA, impl="torch"),
+    )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2

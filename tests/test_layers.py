@@ -26,6 +26,7 @@ Rules, each reported with file:line for every violation:
   unknown     a module outside the table (a new top-level module must be given a row here and in
               the README's layer list).
 """
+
 from __future__ import annotations
 
 import ast
@@ -112,7 +113,8 @@ def package_of(module: str, modules: Dict[str, Path]) -> str:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _walk(node: ast.AST, local: bool, type_only: bool):
@@ -145,7 +147,7 @@ def parse_imports(modules: Dict[str, Path]) -> List[Import]:
             else:
                 if node.level:
                     base = package.split(".")
-                    base = base[:len(base) - (node.level - 1)]
+                    base = base[: len(base) - (node.level - 1)]
                     source = ".".join(base + ([node.module] if node.module else []))
                 else:
                     source = node.module or ""
@@ -162,8 +164,7 @@ def parse_imports(modules: Dict[str, Path]) -> List[Import]:
         key = (imp.path, imp.line, imp.target)
         if key in merged:
             old = merged[key]
-            imp = Import(old.importer, old.path, old.line, old.target, old.names + imp.names, old.local,
-                         old.type_only)
+            imp = Import(old.importer, old.path, old.line, old.target, old.names + imp.names, old.local, old.type_only)
         merged[key] = imp
     return list(merged.values())
 
@@ -182,8 +183,9 @@ def rank_violations(imports: List[Import], modules: Dict[str, Path]) -> List[str
 
 
 def _private(dotted: str) -> bool:
-    return any(part.startswith("_") and not (part.startswith("__") and part.endswith("__"))
-               for part in dotted.split("."))
+    return any(
+        part.startswith("_") and not (part.startswith("__") and part.endswith("__")) for part in dotted.split(".")
+    )
 
 
 def private_violations(imports: List[Import], modules: Dict[str, Path]) -> List[str]:
@@ -198,8 +200,9 @@ def private_violations(imports: List[Import], modules: Dict[str, Path]) -> List[
         if _private(imp.target):
             out.append(f"{imp.where()}: {imp.what()}: private module {imp.target} from another package [private]")
         elif private:
-            out.append(f"{imp.where()}: {imp.what()}: private name(s) {', '.join(private)} from another "
-                       f"package [private]")
+            out.append(
+                f"{imp.where()}: {imp.what()}: private name(s) {', '.join(private)} from another package [private]"
+            )
     return out
 
 
@@ -272,8 +275,10 @@ def cycle_violations(imports: List[Import], modules: Dict[str, Path]) -> List[st
     out = []
     for comp in _strongly_connected(graph):
         members = set(comp)
-        edges = sorted({imp for src in comp for dst, imp in graph[src].items() if dst in members},
-                       key=lambda imp: (imp.path, imp.line))
+        edges = sorted(
+            {imp for src in comp for dst, imp in graph[src].items() if dst in members},
+            key=lambda imp: (imp.path, imp.line),
+        )
         for imp in edges:
             out.append(f"{imp.where()}: {imp.what()}: part of the import cycle {' <-> '.join(comp)} [cycle]")
     return out
@@ -283,7 +288,7 @@ def late_import_violations(modules: Dict[str, Path]) -> List[str]:
     """Module-level imports after the first statement that is not a docstring, an import, a dunder
     assignment or a conditional/try block (pycodestyle's E402), and every ``noqa: E402``."""
     out = []
-    for module, path in modules.items():
+    for path in modules.values():
         rel = path.relative_to(ROOT)
         text = path.read_text()
         for i, line in enumerate(text.splitlines(), 1):
@@ -301,8 +306,8 @@ def late_import_violations(modules: Dict[str, Path]) -> List[str]:
             if isinstance(stmt, (ast.If, ast.Try, ast.With)):
                 continue
             if isinstance(stmt, ast.Assign) and all(
-                    isinstance(t, ast.Name) and t.id.startswith("__") and t.id.endswith("__")
-                    for t in stmt.targets):
+                isinstance(t, ast.Name) and t.id.startswith("__") and t.id.endswith("__") for t in stmt.targets
+            ):
                 continue
             if started is None:
                 started = stmt.lineno
@@ -312,17 +317,24 @@ def late_import_violations(modules: Dict[str, Path]) -> List[str]:
 def all_violations() -> List[str]:
     modules = module_files()
     imports = parse_imports(modules)
-    return (rank_violations(imports, modules) + private_violations(imports, modules)
-            + cycle_violations(imports, modules) + late_import_violations(modules))
+    return (
+        rank_violations(imports, modules)
+        + private_violations(imports, modules)
+        + cycle_violations(imports, modules)
+        + late_import_violations(modules)
+    )
 
 
 def test_layering():
     violations = all_violations()
-    assert not violations, (f"{len(violations)} layering violation(s) in {PACKAGE}/ (rules: tests/test_layers.py "
-                            f"docstring):\n" + "\n".join(violations))
+    assert not violations, (
+        f"{len(violations)} layering violation(s) in {PACKAGE}/ (rules: tests/test_layers.py "
+        f"docstring):\n" + "\n".join(violations)
+    )
 
 
 # --- the checker itself, on small made-up packages -------------------------------------------
+
 
 def _fake_package(tmp_path, files: Dict[str, str], monkeypatch):
     for rel, text in files.items():
@@ -334,43 +346,51 @@ def _fake_package(tmp_path, files: Dict[str, str], monkeypatch):
 
 
 def test_checker_passes_a_clean_package(tmp_path, monkeypatch):
-    found = _fake_package(tmp_path, {
-        "__init__.py": "from .functional import f\n",
-        "options.py": "X = 1\n",
-        "chunk_policy.py": "from .options import X\n",
-        "ops/__init__.py": "from .k import launch\n",
-        "ops/_common.py": "Y = 2\n",
-        "ops/k.py": "from ..options import X\nfrom ._common import Y\ndef launch():\n    pass\n",
-        "autograd/__init__.py": "",
-        "autograd/_scale.py": "",
-        "autograd/gem.py": "from . import _scale\ndef fwd():\n    from ..ops import launch\n",
-        "functional/__init__.py": "from .gem import f\n",
-        "functional/gem.py": "from ..autograd.gem import fwd\ndef f():\n    pass\n",
-        "integrations/__init__.py": "",
-        "integrations/hf.py": "from .. import f\nfrom ..modules import M\n",
-        "modules.py": "from .functional import f\nM = 1\n",
-        "gpu_build.py": "from .ops.k import launch\n",
-    }, monkeypatch)
+    found = _fake_package(
+        tmp_path,
+        {
+            "__init__.py": "from .functional import f\n",
+            "options.py": "X = 1\n",
+            "chunk_policy.py": "from .options import X\n",
+            "ops/__init__.py": "from .k import launch\n",
+            "ops/_common.py": "Y = 2\n",
+            "ops/k.py": "from ..options import X\nfrom ._common import Y\ndef launch():\n    pass\n",
+            "autograd/__init__.py": "",
+            "autograd/_scale.py": "",
+            "autograd/gem.py": "from . import _scale\ndef fwd():\n    from ..ops import launch\n",
+            "functional/__init__.py": "from .gem import f\n",
+            "functional/gem.py": "from ..autograd.gem import fwd\ndef f():\n    pass\n",
+            "integrations/__init__.py": "",
+            "integrations/hf.py": "from .. import f\nfrom ..modules import M\n",
+            "modules.py": "from .functional import f\nM = 1\n",
+            "gpu_build.py": "from .ops.k import launch\n",
+        },
+        monkeypatch,
+    )
     assert found == []
 
 
 def test_checker_finds_each_kind_of_violation(tmp_path, monkeypatch):
-    found = _fake_package(tmp_path, {
-        "__init__.py": "",
-        "options.py": "from .chunk_policy import Z\n",  # rank: options imports nothing
-        "chunk_policy.py": "Z = 1\n",
-        "ops/__init__.py": "",
-        "ops/k.py": "def _kernel():\n    pass\n",
-        "torch_ops/__init__.py": "",
-        "torch_ops/t.py": "def g():\n    from ..ops.k import _kernel\n",  # rank (sideways) + private
-        "functional/__init__.py": "",
-        "functional/_checks.py": "def check():\n    from ..modules import M\n",  # rank, up, local
-        "modules.py": "from .functional._checks import check\nM = 1\n",  # private module + cycle
-        "integrations/__init__.py": "",
-        "integrations/a.py": "from .b import B\nA = 1\n",
-        "integrations/b.py": "B = 1\nfrom .a import A  # noqa: E402\n",  # cycle + late (twice)
-        "extra.py": "",  # unknown
-    }, monkeypatch)
+    found = _fake_package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "options.py": "from .chunk_policy import Z\n",  # rank: options imports nothing
+            "chunk_policy.py": "Z = 1\n",
+            "ops/__init__.py": "",
+            "ops/k.py": "def _kernel():\n    pass\n",
+            "torch_ops/__init__.py": "",
+            "torch_ops/t.py": "def g():\n    from ..ops.k import _kernel\n",  # rank (sideways) + private
+            "functional/__init__.py": "",
+            "functional/_checks.py": "def check():\n    from ..modules import M\n",  # rank, up, local
+            "modules.py": "from .functional._checks import check\nM = 1\n",  # private module + cycle
+            "integrations/__init__.py": "",
+            "integrations/a.py": "from .b import B\nA = 1\n",
+            "integrations/b.py": "B = 1\nfrom .a import A  # noqa: E402\n",  # cycle + late (twice)
+            "extra.py": "",  # unknown
+        },
+        monkeypatch,
+    )
     text = "\n".join(found)
     expected = [
         "gem_kernels/options.py:1: from gem_kernels.chunk_policy import Z: layer options may not import layer "

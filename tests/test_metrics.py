@@ -1,11 +1,12 @@
 """return_metrics: ce, entropy and token accuracy from the same pass, against the float64 reference
 (which computes them from the materialised distribution), for every impl, option, dtype and reduction."""
+
 import pytest
 import torch
+from helpers import DEVICE, assert_close, fresh, make_inputs
 
 from gem_kernels import FusedLinearGEMLoss, GEMLoss, fused_linear_gem_loss, gem_loss
 from gem_kernels.reference import gem_loss_reference
-from helpers import DEVICE, assert_close, fresh, make_inputs
 
 NAMES = ("ce", "entropy", "token_accuracy")
 IMPLS = ["triton", "torch"]
@@ -15,8 +16,14 @@ OPTION_SETS = {
     "logsigmoid_beta0.5": {"h": "logsigmoid", "beta": 0.5},
     "scale": {"logit_scale": 0.37},
     "softcap": {"softcap": 4.0},
-    "everything": {"h": "logsigmoid", "beta": 0.5, "logit_scale": 1.2, "softcap": 5.0, "z_loss_scale": 1e-2,
-                   "return_ce": True},
+    "everything": {
+        "h": "logsigmoid",
+        "beta": 0.5,
+        "logit_scale": 1.2,
+        "softcap": 5.0,
+        "z_loss_scale": 1e-2,
+        "return_ce": True,
+    },
 }
 REDUCTIONS = {
     "mean": {},
@@ -115,8 +122,15 @@ def test_metrics_leave_loss_and_gradient_unchanged(impl, dtype, inplace):
     results = []
     for metrics in (False, True):
         x = fresh(logits)
-        out = gem_loss(x * 1 if inplace else x, labels, impl=impl, z_loss_scale=1e-2, return_ce=True,
-                       return_metrics=metrics, inplace_backward=inplace)
+        out = gem_loss(
+            x * 1 if inplace else x,
+            labels,
+            impl=impl,
+            z_loss_scale=1e-2,
+            return_ce=True,
+            return_metrics=metrics,
+            inplace_backward=inplace,
+        )
         out[0].backward()
         results.append((out[0].detach(), out[1], x.grad))
     for a, b in zip(*results):
@@ -205,19 +219,22 @@ def test_metrics_under_torch_compile_fullgraph(fused):
 
         def call(x, w, y):
             return fused_linear_gem_loss(x, w, y, impl="torch", return_ce=True, return_metrics=True)
+
         args = (x.requires_grad_(True), w.requires_grad_(True), y)
     else:
         z, y = make_inputs(n=24, vocab=257, seed=1, device="cpu")
 
         def call(z, y):
             return gem_loss(z, y, impl="torch", return_metrics=True, num_items_in_batch=torch.tensor(11))
+
         args = (z, y)
     try:
         out_c = torch.compile(call, fullgraph=True)(*args)
         out_e = call(*args)
         for name in NAMES:
-            assert_close(out_c[-1][name], out_e[-1][name], what=f"compiled {name} (fused={fused})",
-                         atol=1e-6, rtol=1e-6)
+            assert_close(
+                out_c[-1][name], out_e[-1][name], what=f"compiled {name} (fused={fused})", atol=1e-6, rtol=1e-6
+            )
         out_c[0].backward()
     finally:
         torch._dynamo.reset()

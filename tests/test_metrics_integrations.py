@@ -2,6 +2,7 @@
 averaged as TRL 1.16's SFTTrainer averages its own: per micro-batch a token mean over every process,
 then the plain mean over the logging window. Checked against the float64 reference on the full
 logits with gradient accumulation 1 and 2."""
+
 from __future__ import annotations
 
 import copy
@@ -11,16 +12,24 @@ import torch
 
 pytest.importorskip("transformers")
 
+from helpers import assert_close  # noqa: E402
+from test_integrations_transformers import (  # noqa: E402
+    BETA,
+    ListDataset,
+    full_batch_ce,
+    make_batch,
+    tiny_model,
+    trainer_args,
+)
 from transformers import Trainer  # noqa: E402
 
 from gem_kernels.integrations.transformers import (  # noqa: E402
-    GEMTrainer, apply_gem, gem_compute_loss_func, shift_causal_labels,
+    GEMTrainer,
+    apply_gem,
+    gem_compute_loss_func,
+    shift_causal_labels,
 )
 from gem_kernels.reference import gem_loss_reference  # noqa: E402
-from helpers import assert_close  # noqa: E402
-from test_integrations_transformers import (  # noqa: E402
-    BETA, ListDataset, full_batch_ce, make_batch, tiny_model, trainer_args,
-)
 
 
 def expected_logs(model, batch, accum):
@@ -53,8 +62,9 @@ def _make_some_predictions_right(model, batch):
 
 def _trainer(path, model, args, dataset, **kw):
     if path == "fused":
-        return GEMTrainer(model=model, args=args, train_dataset=dataset, gem_options=dict(beta=BETA, impl="torch"),
-                          **kw)
+        return GEMTrainer(
+            model=model, args=args, train_dataset=dataset, gem_options=dict(beta=BETA, impl="torch"), **kw
+        )
     fn = gem_compute_loss_func(beta=BETA, impl="torch")
     if path == "logits":
         return GEMTrainer(model=model, args=args, train_dataset=dataset, compute_loss_func=fn, **kw)
@@ -76,10 +86,16 @@ def test_trainers_log_entropy_and_accuracy(tmp_path, path, accum):
         assert key in log, (path, log)
     assert 0.2 < want_acc < 0.8, want_acc
     assert_close(torch.tensor(log["entropy"]), want_ent, what=f"{path} k={accum} entropy", atol=1e-5, rtol=1e-5)
-    assert_close(torch.tensor(log["mean_token_accuracy"]), want_acc, what=f"{path} k={accum} accuracy",
-                 atol=1e-6, rtol=1e-6)
-    assert_close(torch.tensor(log["ce"]), full_batch_ce(before, batch), what=f"{path} k={accum} ce",
-                 dtype=torch.float32, atol=1e-5)
+    assert_close(
+        torch.tensor(log["mean_token_accuracy"]), want_acc, what=f"{path} k={accum} accuracy", atol=1e-6, rtol=1e-6
+    )
+    assert_close(
+        torch.tensor(log["ce"]),
+        full_batch_ce(before, batch),
+        what=f"{path} k={accum} ce",
+        dtype=torch.float32,
+        atol=1e-5,
+    )
 
 
 def test_window_of_two_steps_is_the_mean_of_its_micro_batches(tmp_path):
@@ -106,8 +122,13 @@ def test_window_of_two_steps_is_the_mean_of_its_micro_batches(tmp_path):
 
 def test_log_metrics_off(tmp_path):
     model, batch = tiny_model("llama"), make_batch(n=4)
-    trainer = GEMTrainer(model=model, args=trainer_args(tmp_path, 4, 1), train_dataset=ListDataset(batch),
-                         gem_options=dict(beta=BETA, impl="torch"), log_metrics=False)
+    trainer = GEMTrainer(
+        model=model,
+        args=trainer_args(tmp_path, 4, 1),
+        train_dataset=ListDataset(batch),
+        gem_options=dict(beta=BETA, impl="torch"),
+        log_metrics=False,
+    )
     trainer.train()
     log = trainer.state.log_history[0]
     assert "entropy" not in log and "mean_token_accuracy" not in log and "ce" in log
@@ -118,11 +139,20 @@ def test_log_metrics_off(tmp_path):
 def test_logits_path_refusals(tmp_path):
     model, batch = tiny_model("llama"), make_batch(n=2)
     with pytest.raises(ValueError, match="compute_loss_func"):
-        GEMTrainer(model=model, args=trainer_args(tmp_path, 2, 1), train_dataset=ListDataset(batch),
-                   compute_loss_func=lambda *a, **k: None)
+        GEMTrainer(
+            model=model,
+            args=trainer_args(tmp_path, 2, 1),
+            train_dataset=ListDataset(batch),
+            compute_loss_func=lambda *a, **k: None,
+        )
     with pytest.raises(ValueError, match="give the GEM options to gem_compute_loss_func"):
-        GEMTrainer(model=model, args=trainer_args(tmp_path, 2, 1), train_dataset=ListDataset(batch),
-                   compute_loss_func=gem_compute_loss_func(), gem_options=dict(beta=0.5))
+        GEMTrainer(
+            model=model,
+            args=trainer_args(tmp_path, 2, 1),
+            train_dataset=ListDataset(batch),
+            compute_loss_func=gem_compute_loss_func(),
+            gem_options=dict(beta=0.5),
+        )
 
 
 def test_fused_model_output_fields():
@@ -142,15 +172,20 @@ def test_gem_sft_trainer_logs_trl_metrics(tmp_path, route):
     """GEMSFTTrainer (accumulation 2) logs TRL's entropy and mean_token_accuracy from GEM's pass."""
     pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
-    from gem_kernels.integrations.trl import GEMSFTTrainer
     from test_integrations_trl import expected_batch, sft_args, sft_rows, word_tokenizer
+
+    from gem_kernels.integrations.trl import GEMSFTTrainer
 
     rows = sft_rows("completion")
     model = tiny_model("llama")
     batch = expected_batch(rows)
     want_ent, want_acc = expected_logs(model, batch, 2)
-    common = dict(model=model, args=sft_args(tmp_path, train_sampling_strategy="sequential"),
-                  train_dataset=datasets.Dataset.from_list(rows), processing_class=word_tokenizer())
+    common = dict(
+        model=model,
+        args=sft_args(tmp_path, train_sampling_strategy="sequential"),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=word_tokenizer(),
+    )
     if route == "gem_sft_trainer":
         trainer = GEMSFTTrainer(**common, gem_options=dict(beta=BETA, impl="torch"))
     else:
@@ -202,7 +237,17 @@ def test_metric_window_folds_into_constant_state():
     assert len(window) == 1000 and max(calls) == FOLD_EVERY
     got = window.pop()
     assert sum(calls) == 1000 and len(window) == 0 and window.pop() is None
-    assert_close(torch.tensor(got["entropy"], dtype=torch.float64), torch.stack(want_ent).mean(), what="folded entropy",
-                 atol=1e-12, rtol=1e-12)
-    assert_close(torch.tensor(got["mean_token_accuracy"], dtype=torch.float64), torch.stack(want_acc).mean(),
-                 what="folded accuracy", atol=1e-12, rtol=1e-12)
+    assert_close(
+        torch.tensor(got["entropy"], dtype=torch.float64),
+        torch.stack(want_ent).mean(),
+        what="folded entropy",
+        atol=1e-12,
+        rtol=1e-12,
+    )
+    assert_close(
+        torch.tensor(got["mean_token_accuracy"], dtype=torch.float64),
+        torch.stack(want_acc).mean(),
+        what="folded accuracy",
+        atol=1e-12,
+        rtol=1e-12,
+    )

@@ -1,6 +1,7 @@
 """return_metrics under vocabulary parallelism (gloo, CPU, 127.0.0.1 only), as in test_vocab_parallel.py:
 each rank's statistics must equal single-process gem_loss on the concatenated logits and the float64
 reference, including arg-max ties that straddle shards, -inf shards and ignored tokens."""
+
 from __future__ import annotations
 
 import os
@@ -11,16 +12,20 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from helpers import assert_close, make_inputs, only_on, run_on_ranks  # noqa: E402
 
-pytestmark = only_on("cpu", "gloo process groups of CPU processes, whose impl='triton' cases need the Triton "
-                            "interpreter")
+pytestmark = only_on(
+    "cpu", "gloo process groups of CPU processes, whose impl='triton' cases need the Triton interpreter"
+)
 
 SHARDS = {2: [13, 24], 3: [5, 20, 12]}
 NAMES = ("ce", "entropy", "token_accuracy")
-REDUCTIONS = [dict(reduction="none"), dict(reduction="mean"), dict(reduction="sum"),
-              dict(reduction="mean", num_items_in_batch=7)]
+REDUCTIONS = [
+    dict(reduction="none"),
+    dict(reduction="mean"),
+    dict(reduction="sum"),
+    dict(reduction="mean", num_items_in_batch=7),
+]
 OPTIONS = [dict(), dict(h="logsigmoid", softcap=4.0, logit_scale=1.3, z_loss_scale=0.05, return_ce=True)]
 
 
@@ -45,7 +50,7 @@ def _check(rank, sizes, group, opts, seed):
 
     full, labels = _inputs(sizes, seed)
     start = sum(sizes[:rank])
-    local = full[:, start:start + sizes[rank]].clone()
+    local = full[:, start : start + sizes[rank]].clone()
     ref_opts = {k: v for k, v in opts.items() if k not in ("impl", "return_ce", "vocab_start")}
     truth = gem_loss_reference(full.double(), labels, return_metrics=True, **ref_opts)[1]
     single_opts = {k: v for k, v in opts.items() if k != "vocab_start"}
@@ -71,9 +76,10 @@ def _check_fused(rank, sizes, group, impl, seed):
     _, labels = make_inputs(9, V, seed=seed, ignore_frac=0.25, requires_grad=False, device="cpu")
     labels[0] = int((x[0] @ w.T).argmax())  # at least one token where the label is the arg-max
     start = sum(sizes[:rank])
-    xs, ws = x.float().requires_grad_(True), w[start:start + sizes[rank]].float().requires_grad_(True)
-    loss, m = fused_linear_gem_loss(xs, ws, labels, process_group=group, impl=impl, reduction="none",
-                                    return_metrics=True, chunk_size=4)
+    xs, ws = x.float().requires_grad_(True), w[start : start + sizes[rank]].float().requires_grad_(True)
+    loss, m = fused_linear_gem_loss(
+        xs, ws, labels, process_group=group, impl=impl, reduction="none", return_metrics=True, chunk_size=4
+    )
     loss.sum().backward()
     truth = gem_loss_reference(x @ w.T, labels, reduction="none", return_metrics=True)[1]
     for name in NAMES:
@@ -91,8 +97,12 @@ def _cases(rank, world, group):
                 yield f"{impl} {red} {opt}", lambda opts=opts: _check(rank, sizes, group, opts, seed=11)
         yield f"fused {impl}", lambda impl=impl: _check_fused(rank, sizes, group, impl, seed=12)
     # explicit vocab_start: the label check rides on the t_y all-reduce; the statistics are the same
-    yield "explicit vocab_start", lambda: _check(rank, sizes, group, dict(reduction="none", impl="torch",
-                                                                          vocab_start=sum(sizes[:rank])), seed=13)
+    yield (
+        "explicit vocab_start",
+        lambda: _check(
+            rank, sizes, group, dict(reduction="none", impl="torch", vocab_start=sum(sizes[:rank])), seed=13
+        ),
+    )
 
 
 @pytest.mark.parametrize("world", [2, 3])

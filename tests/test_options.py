@@ -1,21 +1,25 @@
 """Options are checked and packed once: ``functional.check_options(kind, **options) -> GEMOptions``,
 the ``*_with_options`` functions that run a call with them, the modules that build them at
 construction, and the one adapter that turns them into the kernels' arguments."""
+
 import dataclasses
 import inspect
 import re
 
 import pytest
 import torch
+from helpers import DEVICE, assert_close, fresh, make_inputs
 
 import gem_kernels
-from gem_kernels import FusedLinearGEMLoss, GEMLoss, fused_linear_gem_loss, gem_loss
-from gem_kernels import functional
-from gem_kernels.functional import (check_num_items, check_options, fused_linear_gem_loss_with_options,
-                                    gem_loss_with_options)
+from gem_kernels import FusedLinearGEMLoss, GEMLoss, functional, fused_linear_gem_loss, gem_loss
+from gem_kernels.functional import (
+    check_num_items,
+    check_options,
+    fused_linear_gem_loss_with_options,
+    gem_loss_with_options,
+)
 from gem_kernels.options import FUSED_ONLY, GEM_ONLY, OPTION_NAMES, GEMOptions
 from gem_kernels.reference import gem_loss_reference
-from helpers import DEVICE, assert_close, fresh, make_inputs
 
 
 def test_option_names_are_the_public_keywords():
@@ -32,13 +36,36 @@ def test_option_names_are_the_public_keywords():
 
 
 def test_check_options_packs_normalised_values():
-    opts = check_options("gem", beta=1, h="logsigmoid", ignore_index=1, logit_scale=2, softcap=30,
-                         z_loss_scale=0, reduction="sum", return_ce=True, return_metrics=True,
-                         inplace_backward=True, validate_labels=False, impl="torch")
+    opts = check_options(
+        "gem",
+        beta=1,
+        h="logsigmoid",
+        ignore_index=1,
+        logit_scale=2,
+        softcap=30,
+        z_loss_scale=0,
+        reduction="sum",
+        return_ce=True,
+        return_metrics=True,
+        inplace_backward=True,
+        validate_labels=False,
+        impl="torch",
+    )
     assert isinstance(opts, GEMOptions)
-    assert opts == GEMOptions(beta=1.0, h="logsigmoid", ignore_index=1, logit_scale=2.0, softcap=30.0,
-                              z_loss_scale=0.0, reduction="sum", return_ce=True, return_metrics=True,
-                              inplace_backward=True, validate_labels=False, impl="torch")
+    assert opts == GEMOptions(
+        beta=1.0,
+        h="logsigmoid",
+        ignore_index=1,
+        logit_scale=2.0,
+        softcap=30.0,
+        z_loss_scale=0.0,
+        reduction="sum",
+        return_ce=True,
+        return_metrics=True,
+        inplace_backward=True,
+        validate_labels=False,
+        impl="torch",
+    )
     for name in ("beta", "logit_scale", "softcap", "z_loss_scale"):
         assert type(getattr(opts, name)) is float, name
     fused = check_options("fused", chunk_size=7, low_memory=True)
@@ -47,9 +74,18 @@ def test_check_options_packs_normalised_values():
         fused.beta = 2.0
 
 
-@pytest.mark.parametrize("kind,name", [("gem", "chunk_size"), ("gem", "low_memory"), ("fused", "inplace_backward"),
-                                       ("gem", "num_items_in_batch"), ("fused", "process_group"),
-                                       ("gem", "vocab_start"), ("fused", "bta")])
+@pytest.mark.parametrize(
+    "kind,name",
+    [
+        ("gem", "chunk_size"),
+        ("gem", "low_memory"),
+        ("fused", "inplace_backward"),
+        ("gem", "num_items_in_batch"),
+        ("fused", "process_group"),
+        ("gem", "vocab_start"),
+        ("fused", "bta"),
+    ],
+)
 def test_unknown_option_names_are_refused_with_the_allowed_ones(kind, name):
     with pytest.raises(TypeError, match=rf"unknown option\(s\) \['{name}'\].*allowed: .*'beta'") as info:
         check_options(kind, **{name: 1})
@@ -76,9 +112,18 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("kw,exc,msg", BAD + [(dict(inplace_backward=1), TypeError, "inplace_backward must be a bool"),
-                                              (dict(inplace_backward=True, impl="reference"), ValueError,
-                                               "inplace_backward=True is not available with impl='reference'")])
+@pytest.mark.parametrize(
+    "kw,exc,msg",
+    BAD
+    + [
+        (dict(inplace_backward=1), TypeError, "inplace_backward must be a bool"),
+        (
+            dict(inplace_backward=True, impl="reference"),
+            ValueError,
+            "inplace_backward=True is not available with impl='reference'",
+        ),
+    ],
+)
 def test_gem_option_errors_are_the_same_everywhere(kw, exc, msg):
     """One check: check_options, gem_loss and GEMLoss raise the same error, before any kernel."""
     logits, labels = make_inputs(n=4, vocab=11)
@@ -87,18 +132,23 @@ def test_gem_option_errors_are_the_same_everywhere(kw, exc, msg):
             call()
 
 
-FUSED_BAD = [(dict(chunk_size=0), ValueError, "chunk_size must be None or an int >= 1"),
-             (dict(chunk_size=2.0), ValueError, "chunk_size must be None or an int"),
-             (dict(chunk_size=True), ValueError, "chunk_size must be None or an int"),
-             (dict(low_memory=1), TypeError, "low_memory must be a bool")]
+FUSED_BAD = [
+    (dict(chunk_size=0), ValueError, "chunk_size must be None or an int >= 1"),
+    (dict(chunk_size=2.0), ValueError, "chunk_size must be None or an int"),
+    (dict(chunk_size=True), ValueError, "chunk_size must be None or an int"),
+    (dict(low_memory=1), TypeError, "low_memory must be a bool"),
+]
 
 
 @pytest.mark.parametrize("kw,exc,msg", BAD + FUSED_BAD)
 def test_fused_option_errors_are_the_same_everywhere(kw, exc, msg):
     x, w = torch.randn(4, 3), torch.randn(11, 3)
     labels = torch.randint(0, 11, (4,))
-    for call in (lambda: check_options("fused", **kw), lambda: fused_linear_gem_loss(x, w, labels, **kw),
-                 lambda: FusedLinearGEMLoss(**kw)):
+    for call in (
+        lambda: check_options("fused", **kw),
+        lambda: fused_linear_gem_loss(x, w, labels, **kw),
+        lambda: FusedLinearGEMLoss(**kw),
+    ):
         with pytest.raises(exc, match=re.escape(msg)):
             call()
 
@@ -209,8 +259,17 @@ def test_beta_reaches_the_kernels_as_one_gemoptions(monkeypatch):
     assert (k.SCALE, k.SOFTCAP, k.softcap, k.Z_LOSS, k.NEED_LSE, k.METRICS) == (False, True, 30.0, True, True, False)
 
 
-@pytest.mark.parametrize("fn", [check_options, gem_loss_with_options, fused_linear_gem_loss_with_options,
-                                check_num_items, functional.autocast_linear_inputs, functional.autocast_off])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        check_options,
+        gem_loss_with_options,
+        fused_linear_gem_loss_with_options,
+        check_num_items,
+        functional.autocast_linear_inputs,
+        functional.autocast_off,
+    ],
+)
 def test_new_public_functions_document_their_arguments(fn):
     doc = inspect.getdoc(fn) or ""
     names = [n for n, p in inspect.signature(fn).parameters.items() if p.kind != p.VAR_KEYWORD]

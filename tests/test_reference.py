@@ -1,14 +1,15 @@
 """The oracle itself: autograd-checked in float64, and equal to an independent implementation of the
 authors' formula (log-softmax form) on randomly drawn cases; plus torch.compile on the torch path."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, fresh, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gem_kernels import gem_loss
 from gem_kernels.reference import gem_loss_reference
-from helpers import assert_close, fresh, make_inputs
 
 
 def authors_formula(logits, labels, beta, h, ignore_index, reduction):
@@ -53,8 +54,11 @@ def test_matches_the_authors_formula(n, vocab, beta, h, dtype, reduction, impl, 
     z = fresh(logits, torch.float64)
     theirs = authors_formula(z, labels, beta, h, -100, reduction)
     assert_close(ours, theirs, what=f"value vs authors ({impl}, {dtype}, {h}, {reduction})", atol=2e-5, rtol=2e-5)
-    w = (torch.linspace(0.5, 1.5, labels.numel(), device=labels.device).view(labels.shape)
-         if reduction == "none" else 1.0)
+    w = (
+        torch.linspace(0.5, 1.5, labels.numel(), device=labels.device).view(labels.shape)
+        if reduction == "none"
+        else 1.0
+    )
     (ours * w).sum().backward()
     (theirs * w).sum().backward()
     tol = 1e-6 if dtype == torch.float32 else 8e-3  # grads are rounded to the input dtype
@@ -64,6 +68,7 @@ def test_matches_the_authors_formula(n, vocab, beta, h, dtype, reduction, impl, 
 def _frozen_objective(x0, labels, h, beta, scale, cap, zs):
     """The GEM surrogate with q and w computed once at x0 and then held fixed, written independently
     of the reference: sum over valid tokens of sum_j q_j w_j (t_j - t_y) + zs * lse(t)^2."""
+
     def transform(z):
         z = z * scale
         return cap * torch.tanh(z / cap) if cap else z
@@ -88,8 +93,15 @@ def test_reference_gradcheck(h, options):
     """gradcheck (float64 finite differences) of the frozen-q/w objective, and the reference's value and
     autograd gradient equal that objective's at the point where q and w are frozen."""
     x0, labels = make_inputs(n=4, vocab=6, dtype=torch.float64, ignore_frac=0.25)
-    f = _frozen_objective(x0.detach(), labels, h, 0.7, options.get("logit_scale", 1.0), options.get("softcap"),
-                          options.get("z_loss_scale", 0.0))
+    f = _frozen_objective(
+        x0.detach(),
+        labels,
+        h,
+        0.7,
+        options.get("logit_scale", 1.0),
+        options.get("softcap"),
+        options.get("z_loss_scale", 0.0),
+    )
     assert torch.autograd.gradcheck(f, (x0,))
     ref = gem_loss_reference(x0, labels, h=h, reduction="sum", **options)
     frozen = f(x0)

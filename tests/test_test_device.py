@@ -1,22 +1,31 @@
 """The suite's device choice (tests/helpers.py select_device, applied by tests/conftest.py): CUDA when
 available, else the CPU with the Triton interpreter; GEM_TEST_DEVICE=cpu|cuda forces it, and an
 impossible or unknown choice stops the run with a clear usage error instead of falling back."""
+
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-
 from helpers import DEVICE, DEVICE_VARIABLE, make_inputs, select_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("value,cuda,expected", [
-    ("", False, "cpu"), ("", True, "cuda"), ("auto", False, "cpu"), ("auto", True, "cuda"),
-    ("cpu", True, "cpu"), ("cpu", False, "cpu"), ("cuda", True, "cuda"), (" CUDA ", True, "cuda"),
-])
+@pytest.mark.parametrize(
+    "value,cuda,expected",
+    [
+        ("", False, "cpu"),
+        ("", True, "cuda"),
+        ("auto", False, "cpu"),
+        ("auto", True, "cuda"),
+        ("cpu", True, "cpu"),
+        ("cpu", False, "cpu"),
+        ("cuda", True, "cuda"),
+        (" CUDA ", True, "cuda"),
+    ],
+)
 def test_select_device(value, cuda, expected):
     assert select_device(value, cuda_available=cuda) == expected
 
@@ -45,8 +54,15 @@ def _pytest(value):
     """Collect one test in a fresh pytest process with GEM_TEST_DEVICE=value (a few seconds)."""
     env = {**os.environ, DEVICE_VARIABLE: value}
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--co",
-           "tests/test_test_device.py::test_unknown_value_is_an_error"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "--co",
+        "tests/test_test_device.py::test_unknown_value_is_an_error",
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 

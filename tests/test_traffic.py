@@ -1,11 +1,12 @@
 """benchmarks.traffic.count_traffic on kernels whose exact global-memory traffic is known by hand."""
+
 import pytest
 import torch
 import triton
 import triton.language as tl
+from helpers import only_on
 
 from benchmarks.traffic import count_traffic
-from helpers import only_on
 
 pytestmark = only_on("cpu", "counts bytes under the Triton interpreter, which is off on a GPU")
 

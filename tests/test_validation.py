@@ -1,9 +1,10 @@
 """Bad input gets a clear error naming the argument, before any kernel runs."""
+
 import pytest
 import torch
+from helpers import DEVICE, make_inputs
 
 from gem_kernels import gem_loss
-from helpers import DEVICE, make_inputs
 
 GOOD = make_inputs(n=4, vocab=10, ignore_frac=0.0)
 
@@ -42,15 +43,25 @@ def _bad_tensors():
     return [
         ("logits list", [[0.0]], labels, TypeError, "logits must be a torch.Tensor"),
         ("int logits", logits.long(), labels, TypeError, "logits must have dtype"),
-        ("scalar logits", torch.tensor(1.0, device=DEVICE), torch.tensor(0, device=DEVICE),
-         ValueError, "at least one dimension"),
+        (
+            "scalar logits",
+            torch.tensor(1.0, device=DEVICE),
+            torch.tensor(0, device=DEVICE),
+            ValueError,
+            "at least one dimension",
+        ),
         ("empty vocab", torch.zeros(4, 0, device=DEVICE), labels, ValueError, "vocabulary dimension"),
         ("float labels", logits, labels.float(), TypeError, "labels must be an integer tensor"),
         ("bool labels", logits, labels > 0, TypeError, "labels must be an integer tensor"),
         ("shape", logits, labels[:3], ValueError, r"labels must have shape \(4,\)"),
         ("rank", logits, labels[None], ValueError, "labels must have shape"),
-        ("label too big", logits, torch.tensor([0, 1, 10, 2], device=DEVICE), ValueError,
-         r"labels must lie in \[0, 10\).*found 10"),
+        (
+            "label too big",
+            logits,
+            torch.tensor([0, 1, 10, 2], device=DEVICE),
+            ValueError,
+            r"labels must lie in \[0, 10\).*found 10",
+        ),
         ("negative label", logits, torch.tensor([0, -1, 3, 2], device=DEVICE), ValueError, "found -1"),
         ("meta device", logits, labels.to("meta"), ValueError, "same device"),
     ]

@@ -5,6 +5,7 @@ up), compare each rank's loss and gradient shard with single-process gem_loss on
 logits and with the float64 reference, and write their failures to a file the parent reads.
 Spawning is slow, so there is one launch per world size and many cases per launch.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,11 +18,13 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-
 from helpers import assert_close, make_inputs, only_on, run_on_ranks  # noqa: E402
 
-pytestmark = only_on("cpu", "gloo process groups of CPU processes, whose impl='triton' cases need the Triton "
-                            "interpreter; a GPU run would need NCCL and one GPU per rank")
+pytestmark = only_on(
+    "cpu",
+    "gloo process groups of CPU processes, whose impl='triton' cases need the Triton "
+    "interpreter; a GPU run would need NCCL and one GPU per rank",
+)
 
 # Uneven shard sizes per world size; their sum is the global vocabulary.
 SHARDS = {2: [13, 24], 3: [5, 20, 12]}
@@ -38,9 +41,13 @@ OPTION_CASES = [
     ("ignore_index_0", dict(ignore_index=0, return_ce=True)),
 ]
 ZLOSS_CE = dict(z_loss_scale=0.05, return_ce=True, h="logsigmoid")
-REDUCTIONS = [dict(reduction="mean"), dict(reduction="sum"), dict(reduction="none"),
-              dict(reduction="mean", num_items_in_batch=7),
-              dict(reduction="mean", num_items_in_batch=torch.tensor(5.0))]
+REDUCTIONS = [
+    dict(reduction="mean"),
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(reduction="mean", num_items_in_batch=7),
+    dict(reduction="mean", num_items_in_batch=torch.tensor(5.0)),
+]
 IMPLS = ("torch", "triton")
 # The interpreter is slow, so the Triton path runs on a subset: with 2 ranks every option case but
 # not the reductions (they happen after the Function, identically for both impls); with 3 ranks (the
@@ -51,7 +58,7 @@ TRITON_FUSED = {2: ("mean_chunks", "none_zloss"), 3: ("mean_chunks",)}
 
 def _shard(full: torch.Tensor, sizes, rank: int) -> torch.Tensor:
     start = sum(sizes[:rank])
-    return full.detach()[..., start:start + sizes[rank]].clone().requires_grad_(True)
+    return full.detach()[..., start : start + sizes[rank]].clone().requires_grad_(True)
 
 
 def _upstream(loss: torch.Tensor, seed: int) -> torch.Tensor:
@@ -119,8 +126,9 @@ def _run_fused_case(rank, sizes, group, seed, opts, n=9, H=6, bias=True, ignore_
     single_opts = {k: v for k, v in opts.items() if k != "vocab_start"}
     single = fused_linear_gem_loss(xs, wws, labels, bbs, **dict(single_opts, impl="torch"))
     xr, wwr, bbr = leaves(torch.float64, False)
-    ref_opts = {k: v for k, v in opts.items()
-                if k not in ("impl", "return_ce", "chunk_size", "vocab_start", "low_memory")}
+    ref_opts = {
+        k: v for k, v in opts.items() if k not in ("impl", "return_ce", "chunk_size", "vocab_start", "low_memory")
+    }
     ref = gem_loss_reference(torch.nn.functional.linear(xr, wwr, bbr), labels, **ref_opts)
     loss, single_loss = (out[0], single[0]) if opts.get("return_ce") else (out, single)
     if opts.get("return_ce"):
@@ -164,43 +172,63 @@ def _cases(rank, world, group):
             ignore = options.get("ignore_index", -100)
             full, labels = make_inputs(10, V, seed=seed, ignore_index=ignore, requires_grad=False)
             opts = dict(options, impl=impl)
-            yield (f"{name}/{impl}", lambda full=full, labels=labels, opts=opts, seed=seed:
-                   _run_case(rank, sizes, group, full, labels, opts, seed))
+            yield (
+                f"{name}/{impl}",
+                lambda full=full, labels=labels, opts=opts, seed=seed: _run_case(
+                    rank, sizes, group, full, labels, opts, seed
+                ),
+            )
 
     for impl in IMPLS:
         # Rank 0's shard holds no label; logits with a leading batch shape [2, 5].
         full, labels = make_inputs(vocab=V, lead=(2, 5), seed=100, requires_grad=False)
         labels = torch.where(labels == -100, labels, labels.clamp(min=sizes[0]))
-        yield (f"no_label_on_rank0/{impl}", lambda full=full, labels=labels, impl=impl:
-               _run_case(rank, sizes, group, full, labels, dict(impl=impl, h="logsigmoid", return_ce=True), 3))
+        yield (
+            f"no_label_on_rank0/{impl}",
+            lambda full=full, labels=labels, impl=impl: _run_case(
+                rank, sizes, group, full, labels, dict(impl=impl, h="logsigmoid", return_ce=True), 3
+            ),
+        )
         # Every label ignored: zero loss and gradient, no NaN, for every reduction.
         full, labels = make_inputs(6, V, seed=101, ignore_frac=1.0, requires_grad=False)
         for red in REDUCTIONS:
-            yield (f"all_ignored/{impl}/{red}", lambda full=full, labels=labels, impl=impl, red=red:
-                   _run_case(rank, sizes, group, full, labels, dict(impl=impl, return_ce=True, **red), 4))
+            yield (
+                f"all_ignored/{impl}/{red}",
+                lambda full=full, labels=labels, impl=impl, red=red: _run_case(
+                    rank, sizes, group, full, labels, dict(impl=impl, return_ce=True, **red), 4
+                ),
+            )
         # The last rank's shard is -inf in some rows (masked padded vocabulary) and another rank's
         # shard is -inf in one row: those shards contribute nothing, never NaN.
         full, labels = make_inputs(8, V, seed=102, ignore_frac=0.0, requires_grad=False)
-        full[:4, V - sizes[-1]:] = float("-inf")
-        full[5, :sizes[0]] = float("-inf")
+        full[:4, V - sizes[-1] :] = float("-inf")
+        full[5, : sizes[0]] = float("-inf")
         labels[:4] %= V - sizes[-1]  # the label logit itself stays finite
         labels[5] = V - 1
-        yield (f"neg_inf_shard/{impl}", lambda full=full, labels=labels, impl=impl:
-               _run_case(rank, sizes, group, full, labels, dict(impl=impl, h="logsigmoid", z_loss_scale=0.01,
-                                                                return_ce=True), 5))
+        yield (
+            f"neg_inf_shard/{impl}",
+            lambda full=full, labels=labels, impl=impl: _run_case(
+                rank, sizes, group, full, labels, dict(impl=impl, h="logsigmoid", z_loss_scale=0.01, return_ce=True), 5
+            ),
+        )
+
         # No tokens at all: collectives on empty tensors, loss 0, empty gradient. (Not compared with
         # the single-process call, whose torch backward fails on an empty batch.)
         def empty_batch(impl=impl):
             local = torch.zeros(0, sizes[rank], requires_grad=True)
-            loss, ce = gem_loss(local, torch.zeros(0, dtype=torch.long), process_group=group, impl=impl,
-                                return_ce=True)
+            loss, ce = gem_loss(local, torch.zeros(0, dtype=torch.long), process_group=group, impl=impl, return_ce=True)
             loss.backward()
             assert loss.item() == 0.0 and ce.item() == 0.0 and local.grad.shape == local.shape, (loss, ce)
+
         yield f"empty_batch/{impl}", empty_batch
         # bfloat16 logits.
         full, labels = make_inputs(8, V, seed=103, dtype=torch.bfloat16, requires_grad=False)
-        yield (f"bf16/{impl}", lambda full=full, labels=labels, impl=impl:
-               _run_case(rank, sizes, group, full, labels, dict(impl=impl, softcap=5.0, return_ce=True), 6))
+        yield (
+            f"bf16/{impl}",
+            lambda full=full, labels=labels, impl=impl: _run_case(
+                rank, sizes, group, full, labels, dict(impl=impl, softcap=5.0, return_ce=True), 6
+            ),
+        )
 
     # Fused lm_head + GEM with a vocabulary-sharded weight: eager gradients (mean/sum), deferred
     # gradients (none), several chunks (chunk_size=4) and the default chunking, explicit vocab_start.
@@ -216,10 +244,16 @@ def _cases(rank, world, group):
     for name, options in fused_grid:
         for impl in IMPLS if name in TRITON_FUSED[world] else ("torch",):
             seed += 1
-            yield (f"fused_{name}/{impl}", lambda options=options, impl=impl, seed=seed:
-                   _run_fused_case(rank, sizes, group, seed, dict(options, impl=impl)))
-    yield ("fused_all_ignored_no_bias", lambda: _run_fused_case(rank, sizes, group, 200, dict(impl="torch"),
-                                                                 bias=False, ignore_frac=1.0))
+            yield (
+                f"fused_{name}/{impl}",
+                lambda options=options, impl=impl, seed=seed: _run_fused_case(
+                    rank, sizes, group, seed, dict(options, impl=impl)
+                ),
+            )
+    yield (
+        "fused_all_ignored_no_bias",
+        lambda: _run_fused_case(rank, sizes, group, 200, dict(impl="torch"), bias=False, ignore_frac=1.0),
+    )
 
     # Explicit vocab_start equal to the derived one gives the same result (no layout all-gather).
     full, labels = make_inputs(10, V, seed=104, requires_grad=False)
@@ -231,6 +265,7 @@ def _cases(rank, world, group):
         b = gem_loss(full, labels, impl="torch", return_ce=True)
         assert_close(a[0], b[0], what="explicit vocab_start loss")
         assert_close(a[1], b[1], what="explicit vocab_start ce")
+
     yield "explicit_vocab_start", explicit
 
     def communication():
@@ -246,7 +281,9 @@ def _cases(rank, world, group):
                 t = tensor[0] if isinstance(tensor, list) else tensor
                 calls.append((name, tuple(t.shape) if name != "all_gather" else (len(tensor),)))
                 return real[name](tensor, *args, **kwargs)
+
             return f
+
         for n in real:
             setattr(dist, n, spy(n))
         try:
@@ -254,7 +291,7 @@ def _cases(rank, world, group):
             loss = gem_loss(local, labels, process_group=group, impl="torch", h="logsigmoid", return_ce=True)[0]
             fwd = list(calls)
             loss.backward()
-            assert calls == fwd, f"backward communicated: {calls[len(fwd):]}"
+            assert calls == fwd, f"backward communicated: {calls[len(fwd) :]}"
             assert [c[0] for c in fwd] == ["all_gather", "all_reduce", "all_reduce", "all_reduce"], fwd
             assert [c[1] for c in fwd[1:]] == [(10,), (10,), (10, 4)], fwd  # t_y, max, [s0 s1 s2 sce]
             calls.clear()
@@ -270,6 +307,7 @@ def _cases(rank, world, group):
         finally:
             for n, f in real.items():
                 setattr(dist, n, f)
+
     yield "communication_count", communication
 
     def dtensor():
@@ -291,9 +329,11 @@ def _cases(rank, world, group):
         s_loss.backward()
         step = -(-V // world)
         assert dt.grad is not None and tuple(dt.grad.placements) == (Shard(1),), dt.grad
-        assert_close(dt.grad.to_local(), single_in.grad[:, rank * step:(rank + 1) * step], what="DTensor grad shard")
-        _expect_error(lambda: dtensor_gem_loss(distribute_tensor(full, mesh, [Replicate()]), labels),
-                      ValueError, "Shard(-1)")
+        assert_close(dt.grad.to_local(), single_in.grad[:, rank * step : (rank + 1) * step], what="DTensor grad shard")
+        _expect_error(
+            lambda: dtensor_gem_loss(distribute_tensor(full, mesh, [Replicate()]), labels), ValueError, "Shard(-1)"
+        )
+
     if world == 2:  # importing torch.distributed.tensor costs seconds per process: once is enough
         yield "dtensor_shard_last_dim", dtensor
 
@@ -301,57 +341,86 @@ def _cases(rank, world, group):
     def tokens_mismatch():
         x = full[: 10 - rank] if rank == world - 1 else full
         y = labels[: 10 - rank] if rank == world - 1 else labels
-        _expect_error(lambda: gem_loss(_shard(x, sizes, rank), y, process_group=group, impl="torch"),
-                      ValueError, "same tokens")
+        _expect_error(
+            lambda: gem_loss(_shard(x, sizes, rank), y, process_group=group, impl="torch"), ValueError, "same tokens"
+        )
+
     yield "error_token_count_mismatch", tokens_mismatch
 
     def labels_differ():
         y = labels.clone()
         if rank == 1:
             y[0] = (int(y[0]) + 1) % V if int(y[0]) >= 0 else 3
-        _expect_error(lambda: gem_loss(_shard(full, sizes, rank), y, process_group=group, impl="torch"),
-                      ValueError, "labels differ between ranks")
+        _expect_error(
+            lambda: gem_loss(_shard(full, sizes, rank), y, process_group=group, impl="torch"),
+            ValueError,
+            "labels differ between ranks",
+        )
+
     yield "error_labels_differ", labels_differ
 
     def label_out_of_range():
         y = labels.clone()
         y[1] = V  # valid for no shard: the global V is the sum of shard sizes
-        _expect_error(lambda: gem_loss(_shard(full, sizes, rank), y, process_group=group, impl="torch"),
-                      ValueError, f"[0, {V})")
+        _expect_error(
+            lambda: gem_loss(_shard(full, sizes, rank), y, process_group=group, impl="torch"), ValueError, f"[0, {V})"
+        )
+
     yield "error_label_out_of_global_range", label_out_of_range
 
     def bad_labels_shape_on_one_rank():
         y = labels[:-1] if rank == 0 else labels
         match = "labels must have shape" if rank == 0 else "rank(s) [0]"
-        _expect_error(lambda: gem_loss(_shard(full, sizes, rank), y, process_group=group, impl="torch"),
-                      ValueError, match)
+        _expect_error(
+            lambda: gem_loss(_shard(full, sizes, rank), y, process_group=group, impl="torch"), ValueError, match
+        )
+
     yield "error_labels_shape_one_rank", bad_labels_shape_on_one_rank
 
     def empty_shard():
         local = full[:, :0] if rank == 0 else _shard(full, sizes, rank)
-        _expect_error(lambda: gem_loss(local, labels, process_group=group, impl="torch"),
-                      ValueError, "at least 1 column")
+        _expect_error(
+            lambda: gem_loss(local, labels, process_group=group, impl="torch"), ValueError, "at least 1 column"
+        )
+
     yield "error_empty_shard", empty_shard
 
     def explicit_gap():
         # Rank 0 claims to start at 1: label 0 lies in no shard, id sizes[0] in two.
         y = labels.clone()
         y[2] = 0
-        _expect_error(lambda: gem_loss(_shard(full, sizes, rank), y, process_group=group,
-                                       vocab_start=start + 1 if rank == 0 else start, impl="triton"),
-                      ValueError, "vocabulary shards of the process group")
+        _expect_error(
+            lambda: gem_loss(
+                _shard(full, sizes, rank),
+                y,
+                process_group=group,
+                vocab_start=start + 1 if rank == 0 else start,
+                impl="triton",
+            ),
+            ValueError,
+            "vocabulary shards of the process group",
+        )
+
     yield "error_explicit_vocab_start_gap", explicit_gap
 
     def explicit_out_of_range():
         y = labels.clone()
         y[3] = V + 5
-        _expect_error(lambda: gem_loss(_shard(full, sizes, rank), y, process_group=group,
-                                       vocab_start=start, impl="torch"), ValueError, "expected exactly 1")
+        _expect_error(
+            lambda: gem_loss(_shard(full, sizes, rank), y, process_group=group, vocab_start=start, impl="torch"),
+            ValueError,
+            "expected exactly 1",
+        )
+
     yield "error_explicit_vocab_start_label_range", explicit_out_of_range
 
     def reference_impl():
-        _expect_error(lambda: gem_loss(_shard(full, sizes, rank), labels, process_group=group, impl="reference"),
-                      ValueError, "impl='reference'")
+        _expect_error(
+            lambda: gem_loss(_shard(full, sizes, rank), labels, process_group=group, impl="reference"),
+            ValueError,
+            "impl='reference'",
+        )
+
     yield "error_reference_impl", reference_impl
 
 

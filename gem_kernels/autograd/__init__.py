@@ -1,7 +1,7 @@
 """torch.autograd.Functions: one per implementation path, and the autocast handling of the fused path."""
+
 from .autocast import autocast_linear_inputs, autocast_off
 from .fused_linear import FusedLinearGEMFunction
 from .gem import GEMTorchFunction, GEMTritonFunction
 
-__all__ = ["FusedLinearGEMFunction", "GEMTorchFunction", "GEMTritonFunction", "autocast_linear_inputs",
-           "autocast_off"]
+__all__ = ["FusedLinearGEMFunction", "GEMTorchFunction", "GEMTritonFunction", "autocast_linear_inputs", "autocast_off"]

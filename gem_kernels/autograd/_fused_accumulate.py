@@ -10,6 +10,7 @@ temporary); then the second half is cast into its rows and its buffer freed. Pea
 weight's bytes (as the fp32 accumulator alone was), instead of 3 x (the fp32 accumulator plus its
 cast). The arithmetic is unchanged: fp32 sums, one rounding to the parameter dtype.
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,8 +50,7 @@ class Accumulator:
     """grad_weight [V, H] / grad_bias [V] summed in fp32 over chunks (in the parameter dtype when
     that is fp32 / fp64: the sum is then the returned gradient itself)."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], need_w: bool, need_b: bool,
-                 chunk_rows: int):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], need_w: bool, need_b: bool, chunk_rows: int):
         V, H = weight.shape
         dev, dt = weight.device, weight.dtype
         self.dtype, self.H = dt, H
@@ -69,8 +69,10 @@ class Accumulator:
             va = V // 2
             flat = torch.empty(V * H + (V * H) % 2, dtype=dt, device=dev)  # even: viewable as fp32
             self.res = flat[: V * H].view(V, H)
-            self.parts = [(flat.view(torch.float32)[: va * H].view(va, H), 0, va),
-                          (torch.empty(V - va, H, dtype=torch.float32, device=dev), va, V)]
+            self.parts = [
+                (flat.view(torch.float32)[: va * H].view(va, H), 0, va),
+                (torch.empty(V - va, H, dtype=torch.float32, device=dev), va, V),
+            ]
         mode = "" if wide else fp32_out_addmm(dev)
         self.direct = wide or bool(mode)
         if mode == "add":

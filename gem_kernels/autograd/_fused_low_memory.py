@@ -19,6 +19,7 @@ On CUDA, cuBLAS accumulates a bf16 / fp16 GEMM in fp32; torch's default
 ``allow_bf16_reduced_precision_reduction=True`` would only allow reduced-precision split-K
 reductions, which these slices' shapes (hundreds of output tiles) do not use.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,9 +32,19 @@ from ..options import GEMOptions
 from ._paths import grad_into
 
 
-def vocab_slice_grads(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      rows: Optional[torch.Tensor], labels_v: torch.Tensor, stats_v: torch.Tensor,
-                      row_grad: torch.Tensor, opts: GEMOptions, *, need_gw: bool, need_gb: bool):
+def vocab_slice_grads(
+    hidden2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    rows: Optional[torch.Tensor],
+    labels_v: torch.Tensor,
+    stats_v: torch.Tensor,
+    row_grad: torch.Tensor,
+    opts: GEMOptions,
+    *,
+    need_gw: bool,
+    need_gb: bool,
+):
     """(grad_weight [V, H] or None, grad_bias [V] or None) in the parameter dtype.
 
     hidden2d [N, H]; rows [n_valid] int64 indices of the valid rows (None: all valid); labels_v,

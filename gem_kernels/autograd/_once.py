@@ -3,6 +3,7 @@
 Such a Function hands its gradient buffer to autograd without a copy (and may scale it in place), so
 a second backward through the same graph would see a gradient already used: it raises instead.
 """
+
 from __future__ import annotations
 
 CONSUMED = object()

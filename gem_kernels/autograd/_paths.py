@@ -3,6 +3,7 @@
 Both implementations have the same shape of call (``ops`` / ``torch_ops``), so a Function picks one
 by ``opts.impl`` ("triton" or "torch", resolved by the functional layer) and hands it on.
 """
+
 from __future__ import annotations
 
 import torch

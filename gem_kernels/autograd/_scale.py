@@ -4,6 +4,7 @@ The forward computes the gradients with d(reduced loss)/d(per-token loss) folded
 multiplies them by upstream / that factor. Shared by the eager autograd Function and the
 torch.compile custom operators.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -37,7 +38,7 @@ def scale_grads_(grads, scale: torch.Tensor) -> None:
         step = _slice_elements(flat.numel())
         tmp = torch.empty(step, dtype=torch.float32, device=g.device)
         for a in range(0, flat.numel(), step):
-            part = flat[a:a + step]
+            part = flat[a : a + step]
             t = tmp[: part.numel()]
             t.copy_(part).mul_(s32)
             part.copy_(t)
@@ -45,8 +46,12 @@ def scale_grads_(grads, scale: torch.Tensor) -> None:
 
 def _kernel_scales(g: torch.Tensor) -> bool:
     """The one-pass kernel serves CUDA gradients in a kernel dtype, stored contiguously."""
-    return (g.is_cuda and g.dtype in (torch.float32, torch.bfloat16, torch.float16) and g.is_contiguous()
-            and _triton_available())
+    return (
+        g.is_cuda
+        and g.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and g.is_contiguous()
+        and _triton_available()
+    )
 
 
 def _triton_available() -> bool:
@@ -67,8 +72,8 @@ def scale_rows_(g: torch.Tensor, row_scale: torch.Tensor) -> None:
         return
     rows = max(1, _slice_elements(g.numel()) // max(g.shape[1], 1))
     for a in range(0, g.shape[0], rows):
-        part = g[a:a + rows]
-        part.copy_(part.float().mul_(row_scale[a:a + rows, None].float()))
+        part = g[a : a + rows]
+        part.copy_(part.float().mul_(row_scale[a : a + rows, None].float()))
 
 
 # 2^20 elements (4 MiB of fp32) per slice of scale_grads_: small next to the gradients it scales.
@@ -97,6 +102,8 @@ def _uniform_upstream(grad_loss: torch.Tensor, rows: Optional[torch.Tensor]) -> 
         return grad_loss[0]
     g = grad_loss if rows is None else grad_loss.index_select(0, rows)
     if g.numel() and not bool((g == g[0]).all()):
-        raise RuntimeError("fused_linear_gem_loss: per-token upstream gradients need reduction='none' "
-                           "(the gradients of a reduced loss are precomputed for one scalar)")
+        raise RuntimeError(
+            "fused_linear_gem_loss: per-token upstream gradients need reduction='none' "
+            "(the gradients of a reduced loss are precomputed for one scalar)"
+        )
     return g[0] if g.numel() else grad_loss.new_zeros(())

@@ -7,6 +7,7 @@ autocast matmul inside it would silently run in low precision. Used by the funct
 fused autograd Function and its torch.compile operators, and (through ``gem_kernels.functional``)
 the trainer integrations.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -19,24 +19,27 @@ keep the eager Functions. The Triton logits path needs no operator here: its ker
 
 This module has no ``from __future__ import annotations``: custom_op reads the annotations.
 """
+
 import inspect
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..options import NUM_STATS, GEMOptions
 from ..chunk_policy import fused_chunk_rows
+from ..options import NUM_STATS, GEMOptions
 from ..torch_ops import finalize, gem_forward_row_blocks, gem_grad_row_blocks
 from .autocast import autocast_off
 from .fused_linear import fused_backward_recompute, fused_forward, valid_rows
 
-
 # The forward operators read the valid-token count on the host (to skip ignored rows), which a CUDA
 # graph cannot capture: tagged, inductor's graph partitioning (mode="reduce-overhead") runs them
 # outside the captured graphs. (The tag exists from torch 2.8 on; older versions get no tag.)
-_HOST_READ = ({"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe")
-              and "tags" in inspect.signature(torch.library.custom_op).parameters else {})
+_HOST_READ = (
+    {"tags": (torch.Tag.cudagraph_unsafe,)}
+    if hasattr(torch.Tag, "cudagraph_unsafe") and "tags" in inspect.signature(torch.library.custom_op).parameters
+    else {}
+)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,18 +48,47 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _opt_args(opts: GEMOptions) -> tuple:
     """GEMOptions as the operators' scalar arguments (single device: vocab_start 0, no in-place)."""
-    return (opts.beta, opts.h, opts.ignore_index, opts.logit_scale, opts.softcap, opts.z_loss_scale, opts.return_ce,
-            opts.return_metrics)
+    return (
+        opts.beta,
+        opts.h,
+        opts.ignore_index,
+        opts.logit_scale,
+        opts.softcap,
+        opts.z_loss_scale,
+        opts.return_ce,
+        opts.return_metrics,
+    )
 
 
-def _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics, impl="torch",
-             chunk_size=None, low_memory=False) -> GEMOptions:
+def _options(
+    beta,
+    h,
+    ignore_index,
+    logit_scale,
+    softcap,
+    z_loss_scale,
+    return_ce,
+    return_metrics,
+    impl="torch",
+    chunk_size=None,
+    low_memory=False,
+) -> GEMOptions:
     """The GEMOptions of ``_opt_args`` (+ the fused path's impl, chunk_size and low_memory), rebuilt
     inside an operator: the operators' schemas take scalars, not dataclasses. Only fields that the
     computation reads cross; the rest (reduction, validate_labels) was used above the operator."""
-    return GEMOptions(beta=beta, h=h, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
-                      z_loss_scale=z_loss_scale, return_ce=return_ce, return_metrics=return_metrics, impl=impl,
-                      chunk_size=chunk_size, low_memory=low_memory)
+    return GEMOptions(
+        beta=beta,
+        h=h,
+        ignore_index=ignore_index,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        z_loss_scale=z_loss_scale,
+        return_ce=return_ce,
+        return_metrics=return_metrics,
+        impl=impl,
+        chunk_size=chunk_size,
+        low_memory=low_memory,
+    )
 
 
 def _extras_fake(like: Tensor, n: int, return_ce: bool, return_metrics: bool, dtype) -> Tensor:
@@ -77,40 +109,77 @@ def _scaled(g: Tensor, factor: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("gem_kernels::gem_torch_fwd", mutates_args=(), **_HOST_READ)
-def _gem_torch_fwd(logits: Tensor, labels: Tensor, beta: float, h: str, ignore_index: int, logit_scale: float,
-                   softcap: Optional[float], z_loss_scale: float, return_ce: bool, return_metrics: bool,
-                   compute_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _gem_torch_fwd(
+    logits: Tensor,
+    labels: Tensor,
+    beta: float,
+    h: str,
+    ignore_index: int,
+    logit_scale: float,
+    softcap: Optional[float],
+    z_loss_scale: float,
+    return_ce: bool,
+    return_metrics: bool,
+    compute_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (loss [N], extras [N, k] (options.X_*) or [0], stats [N, 5], gradient of each row's loss
     [N, V] or [0])."""
     opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics)
     partials, grad = gem_forward_row_blocks(logits, labels, opts, compute_grad=compute_grad)
     loss, ce, stats = finalize(partials, labels != ignore_index, opts, labels)
-    return (loss, ce if ce is not None else loss.new_empty(0), stats,
-            grad if grad is not None else logits.new_empty(0))
+    return (loss, ce if ce is not None else loss.new_empty(0), stats, grad if grad is not None else logits.new_empty(0))
 
 
 @_gem_torch_fwd.register_fake
-def _(logits, labels, beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics,
-      compute_grad):
+def _(
+    logits, labels, beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics, compute_grad
+):
     N = logits.shape[0]
     cdt = _compute_dtype(logits.dtype)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else logits.new_empty(0)
-    return (logits.new_empty(N, dtype=cdt), _extras_fake(logits, N, return_ce, return_metrics, cdt),
-            logits.new_empty(N, NUM_STATS, dtype=cdt), grad)
+    return (
+        logits.new_empty(N, dtype=cdt),
+        _extras_fake(logits, N, return_ce, return_metrics, cdt),
+        logits.new_empty(N, NUM_STATS, dtype=cdt),
+        grad,
+    )
 
 
 @torch.library.custom_op("gem_kernels::gem_torch_bwd", mutates_args=())
-def _gem_torch_bwd(logits: Tensor, labels: Tensor, stats: Tensor, grad_loss: Tensor, beta: float, h: str,
-                   ignore_index: int, logit_scale: float, softcap: Optional[float], z_loss_scale: float,
-                   return_ce: bool, return_metrics: bool) -> Tensor:
+def _gem_torch_bwd(
+    logits: Tensor,
+    labels: Tensor,
+    stats: Tensor,
+    grad_loss: Tensor,
+    beta: float,
+    h: str,
+    ignore_index: int,
+    logit_scale: float,
+    softcap: Optional[float],
+    z_loss_scale: float,
+    return_ce: bool,
+    return_metrics: bool,
+) -> Tensor:
     """d(sum_i grad_loss_i loss_i)/d logits from the saved row statistics."""
     opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics)
     return gem_grad_row_blocks(logits, labels, stats, grad_loss, opts)
 
 
 @_gem_torch_bwd.register_fake
-def _(logits, labels, stats, grad_loss, beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce,
-      return_metrics):
+def _(
+    logits,
+    labels,
+    stats,
+    grad_loss,
+    beta,
+    h,
+    ignore_index,
+    logit_scale,
+    softcap,
+    z_loss_scale,
+    return_ce,
+    return_metrics,
+):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -150,15 +219,42 @@ def gem_torch_compiled(logits2d: Tensor, labels1d: Tensor, opts: GEMOptions, gra
 
 
 @torch.library.custom_op("gem_kernels::fused_linear_gem_fwd", mutates_args=(), **_HOST_READ)
-def _fused_fwd(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-               token_scale: Optional[Tensor], beta: float, h: str, ignore_index: int, logit_scale: float,
-               softcap: Optional[float], z_loss_scale: float, return_ce: bool, return_metrics: bool, impl: str,
-               chunk_size: Optional[int], low_memory: bool, need_gx: bool, need_gw: bool,
-               need_gb: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _fused_fwd(
+    hidden2d: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    token_scale: Optional[Tensor],
+    beta: float,
+    h: str,
+    ignore_index: int,
+    logit_scale: float,
+    softcap: Optional[float],
+    z_loss_scale: float,
+    return_ce: bool,
+    return_metrics: bool,
+    impl: str,
+    chunk_size: Optional[int],
+    low_memory: bool,
+    need_gx: bool,
+    need_gw: bool,
+    need_gb: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (loss [N], extras [N, k] (options.X_*) or [0], stats [N, 5] (deferred gradients) or [0, 5],
     grad_hidden, grad_weight, grad_bias (precomputed for a reduced loss, each [0] when not computed))."""
-    opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics, impl,
-                    chunk_size, low_memory)
+    opts = _options(
+        beta,
+        h,
+        ignore_index,
+        logit_scale,
+        softcap,
+        z_loss_scale,
+        return_ce,
+        return_metrics,
+        impl,
+        chunk_size,
+        low_memory,
+    )
     # A compiled graph calls this operator under the caller's autocast state, whatever the
     # functional layer's autocast_off did while tracing: switch it off here too.
     with autocast_off(hidden2d.device.type):
@@ -185,44 +281,137 @@ def _fused_eager(hidden2d, token_scale, need_gx, need_gw, need_gb) -> bool:
 
 
 @_fused_fwd.register_fake
-def _(hidden2d, weight, bias, labels, token_scale, beta, h, ignore_index, logit_scale, softcap, z_loss_scale,
-      return_ce, return_metrics, impl, chunk_size, low_memory, need_gx, need_gw, need_gb):
+def _(
+    hidden2d,
+    weight,
+    bias,
+    labels,
+    token_scale,
+    beta,
+    h,
+    ignore_index,
+    logit_scale,
+    softcap,
+    z_loss_scale,
+    return_ce,
+    return_metrics,
+    impl,
+    chunk_size,
+    low_memory,
+    need_gx,
+    need_gw,
+    need_gb,
+):
     N, H = hidden2d.shape
     V = weight.shape[0]
     cdt = _compute_dtype(hidden2d.dtype)
     eager = _fused_eager(hidden2d, token_scale, need_gx, need_gw, need_gb)
     deferred = (need_gx or need_gw or need_gb) and not eager
     new = hidden2d.new_empty
-    return (new(N, dtype=cdt), _extras_fake(hidden2d, N, return_ce, return_metrics, cdt),
-            new(N if deferred else 0, NUM_STATS, dtype=cdt),
-            new((N, H) if eager and need_gx else (0,)), new((V, H) if eager and need_gw else (0,), dtype=weight.dtype),
-            new((V,) if eager and need_gb and bias is not None else (0,), dtype=weight.dtype))
+    return (
+        new(N, dtype=cdt),
+        _extras_fake(hidden2d, N, return_ce, return_metrics, cdt),
+        new(N if deferred else 0, NUM_STATS, dtype=cdt),
+        new((N, H) if eager and need_gx else (0,)),
+        new((V, H) if eager and need_gw else (0,), dtype=weight.dtype),
+        new((V,) if eager and need_gb and bias is not None else (0,), dtype=weight.dtype),
+    )
 
 
 @torch.library.custom_op("gem_kernels::fused_linear_gem_bwd", mutates_args=(), **_HOST_READ)
-def _fused_bwd(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, stats: Tensor,
-               grad_loss: Tensor, beta: float, h: str, ignore_index: int, logit_scale: float, softcap: Optional[float],
-               z_loss_scale: float, return_ce: bool, return_metrics: bool, impl: str, chunk_size: Optional[int],
-               low_memory: bool, need_gx: bool, need_gw: bool, need_gb: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def _fused_bwd(
+    hidden2d: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    stats: Tensor,
+    grad_loss: Tensor,
+    beta: float,
+    h: str,
+    ignore_index: int,
+    logit_scale: float,
+    softcap: Optional[float],
+    z_loss_scale: float,
+    return_ce: bool,
+    return_metrics: bool,
+    impl: str,
+    chunk_size: Optional[int],
+    low_memory: bool,
+    need_gx: bool,
+    need_gw: bool,
+    need_gb: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Deferred gradients (reduction "none", fp16): (grad_hidden, grad_weight, grad_bias), [0] when not needed."""
-    opts = _options(beta, h, ignore_index, logit_scale, softcap, z_loss_scale, return_ce, return_metrics, impl,
-                    chunk_size, low_memory)
+    opts = _options(
+        beta,
+        h,
+        ignore_index,
+        logit_scale,
+        softcap,
+        z_loss_scale,
+        return_ce,
+        return_metrics,
+        impl,
+        chunk_size,
+        low_memory,
+    )
     rows, labels_v = valid_rows(labels, ignore_index)
     stats_v = stats if rows is None else stats.index_select(0, rows)
-    chunk_rows = fused_chunk_rows(labels_v.shape[0], hidden2d.shape[1], weight.shape[0], device=hidden2d.device.type,
-                                  itemsize=hidden2d.element_size(), low_memory=low_memory, chunk_size=chunk_size)
+    chunk_rows = fused_chunk_rows(
+        labels_v.shape[0],
+        hidden2d.shape[1],
+        weight.shape[0],
+        device=hidden2d.device.type,
+        itemsize=hidden2d.element_size(),
+        low_memory=low_memory,
+        chunk_size=chunk_size,
+    )
     with autocast_off(hidden2d.device.type):
-        grads = fused_backward_recompute(hidden2d, weight, bias, rows, labels_v, stats_v, grad_loss, opts,
-                                         chunk_rows, (need_gx, need_gw, need_gb and bias is not None), None)
+        grads = fused_backward_recompute(
+            hidden2d,
+            weight,
+            bias,
+            rows,
+            labels_v,
+            stats_v,
+            grad_loss,
+            opts,
+            chunk_rows,
+            (need_gx, need_gw, need_gb and bias is not None),
+            None,
+        )
     return tuple(g if g is not None else hidden2d.new_empty(0) for g in grads)
 
 
 @_fused_bwd.register_fake
-def _(hidden2d, weight, bias, labels, stats, grad_loss, beta, h, ignore_index, logit_scale, softcap, z_loss_scale,
-      return_ce, return_metrics, impl, chunk_size, low_memory, need_gx, need_gw, need_gb):
+def _(
+    hidden2d,
+    weight,
+    bias,
+    labels,
+    stats,
+    grad_loss,
+    beta,
+    h,
+    ignore_index,
+    logit_scale,
+    softcap,
+    z_loss_scale,
+    return_ce,
+    return_metrics,
+    impl,
+    chunk_size,
+    low_memory,
+    need_gx,
+    need_gw,
+    need_gb,
+):
     new = hidden2d.new_empty
-    return (new(hidden2d.shape if need_gx else (0,)), new(weight.shape if need_gw else (0,)),
-            new((weight.shape[0],) if need_gb and bias is not None else (0,)))
+    return (
+        new(hidden2d.shape if need_gx else (0,)),
+        new(weight.shape if need_gw else (0,)),
+        new((weight.shape[0],) if need_gb and bias is not None else (0,)),
+    )
 
 
 def _fused_setup(ctx, inputs, output):
@@ -248,8 +437,9 @@ def _upstream(grad_loss: Tensor, valid: Tensor) -> Tensor:
     if grad_loss.stride(0) == 0:
         return grad_loss[0]
     up = grad_loss[valid.to(torch.int8).argmax()]
-    torch._assert_async(((grad_loss == up) | ~valid).all(),
-                        "fused_linear_gem_loss: per-token upstream gradients need reduction='none'")
+    torch._assert_async(
+        ((grad_loss == up) | ~valid).all(), "fused_linear_gem_loss: per-token upstream gradients need reduction='none'"
+    )
     return up
 
 
@@ -270,14 +460,33 @@ def _fused_backward(ctx, grad_loss, _grad_ce, _grad_stats, _gx, _gw, _gb):
 torch.library.register_autograd("gem_kernels::fused_linear_gem_fwd", _fused_backward, setup_context=_fused_setup)
 
 
-def fused_linear_gem_compiled(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], labels1d: Tensor,
-                              opts: GEMOptions, token_scale, grad_enabled: bool):
+def fused_linear_gem_compiled(
+    hidden2d: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels1d: Tensor,
+    opts: GEMOptions,
+    token_scale,
+    grad_enabled: bool,
+):
     """(per-token loss [N], per-token extras [N, k] or empty), as FusedLinearGEMFunction, through the operators."""
     need_gx = grad_enabled and hidden2d.requires_grad
     need_gw = grad_enabled and weight.requires_grad
     need_gb = grad_enabled and bias is not None and bias.requires_grad
     if token_scale is not None and not isinstance(token_scale, Tensor):
         token_scale = torch.tensor(token_scale, dtype=torch.float64, device=hidden2d.device)
-    loss, ce, *_ = _fused_fwd(hidden2d, weight, bias, labels1d, token_scale, *_opt_args(opts), opts.impl,
-                              opts.chunk_size, opts.low_memory, need_gx, need_gw, need_gb)
+    loss, ce, *_ = _fused_fwd(
+        hidden2d,
+        weight,
+        bias,
+        labels1d,
+        token_scale,
+        *_opt_args(opts),
+        opts.impl,
+        opts.chunk_size,
+        opts.low_memory,
+        need_gx,
+        need_gw,
+        need_gb,
+    )
     return loss, ce

@@ -30,6 +30,7 @@ forward then computes the loss only (2 * valid * H * V FLOPs, keeping [valid, 5]
 and backward recomputes each chunk's logits and folds the per-token factor into dZ before the
 gradient matmuls (another 6 * valid * H * V), i.e. 8 instead of 6 * valid * H * V in all.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Union
@@ -49,9 +50,23 @@ from ._scale import scale_grads_, upstream_scale
 from .autocast import autocast_off
 
 
-def _chunk_loop(hidden2d, weight, bias, rows, labels_v, opts: GEMOptions, chunk_rows: int, *,
-                row_grad=None, stats_v=None, need_gx=False, need_gw=False, need_gb=False,
-                keep_stats=False, group=None):
+def _chunk_loop(
+    hidden2d,
+    weight,
+    bias,
+    rows,
+    labels_v,
+    opts: GEMOptions,
+    chunk_rows: int,
+    *,
+    row_grad=None,
+    stats_v=None,
+    need_gx=False,
+    need_gw=False,
+    need_gb=False,
+    keep_stats=False,
+    group=None,
+):
     """The chunked pass over the valid rows.
 
     hidden2d [N, H]; rows [n_valid] int64 (indices of the valid rows) or None when all N are valid;
@@ -161,16 +176,23 @@ class FusedForward(NamedTuple):
     chunk_rows: int
 
 
-def fused_forward(hidden2d, weight, bias, labels, opts: GEMOptions, token_scale, group, need_gx: bool,
-                  need_gw: bool, need_gb: bool) -> FusedForward:
+def fused_forward(
+    hidden2d, weight, bias, labels, opts: GEMOptions, token_scale, group, need_gx: bool, need_gw: bool, need_gb: bool
+) -> FusedForward:
     """The forward of the fused path (shared by FusedLinearGEMFunction and the torch.compile custom
     operators in ``compiled.py``). See FusedLinearGEMFunction for the arguments."""
     any_grad = need_gx or need_gw or need_gb
     rows, labels_v = valid_rows(labels, opts.ignore_index)
     n_valid = labels_v.shape[0]
-    chunk_rows = fused_chunk_rows(n_valid, hidden2d.shape[1], weight.shape[0], device=hidden2d.device.type,
-                                  itemsize=hidden2d.element_size(), low_memory=opts.low_memory,
-                                  chunk_size=opts.chunk_size)
+    chunk_rows = fused_chunk_rows(
+        n_valid,
+        hidden2d.shape[1],
+        weight.shape[0],
+        device=hidden2d.device.type,
+        itemsize=hidden2d.element_size(),
+        low_memory=opts.low_memory,
+        chunk_size=opts.chunk_size,
+    )
     # fp16 defers too: dZ must carry the upstream gradient (e.g. GradScaler's 2^16) before it is
     # rounded to fp16, or its small entries underflow; the upstream is only known in backward.
     eager = any_grad and token_scale is not None and hidden2d.dtype != torch.float16
@@ -184,22 +206,35 @@ def fused_forward(hidden2d, weight, bias, labels, opts: GEMOptions, token_scale,
     low_memory = opts.low_memory
     loop_grad = None if low_memory and not need_gx else row_grad
     loss, ce, stats_v, gx, acc = _chunk_loop(
-        hidden2d, weight, bias, rows, labels_v, opts, chunk_rows, row_grad=loop_grad,
-        need_gx=need_gx, need_gw=need_gw and not low_memory, need_gb=need_gb and not low_memory,
-        keep_stats=any_grad and (low_memory or not eager), group=group)
+        hidden2d,
+        weight,
+        bias,
+        rows,
+        labels_v,
+        opts,
+        chunk_rows,
+        row_grad=loop_grad,
+        need_gx=need_gx,
+        need_gw=need_gw and not low_memory,
+        need_gb=need_gb and not low_memory,
+        keep_stats=any_grad and (low_memory or not eager),
+        group=group,
+    )
     grads = None
     if eager:
         _sum_over_shards(gx, group)
         gw, gb = acc.result()
         if low_memory:
-            gw, gb = vocab_slice_grads(hidden2d, weight, bias, rows, labels_v, stats_v, row_grad, opts,
-                                       need_gw=need_gw, need_gb=need_gb)
+            gw, gb = vocab_slice_grads(
+                hidden2d, weight, bias, rows, labels_v, stats_v, row_grad, opts, need_gw=need_gw, need_gb=need_gb
+            )
         grads = (gx, gw, gb)
     return FusedForward(loss, ce, eager, grads, rows, labels_v, stats_v, chunk_rows)
 
 
-def fused_backward_recompute(hidden2d, weight, bias, rows, labels_v, stats_v, grad_loss, opts: GEMOptions,
-                             chunk_rows: int, flags, group=None):
+def fused_backward_recompute(
+    hidden2d, weight, bias, rows, labels_v, stats_v, grad_loss, opts: GEMOptions, chunk_rows: int, flags, group=None
+):
     """Deferred gradients (reduction "none", fp16): recompute each chunk's logits from the saved row
     statistics and fold the per-token upstream ``grad_loss`` [N] into dZ. Returns (gx, gw, gb).
     Low-memory mode: the chunks give d hidden only, the vocabulary pass d weight / d bias."""
@@ -209,13 +244,25 @@ def fused_backward_recompute(hidden2d, weight, bias, rows, labels_v, stats_v, gr
     low_memory = opts.low_memory
     if need_gx or not low_memory:  # low-memory mode without d hidden: no token-chunk pass at all
         _, _, _, gx, acc = _chunk_loop(
-            hidden2d, weight, bias, rows, labels_v, opts, chunk_rows, row_grad=row_grad, stats_v=stats_v,
-            need_gx=need_gx, need_gw=need_gw and not low_memory, need_gb=need_gb and not low_memory)
+            hidden2d,
+            weight,
+            bias,
+            rows,
+            labels_v,
+            opts,
+            chunk_rows,
+            row_grad=row_grad,
+            stats_v=stats_v,
+            need_gx=need_gx,
+            need_gw=need_gw and not low_memory,
+            need_gb=need_gb and not low_memory,
+        )
         _sum_over_shards(gx, group)
         gw, gb = acc.result()
     if low_memory:
-        gw, gb = vocab_slice_grads(hidden2d, weight, bias, rows, labels_v, stats_v, row_grad, opts,
-                                   need_gw=need_gw, need_gb=need_gb)
+        gw, gb = vocab_slice_grads(
+            hidden2d, weight, bias, rows, labels_v, stats_v, row_grad, opts, need_gw=need_gw, need_gb=need_gb
+        )
     return gx, gw, gb
 
 
@@ -237,8 +284,17 @@ class FusedLinearGEMFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, labels, opts: GEMOptions, token_scale: Union[None, float, torch.Tensor],
-                group=None, grad_enabled: bool = True):
+    def forward(
+        ctx,
+        hidden2d,
+        weight,
+        bias,
+        labels,
+        opts: GEMOptions,
+        token_scale: Union[None, float, torch.Tensor],
+        group=None,
+        grad_enabled: bool = True,
+    ):
         # Under torch.no_grad() no backward can follow: compute the loss only.
         need_gx = grad_enabled and ctx.needs_input_grad[0]
         need_gw = grad_enabled and ctx.needs_input_grad[1]
@@ -273,8 +329,12 @@ class FusedLinearGEMFunction(torch.autograd.Function):
     def _backward(ctx, grad_loss):
         """(grad_hidden, grad_weight, grad_bias, None for labels), each None when not required."""
         if ctx.eager:
-            grads = take_once(ctx, "grads", "fused_linear_gem_loss scales its precomputed gradients in place and "
-                              "supports one backward per forward; run the forward again instead of retain_graph=True")
+            grads = take_once(
+                ctx,
+                "grads",
+                "fused_linear_gem_loss scales its precomputed gradients in place and "
+                "supports one backward per forward; run the forward again instead of retain_graph=True",
+            )
             if grad_loss is None:
                 for g in grads:
                     if g is not None:
@@ -286,8 +346,9 @@ class FusedLinearGEMFunction(torch.autograd.Function):
         hidden2d, weight, bias, rows, labels_v, stats_v = ctx.saved_tensors
         if grad_loss is None:
             grad_loss = torch.zeros(hidden2d.shape[0], dtype=torch.float32, device=hidden2d.device)
-        grads = fused_backward_recompute(hidden2d, weight, bias, rows, labels_v, stats_v, grad_loss, ctx.opts,
-                                         ctx.chunk_rows, ctx.flags, ctx.group)
+        grads = fused_backward_recompute(
+            hidden2d, weight, bias, rows, labels_v, stats_v, grad_loss, ctx.opts, ctx.chunk_rows, ctx.flags, ctx.group
+        )
         return tuple(grads) + (None,)
 
 
@@ -299,4 +360,3 @@ def _sum_over_shards(gx: Optional[torch.Tensor], group) -> None:
     import torch.distributed as dist
 
     dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=getattr(group, "group", group))
-

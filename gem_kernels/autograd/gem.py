@@ -5,6 +5,7 @@ extras [N, opts.num_extras] (options.X_*: ce, then entropy and token accuracy wi
 or an empty tensor); reduction happens in the functional layer, so the upstream gradient reaching
 backward is per token (a 0-stride expanded scalar for "mean" and "sum").
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -52,8 +53,7 @@ class GEMTritonFunction(torch.autograd.Function):
         valid = labels != opts.ignore_index
         ctx.opts = opts
         ctx.grad = None
-        eager = (ctx.needs_input_grad[0] and token_scale is not None and group is None
-                 and logits.dtype != torch.float16)
+        eager = ctx.needs_input_grad[0] and token_scale is not None and group is None and logits.dtype != torch.float16
         if eager:
             ts = token_scale.reshape(1)
             if opts.inplace_backward:
@@ -77,10 +77,14 @@ class GEMTritonFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_extras):
         opts: GEMOptions = ctx.opts
         if ctx.grad is not None:
-            grad = take_once(ctx, "grad", "gem_loss(impl='triton') computes the gradient of a reduced loss in its "
-                             "forward and hands it to autograd without a copy, so it supports one backward per "
-                             "forward; run the forward again instead of retain_graph=True (or use reduction='none' "
-                             "and reduce yourself)")
+            grad = take_once(
+                ctx,
+                "grad",
+                "gem_loss(impl='triton') computes the gradient of a reduced loss in its "
+                "forward and hands it to autograd without a copy, so it supports one backward per "
+                "forward; run the forward again instead of retain_graph=True (or use reduction='none' "
+                "and reduce yourself)",
+            )
             labels, ts = ctx.saved_tensors
             if grad_loss is None:
                 return (grad.zero_(),) + _NONE
@@ -103,8 +107,13 @@ class GEMTorchFunction(torch.autograd.Function):
         valid = labels != opts.ignore_index
         # fp16 is excluded: its gradient must be scaled by the upstream gradient (e.g. GradScaler's
         # 2^16) before it is rounded to fp16, or small entries underflow; it is recomputed in backward.
-        eager_grad = (grad_enabled and ctx.needs_input_grad[0] and not opts.inplace_backward and group is None
-                      and logits.dtype != torch.float16)
+        eager_grad = (
+            grad_enabled
+            and ctx.needs_input_grad[0]
+            and not opts.inplace_backward
+            and group is None
+            and logits.dtype != torch.float16
+        )
         if eager_grad:
             partials, grad = gem_forward_row_blocks(logits, labels, opts, compute_grad=True)
         else:
@@ -121,8 +130,12 @@ class GEMTorchFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_extras):
         opts: GEMOptions = ctx.opts
         if ctx.grad is not None:
-            grad = take_once(ctx, "grad", "gem_loss(impl='torch') scales its precomputed gradient in place and "
-                             "supports one backward per forward; run the forward again instead of retain_graph=True")
+            grad = take_once(
+                ctx,
+                "grad",
+                "gem_loss(impl='torch') scales its precomputed gradient in place and "
+                "supports one backward per forward; run the forward again instead of retain_graph=True",
+            )
             if grad_loss is None:
                 return (grad.zero_(),) + _NONE
             # In fp32 for bf16 gradients: a factor rounded to bf16 first would bias the whole gradient.

@@ -21,6 +21,7 @@ backward needs none (each rank's gradient columns depend only on its own logits 
 row statistics). The combined partials are identical on every rank, so every rank computes the same
 loss.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -5,10 +5,19 @@ the ``*_with_options`` functions run a call with such options (what the modules 
 integrations use). ``autocast_linear_inputs`` / ``autocast_off`` are the fused path's autocast
 handling, for callers that run the lm_head themselves.
 """
+
 from ..autograd import autocast_linear_inputs, autocast_off
 from ._checks import check_num_items, check_options
 from .fused_linear import fused_linear_gem_loss, fused_linear_gem_loss_with_options
 from .gem import gem_loss, gem_loss_with_options
 
-__all__ = ["autocast_linear_inputs", "autocast_off", "check_num_items", "check_options", "fused_linear_gem_loss",
-           "fused_linear_gem_loss_with_options", "gem_loss", "gem_loss_with_options"]
+__all__ = [
+    "autocast_linear_inputs",
+    "autocast_off",
+    "check_num_items",
+    "check_options",
+    "fused_linear_gem_loss",
+    "fused_linear_gem_loss_with_options",
+    "gem_loss",
+    "gem_loss_with_options",
+]

@@ -1,5 +1,6 @@
 """Argument validation shared by the functional API: every check runs before any kernel does,
 and every error names the argument and what was expected."""
+
 from __future__ import annotations
 
 import math
@@ -80,15 +81,26 @@ def check_options(kind: str, **options) -> GEMOptions:
             raise TypeError(f"{name} must be a bool, got {o[name]!r}")
     if o["inplace_backward"] and impl == "reference":
         raise ValueError("inplace_backward=True is not available with impl='reference'")
-    if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool)
-                                   or chunk_size < 1):
+    if chunk_size is not None and (
+        not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
         raise ValueError(f"chunk_size must be None or an int >= 1 (valid tokens per chunk), got {chunk_size!r}")
-    return GEMOptions(beta=float(beta), h=h, ignore_index=int(ignore_index), logit_scale=float(logit_scale),
-                      softcap=None if softcap is None else float(softcap), z_loss_scale=float(z_loss_scale),
-                      return_ce=o["return_ce"], inplace_backward=o["inplace_backward"],
-                      return_metrics=o["return_metrics"], reduction=o["reduction"], impl=impl,
-                      validate_labels=o["validate_labels"], chunk_size=None if chunk_size is None else int(chunk_size),
-                      low_memory=o["low_memory"])
+    return GEMOptions(
+        beta=float(beta),
+        h=h,
+        ignore_index=int(ignore_index),
+        logit_scale=float(logit_scale),
+        softcap=None if softcap is None else float(softcap),
+        z_loss_scale=float(z_loss_scale),
+        return_ce=o["return_ce"],
+        inplace_backward=o["inplace_backward"],
+        return_metrics=o["return_metrics"],
+        reduction=o["reduction"],
+        impl=impl,
+        validate_labels=o["validate_labels"],
+        chunk_size=None if chunk_size is None else int(chunk_size),
+        low_memory=o["low_memory"],
+    )
 
 
 def check_num_items(num_items_in_batch, reduction: str) -> None:
@@ -98,12 +110,16 @@ def check_num_items(num_items_in_batch, reduction: str) -> None:
     if num_items_in_batch is None:
         return
     if reduction != "mean":
-        raise ValueError(f"num_items_in_batch replaces the denominator of reduction='mean'; "
-                         f"it cannot be used with reduction={reduction!r}")
+        raise ValueError(
+            f"num_items_in_batch replaces the denominator of reduction='mean'; "
+            f"it cannot be used with reduction={reduction!r}"
+        )
     if isinstance(num_items_in_batch, torch.Tensor):
         if num_items_in_batch.numel() != 1:
-            raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, "
-                             f"got a tensor of shape {tuple(num_items_in_batch.shape)}")
+            raise ValueError(
+                f"num_items_in_batch must be a number or a one-element tensor, "
+                f"got a tensor of shape {tuple(num_items_in_batch.shape)}"
+            )
         if torch.compiler.is_compiling():
             # a host branch on a tensor value would break the graph: a check the graph keeps
             torch._assert_async(num_items_in_batch.reshape(()) >= 0, "num_items_in_batch must be >= 0")
@@ -124,8 +140,15 @@ def index_labels(labels):
     return labels if labels.dtype in (torch.int32, torch.int64) else labels.long()
 
 
-def check_labels(labels, name_shape: str, expected_shape, device, num_classes: Optional[int], ignore_index: int,
-                 validate_range: bool = True):
+def check_labels(
+    labels,
+    name_shape: str,
+    expected_shape,
+    device,
+    num_classes: Optional[int],
+    ignore_index: int,
+    validate_range: bool = True,
+):
     """labels must be an integer tensor of ``expected_shape`` on ``device`` with every non-ignored
     value in [0, num_classes).
 
@@ -137,19 +160,24 @@ def check_labels(labels, name_shape: str, expected_shape, device, num_classes: O
     """
     labels = index_labels(labels)
     if tuple(labels.shape) != tuple(expected_shape):
-        raise ValueError(f"labels must have shape {tuple(expected_shape)} (the leading shape of "
-                         f"{name_shape}), got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have shape {tuple(expected_shape)} (the leading shape of "
+            f"{name_shape}), got {tuple(labels.shape)}"
+        )
     if labels.device != device:
         raise ValueError(f"labels must be on the same device as {name_shape} ({device}), got {labels.device}")
     if validate_range and num_classes is not None and labels.numel() > 0:
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
         if torch.compiler.is_compiling():
-            torch._assert_async(~bad.any(), f"{LABEL_RANGE_MESSAGE}: labels must lie in [0, {num_classes}) or "
-                                            f"equal ignore_index={ignore_index}")
+            torch._assert_async(
+                ~bad.any(),
+                f"{LABEL_RANGE_MESSAGE}: labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}",
+            )
         elif bool(bad.any()):
             first = labels[bad][0].item()
-            raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
-                             f"found {first}")
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; found {first}"
+            )
 
 
 # Start of the message of the device-side label check under torch.compile (tests match it).
@@ -187,23 +215,30 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
         if not triton_available():
             raise RuntimeError("impl='triton' needs the triton package; install it or use impl='torch'")
         if not (x.is_cuda or interpreting()):
-            raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
-                             f"interpreter); got a tensor on {x.device}. Use impl='torch' on CPU")
+            raise ValueError(
+                f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
+                f"interpreter); got a tensor on {x.device}. Use impl='torch' on CPU"
+            )
         if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"impl='triton' supports {tuple(str(d) for d in FLOAT_DTYPES)}, got {x.dtype}; "
-                            f"use impl='torch' for float64")
+            raise TypeError(
+                f"impl='triton' supports {tuple(str(d) for d in FLOAT_DTYPES)}, got {x.dtype}; "
+                f"use impl='torch' for float64"
+            )
     return impl
 
 
 def check_metrics_vocab(return_metrics: bool, vocab_end: int, name: str) -> None:
     """The arg-max index travels as an exact integer in an fp32 column: it must stay below 2^24."""
     if return_metrics and vocab_end > MAX_METRICS_VOCAB:
-        raise ValueError(f"return_metrics=True supports vocabularies of at most {MAX_METRICS_VOCAB} columns "
-                         f"(2^24: the arg-max index is carried exactly in fp32); {name} reach column {vocab_end}")
+        raise ValueError(
+            f"return_metrics=True supports vocabularies of at most {MAX_METRICS_VOCAB} columns "
+            f"(2^24: the arg-max index is carried exactly in fp32); {name} reach column {vocab_end}"
+        )
 
 
 def check_options_type(options) -> None:
     """The ``*_with_options`` functions take options made by :func:`check_options` (not re-checked)."""
     if not isinstance(options, GEMOptions):
-        raise TypeError(f"options must be a GEMOptions (from gem_kernels.functional.check_options), "
-                        f"got {type(options).__name__}")
+        raise TypeError(
+            f"options must be a GEMOptions (from gem_kernels.functional.check_options), got {type(options).__name__}"
+        )

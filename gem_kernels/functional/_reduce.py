@@ -1,4 +1,5 @@
 """Reduction of per-token losses, shared by every functional entry point."""
+
 from __future__ import annotations
 
 import torch
@@ -40,8 +41,10 @@ def finish_outputs(loss, extras, valid, reduction, num_items_in_batch, shape, re
     """
     if not return_ce and not return_metrics:
         return loss
-    cols = [reduce_tokens(extras[:, k], valid, reduction, num_items_in_batch, shape).detach()
-            for k in range(extras.shape[1])]
+    cols = [
+        reduce_tokens(extras[:, k], valid, reduction, num_items_in_batch, shape).detach()
+        for k in range(extras.shape[1])
+    ]
     out = [loss]
     if return_ce:
         out.append(cols[X_CE])

@@ -10,6 +10,7 @@ With an explicit ``vocab_start`` that all-gather is skipped (the layout is trust
 shape mismatches are not detected) and label ranges are checked during the forward instead, by
 counting in the existing t_y all-reduce how many shards hold each label (must be exactly one).
 """
+
 from __future__ import annotations
 
 import numbers
@@ -39,8 +40,18 @@ class ShardLayout(NamedTuple):
     vocab_size: Optional[int]  # global V (None when vocab_start was given: not known without a collective)
 
 
-def resolve_vocab_shard(process_group, vocab_start, lead: torch.Size, v_local: int, device, labels: torch.Tensor,
-                        ignore_index: int, impl: str, who: str = "gem_loss", name: str = "logits") -> ShardLayout:
+def resolve_vocab_shard(
+    process_group,
+    vocab_start,
+    lead: torch.Size,
+    v_local: int,
+    device,
+    labels: torch.Tensor,
+    ignore_index: int,
+    impl: str,
+    who: str = "gem_loss",
+    name: str = "logits",
+) -> ShardLayout:
     """Validate the vocabulary-parallel arguments and this rank's labels.
 
     ``lead`` is the token shape of ``name`` (logits [..., V_local] or hidden [..., H]), ``v_local``
@@ -51,15 +62,20 @@ def resolve_vocab_shard(process_group, vocab_start, lead: torch.Size, v_local: i
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(f"{who}: process_group was given but torch.distributed is not initialized; "
-                           f"call torch.distributed.init_process_group first")
+        raise RuntimeError(
+            f"{who}: process_group was given but torch.distributed is not initialized; "
+            f"call torch.distributed.init_process_group first"
+        )
     if impl == "reference":
-        raise ValueError(f"{who}: impl='reference' materialises full rows and does not support "
-                         f"process_group; use impl='torch' or 'triton'")
+        raise ValueError(
+            f"{who}: impl='reference' materialises full rows and does not support "
+            f"process_group; use impl='torch' or 'triton'"
+        )
     if vocab_start is not None:
         if not isinstance(vocab_start, numbers.Integral) or isinstance(vocab_start, bool) or vocab_start < 0:
-            raise ValueError(f"{who}: vocab_start must be an int >= 0 (global id of this shard's first "
-                             f"column), got {vocab_start!r}")
+            raise ValueError(
+                f"{who}: vocab_start must be an int >= 0 (global id of this shard's first column), got {vocab_start!r}"
+            )
         if v_local < 1:
             raise ValueError(f"{who}: this rank's vocabulary shard must have at least 1 column, got 0")
         check_labels(labels, name, lead, device, None, ignore_index)
@@ -85,26 +101,40 @@ def resolve_vocab_shard(process_group, vocab_start, lead: torch.Size, v_local: i
         raise local_error
     failed = [r for r in range(world) if table[r][_FAILED]]
     if failed:
-        raise ValueError(f"{who}: rank(s) {failed} of the process group rejected their inputs (see the "
-                         f"error raised there)")
+        raise ValueError(
+            f"{who}: rank(s) {failed} of the process group rejected their inputs (see the error raised there)"
+        )
     sizes = [row[_V_LOCAL] for row in table]
     tokens = [row[_N_TOKENS] for row in table]
     if len(set(tokens)) != 1:
-        raise ValueError(f"{who}: every rank of the process group must pass the same tokens (only the "
-                         f"vocabulary is sharded); got token counts {tokens} on ranks 0..{world - 1}")
+        raise ValueError(
+            f"{who}: every rank of the process group must pass the same tokens (only the "
+            f"vocabulary is sharded); got token counts {tokens} on ranks 0..{world - 1}"
+        )
     if min(sizes) < 1:
-        raise ValueError(f"{who}: every rank's vocabulary shard must have at least 1 column; got shard "
-                         f"sizes {sizes} on ranks 0..{world - 1}")
+        raise ValueError(
+            f"{who}: every rank's vocabulary shard must have at least 1 column; got shard "
+            f"sizes {sizes} on ranks 0..{world - 1}"
+        )
     if len({(row[_LABEL_SUM], row[_LABEL_WSUM]) for row in table}) != 1:
-        raise ValueError(f"{who}: labels differ between ranks of the process group; every rank must pass "
-                         f"the same (replicated) labels with global vocabulary ids")
+        raise ValueError(
+            f"{who}: labels differ between ranks of the process group; every rank must pass "
+            f"the same (replicated) labels with global vocabulary ids"
+        )
     # Labels are replicated (checked above), so this range check fails on every rank alike.
     check_labels(labels, name, lead, device, sum(sizes), ignore_index)
     return ShardLayout(VocabShard(process_group), sum(sizes[:rank]), sum(sizes))
 
 
-def shard_chunk_rows(layout: ShardLayout, n_valid: int, hidden_size: int, v_local: int, device: str = "cpu",
-                     itemsize: int = 2, low_memory: bool = False) -> int:
+def shard_chunk_rows(
+    layout: ShardLayout,
+    n_valid: int,
+    hidden_size: int,
+    v_local: int,
+    device: str = "cpu",
+    itemsize: int = 2,
+    low_memory: bool = False,
+) -> int:
     """Default rows per chunk of the fused path under a process group. Every chunk runs collectives,
     so all ranks must use the same chunking: it is derived from replicated quantities (valid tokens,
     H, the global V over the world size), never from the local shard size, with the policy of
@@ -119,8 +149,9 @@ def shard_chunk_rows(layout: ShardLayout, n_valid: int, hidden_size: int, v_loca
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
         vocab = int(total.item())
     world = dist.get_world_size(group)
-    return fused_chunk_rows(n_valid, hidden_size, -(-vocab // world), device=device, itemsize=itemsize,
-                            low_memory=low_memory)
+    return fused_chunk_rows(
+        n_valid, hidden_size, -(-vocab // world), device=device, itemsize=itemsize, low_memory=low_memory
+    )
 
 
 def _collective_device(group) -> torch.device:

@@ -1,4 +1,5 @@
 """fused_linear_gem_loss: GEM over ``hidden @ weight.T + bias`` without materialising the logits."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -9,8 +10,16 @@ import torch
 from ..autograd import FusedLinearGEMFunction, autocast_linear_inputs, autocast_off
 from ..autograd.compiled import fused_linear_gem_compiled
 from ..options import GEMOptions
-from ._checks import (check_float_tensor, check_labels, check_metrics_vocab, check_num_items, check_options,
-                      check_options_type, index_labels, resolve_impl)
+from ._checks import (
+    check_float_tensor,
+    check_labels,
+    check_metrics_vocab,
+    check_num_items,
+    check_options,
+    check_options_type,
+    index_labels,
+    resolve_impl,
+)
 from ._reduce import finish_outputs, reduce_tokens, token_weight
 from ._vocab_parallel import resolve_vocab_shard, shard_chunk_rows
 from .gem import reference_loss
@@ -22,8 +31,9 @@ def apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts: GEMOptions, t
     Under torch.compile (single device) the same bodies run as custom operators (autograd/compiled.py)."""
     if group is None and torch.compiler.is_compiling():
         return fused_linear_gem_compiled(hidden2d, weight, bias, labels1d, opts, token_scale, torch.is_grad_enabled())
-    return FusedLinearGEMFunction.apply(hidden2d, weight, bias, labels1d, opts, token_scale, group,
-                                        torch.is_grad_enabled())
+    return FusedLinearGEMFunction.apply(
+        hidden2d, weight, bias, labels1d, opts, token_scale, group, torch.is_grad_enabled()
+    )
 
 
 def _check_linear(hidden, weight, bias):
@@ -36,8 +46,7 @@ def _check_linear(hidden, weight, bias):
     H = hidden.shape[-1]
     V = weight.shape[0]
     if weight.shape[1] != H:
-        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {H}, "
-                         f"got {tuple(weight.shape)}")
+        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {H}, got {tuple(weight.shape)}")
     if V < 1:
         raise ValueError("weight must have at least one row (vocabulary size V >= 1), got 0")
     if weight.dtype != hidden.dtype:
@@ -157,19 +166,45 @@ def fused_linear_gem_loss(
             bool, or ``inplace_backward`` passed.
         RuntimeError: impl="triton" without the triton package. Every check runs before any matmul.
     """
-    options = check_options("fused", beta=beta, h=h, ignore_index=ignore_index, reduction=reduction,
-                            logit_scale=logit_scale, softcap=softcap, z_loss_scale=z_loss_scale, return_ce=return_ce,
-                            return_metrics=return_metrics, chunk_size=chunk_size, validate_labels=validate_labels,
-                            low_memory=low_memory, impl=impl)
-    return fused_linear_gem_loss_with_options(hidden, weight, labels, bias, options,
-                                              num_items_in_batch=num_items_in_batch, process_group=process_group,
-                                              vocab_start=vocab_start)
+    options = check_options(
+        "fused",
+        beta=beta,
+        h=h,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        z_loss_scale=z_loss_scale,
+        return_ce=return_ce,
+        return_metrics=return_metrics,
+        chunk_size=chunk_size,
+        validate_labels=validate_labels,
+        low_memory=low_memory,
+        impl=impl,
+    )
+    return fused_linear_gem_loss_with_options(
+        hidden,
+        weight,
+        labels,
+        bias,
+        options,
+        num_items_in_batch=num_items_in_batch,
+        process_group=process_group,
+        vocab_start=vocab_start,
+    )
 
 
-def fused_linear_gem_loss_with_options(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                       bias: Optional[torch.Tensor], options: GEMOptions, *,
-                                       num_items_in_batch: Optional[Union[int, float, torch.Tensor]] = None,
-                                       process_group=None, vocab_start: Optional[int] = None):
+def fused_linear_gem_loss_with_options(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    options: GEMOptions,
+    *,
+    num_items_in_batch: Optional[Union[int, float, torch.Tensor]] = None,
+    process_group=None,
+    vocab_start: Optional[int] = None,
+):
     """:func:`fused_linear_gem_loss` with its options already validated and packed: what
     ``fused_linear_gem_loss``, :class:`gem_kernels.FusedLinearGEMLoss` and the trainer integrations
     run, so that options built once are not checked again per call.
@@ -211,8 +246,18 @@ def fused_linear_gem_loss_with_options(hidden: torch.Tensor, weight: torch.Tenso
     labels = index_labels(labels)
     layout = None
     if process_group is not None or vocab_start is not None:
-        layout = resolve_vocab_shard(process_group, vocab_start, hidden.shape[:-1], V, hidden.device, labels,
-                                     ignore_index, opts.impl, who="fused_linear_gem_loss", name="hidden")
+        layout = resolve_vocab_shard(
+            process_group,
+            vocab_start,
+            hidden.shape[:-1],
+            V,
+            hidden.device,
+            labels,
+            ignore_index,
+            opts.impl,
+            who="fused_linear_gem_loss",
+            name="hidden",
+        )
     else:
         check_labels(labels, "hidden", hidden.shape[:-1], hidden.device, V, ignore_index, opts.validate_labels)
     check_metrics_vocab(opts.return_metrics, (layout.vocab_start if layout else 0) + V, "weight's rows")
@@ -224,8 +269,9 @@ def fused_linear_gem_loss_with_options(hidden: torch.Tensor, weight: torch.Tenso
     valid = labels1d != ignore_index
     chunk_size = opts.chunk_size
     if layout is not None and chunk_size is None:  # every rank must cut the same chunks
-        chunk_size = shard_chunk_rows(layout, int(valid.sum()), H, V, hidden.device.type, hidden.element_size(),
-                                      opts.low_memory)
+        chunk_size = shard_chunk_rows(
+            layout, int(valid.sum()), H, V, hidden.device.type, hidden.element_size(), opts.low_memory
+        )
     opts = replace(opts, vocab_start=layout.vocab_start if layout else 0, impl=impl, chunk_size=chunk_size)
     # d(reduced loss)/d(per-token loss): lets the Function compute the gradients in the forward. In the
     # loss's dtype, as autograd computes the upstream of a reduced loss, so that backpropagating the
@@ -233,8 +279,10 @@ def fused_linear_gem_loss_with_options(hidden: torch.Tensor, weight: torch.Tenso
     loss_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     token_scale = token_weight(reduction, valid, num_items_in_batch, loss_dtype)
     with autocast_off(hidden.device.type):
-        per_token, extras = apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts, token_scale,
-                                                   layout.shard if layout else None)
+        per_token, extras = apply_fused_linear_gem(
+            hidden2d, weight, bias, labels1d, opts, token_scale, layout.shard if layout else None
+        )
     loss = reduce_tokens(per_token, valid, reduction, num_items_in_batch, labels.shape)
-    return finish_outputs(loss, extras, valid, reduction, num_items_in_batch, labels.shape, opts.return_ce,
-                          opts.return_metrics)
+    return finish_outputs(
+        loss, extras, valid, reduction, num_items_in_batch, labels.shape, opts.return_ce, opts.return_metrics
+    )

@@ -1,4 +1,5 @@
 """gem_loss: validation, implementation choice and reduction over the autograd Functions."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -10,13 +11,27 @@ from ..autograd import GEMTorchFunction, GEMTritonFunction
 from ..autograd.compiled import gem_torch_compiled
 from ..options import GEMOptions
 from ..reference import gem_loss_reference
-from ._checks import (check_float_tensor, check_labels, check_metrics_vocab, check_num_items, check_options,
-                      check_options_type, index_labels, resolve_impl)
+from ._checks import (
+    check_float_tensor,
+    check_labels,
+    check_metrics_vocab,
+    check_num_items,
+    check_options,
+    check_options_type,
+    index_labels,
+    resolve_impl,
+)
 from ._reduce import finish_outputs, reduce_tokens, token_weight
 from ._vocab_parallel import resolve_vocab_shard
 
-def apply_gem(logits2d: torch.Tensor, labels1d: torch.Tensor, opts: GEMOptions, group=None,
-              token_scale: Optional[torch.Tensor] = None):
+
+def apply_gem(
+    logits2d: torch.Tensor,
+    labels1d: torch.Tensor,
+    opts: GEMOptions,
+    group=None,
+    token_scale: Optional[torch.Tensor] = None,
+):
     """The one place a GEM autograd Function is applied: (per-token loss [N], detached per-token extras
     [N, opts.num_extras] or empty; see options.X_*). ``opts.impl`` is resolved ("triton" or "torch").
     The grad mode is passed to the torch Function because inside Function.forward it is always off;
@@ -28,8 +43,9 @@ def apply_gem(logits2d: torch.Tensor, labels1d: torch.Tensor, opts: GEMOptions, 
     is kept out of traced graphs."""
     if opts.impl == "torch":
         if group is None and torch.compiler.is_compiling():
-            return gem_torch_compiled(logits2d, labels1d, replace(opts, inplace_backward=False),
-                                      torch.is_grad_enabled())
+            return gem_torch_compiled(
+                logits2d, labels1d, replace(opts, inplace_backward=False), torch.is_grad_enabled()
+            )
         return GEMTorchFunction.apply(logits2d, labels1d, opts, group, torch.is_grad_enabled())
     if torch.compiler.is_compiling():
         token_scale = None
@@ -146,17 +162,40 @@ def gem_loss(
             return_metrics, inplace_backward or validate_labels not a bool.
         RuntimeError: impl="triton" without the triton package. Every check runs before any kernel.
     """
-    options = check_options("gem", beta=beta, h=h, ignore_index=ignore_index, reduction=reduction,
-                            logit_scale=logit_scale, softcap=softcap, z_loss_scale=z_loss_scale, return_ce=return_ce,
-                            return_metrics=return_metrics, inplace_backward=inplace_backward,
-                            validate_labels=validate_labels, impl=impl)
-    return gem_loss_with_options(logits, labels, options, num_items_in_batch=num_items_in_batch,
-                                 process_group=process_group, vocab_start=vocab_start)
+    options = check_options(
+        "gem",
+        beta=beta,
+        h=h,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        z_loss_scale=z_loss_scale,
+        return_ce=return_ce,
+        return_metrics=return_metrics,
+        inplace_backward=inplace_backward,
+        validate_labels=validate_labels,
+        impl=impl,
+    )
+    return gem_loss_with_options(
+        logits,
+        labels,
+        options,
+        num_items_in_batch=num_items_in_batch,
+        process_group=process_group,
+        vocab_start=vocab_start,
+    )
 
 
-def gem_loss_with_options(logits: torch.Tensor, labels: torch.Tensor, options: GEMOptions, *,
-                          num_items_in_batch: Optional[Union[int, float, torch.Tensor]] = None,
-                          process_group=None, vocab_start: Optional[int] = None):
+def gem_loss_with_options(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    options: GEMOptions,
+    *,
+    num_items_in_batch: Optional[Union[int, float, torch.Tensor]] = None,
+    process_group=None,
+    vocab_start: Optional[int] = None,
+):
     """:func:`gem_loss` with its options already validated and packed: what ``gem_loss``,
     :class:`gem_kernels.GEMLoss` and the trainer integrations run, so that options built once (at
     construction) are not checked again per call.
@@ -204,15 +243,18 @@ def gem_loss_with_options(logits: torch.Tensor, labels: torch.Tensor, options: G
         raise ValueError("logits must have a vocabulary dimension of size >= 1, got 0")
     shard, offset = None, 0
     if process_group is not None or vocab_start is not None:
-        shard, offset, _ = resolve_vocab_shard(process_group, vocab_start, logits.shape[:-1], V, logits.device,
-                                               labels, ignore_index, opts.impl)
+        shard, offset, _ = resolve_vocab_shard(
+            process_group, vocab_start, logits.shape[:-1], V, logits.device, labels, ignore_index, opts.impl
+        )
     else:
         check_labels(labels, "logits", logits.shape[:-1], logits.device, V, ignore_index, opts.validate_labels)
     check_metrics_vocab(opts.return_metrics, offset + V, "logits")
     impl = resolve_impl(opts.impl, logits)
     if impl == "triton" and not logits.is_cuda and torch.compiler.is_compiling():
-        raise ValueError("gem_loss(impl='triton') under torch.compile needs CUDA tensors: the Triton "
-                         "interpreter cannot be traced; use impl='torch' (or 'auto') on CPU")
+        raise ValueError(
+            "gem_loss(impl='triton') under torch.compile needs CUDA tensors: the Triton "
+            "interpreter cannot be traced; use impl='torch' (or 'auto') on CPU"
+        )
     if impl == "reference":
         return reference_loss(logits, labels, opts, num_items_in_batch)
     opts = replace(opts, vocab_start=offset, impl=impl)
@@ -220,22 +262,35 @@ def gem_loss_with_options(logits: torch.Tensor, labels: torch.Tensor, options: G
     if logits2d.stride(-1) != 1 and V > 1:
         logits2d = logits2d.contiguous()
     if opts.inplace_backward and logits2d.shape[0] > 1 and logits2d.stride(0) < V:
-        raise ValueError("inplace_backward=True needs logits whose rows do not overlap in memory (e.g. not an "
-                         f"expanded tensor); got row stride {logits2d.stride(0)} for V={V}")
+        raise ValueError(
+            "inplace_backward=True needs logits whose rows do not overlap in memory (e.g. not an "
+            f"expanded tensor); got row stride {logits2d.stride(0)} for V={V}"
+        )
     labels1d = labels.reshape(-1).contiguous()  # the kernels index labels with unit stride
     valid = labels1d != ignore_index
     reduction = opts.reduction
     token_scale = token_weight(reduction, valid, num_items_in_batch) if torch.is_grad_enabled() else None
     per_token, extras = apply_gem(logits2d, labels1d, opts, shard, token_scale)
     loss = reduce_tokens(per_token, valid, reduction, num_items_in_batch, labels.shape)
-    return finish_outputs(loss, extras, valid, reduction, num_items_in_batch, labels.shape, opts.return_ce,
-                          opts.return_metrics)
+    return finish_outputs(
+        loss, extras, valid, reduction, num_items_in_batch, labels.shape, opts.return_ce, opts.return_metrics
+    )
 
 
 def reference_loss(logits: torch.Tensor, labels: torch.Tensor, opts: GEMOptions, num_items_in_batch):
     """impl="reference": :func:`gem_kernels.reference.gem_loss_reference` with the call's options
     (shared by both public paths; the fused one passes the materialised logits)."""
-    return gem_loss_reference(logits, labels, beta=opts.beta, h=opts.h, ignore_index=opts.ignore_index,
-                              reduction=opts.reduction, num_items_in_batch=num_items_in_batch,
-                              logit_scale=opts.logit_scale, softcap=opts.softcap, z_loss_scale=opts.z_loss_scale,
-                              return_ce=opts.return_ce, return_metrics=opts.return_metrics)
+    return gem_loss_reference(
+        logits,
+        labels,
+        beta=opts.beta,
+        h=opts.h,
+        ignore_index=opts.ignore_index,
+        reduction=opts.reduction,
+        num_items_in_batch=num_items_in_batch,
+        logit_scale=opts.logit_scale,
+        softcap=opts.softcap,
+        z_loss_scale=opts.z_loss_scale,
+        return_ce=opts.return_ce,
+        return_metrics=opts.return_metrics,
+    )

@@ -2,6 +2,7 @@
 
 Import them from :mod:`gem_kernels.integrations.transformers`, which re-exports them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -120,8 +121,13 @@ def _with_fields(cls, names: tuple):
         have = {f.name for f in dataclasses.fields(cls)}
         missing = [(n, Optional[torch.Tensor], None) for n in names if n not in have]
         suffix = "With" + "".join(n.title().replace("_", "") for n, _, _ in missing)
-        _FIELD_CLASSES[key] = cls if not missing else dataclasses.make_dataclass(
-            f"{cls.__name__}{suffix}", missing, bases=(cls,), namespace={"__module__": __name__})
+        _FIELD_CLASSES[key] = (
+            cls
+            if not missing
+            else dataclasses.make_dataclass(
+                f"{cls.__name__}{suffix}", missing, bases=(cls,), namespace={"__module__": __name__}
+            )
+        )
     return _FIELD_CLASSES[key]
 
 
@@ -138,8 +144,11 @@ def _add_aux_loss(model, out, loss):
     # MoE models add router_aux_loss_coef * aux_loss to their loss when labels are given; the
     # original forward ran without labels, so add it here the same way.
     aux = out.get("aux_loss") if hasattr(out, "get") else None
-    coef = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
-                   "router_aux_loss_coef", 0.0)
+    coef = getattr(
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
+        "router_aux_loss_coef",
+        0.0,
+    )
     if aux is not None and coef:
         loss = loss + coef * aux.to(loss.device)
     return loss
@@ -169,8 +178,9 @@ def gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch=
         if "result" not in box:
             raise RuntimeError(f"apply_gem: {type(self).__name__}'s forward never called its output embedding")
         if probe:  # once: the model's own post-head transform must be the one the fused path applied
-            state.transform_checked = check_probe(out.get("logits"), fused.logit_scale, fused.softcap,
-                                                  type(self).__name__)
+            state.transform_checked = check_probe(
+                out.get("logits"), fused.logit_scale, fused.softcap, type(self).__name__
+            )
         result = box["result"]
         loss = result[0] if isinstance(result, tuple) else result
         extras = {}
@@ -185,8 +195,9 @@ def gem_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch=
     else:
         # Evaluation with labels: the logits are wanted anyway, so GEM is computed from them.
         out = state.original_forward(*args, return_dict=True, **kwargs)
-        loss = gem_loss_with_options(out.logits, targets.to(out.logits.device), state.logits_options,
-                                     num_items_in_batch=num_items_in_batch)
+        loss = gem_loss_with_options(
+            out.logits, targets.to(out.logits.device), state.logits_options, num_items_in_batch=num_items_in_batch
+        )
         extras, keep_logits = {}, True
     if state.aux_loss_in_forward:
         loss = _add_aux_loss(self, out, loss)
@@ -262,21 +273,28 @@ def patch_model(model, options: GEMOptions, given: frozenset):
         original, own = target.forward, "forward" in target.__dict__
     # explicit values win; the config is only read for what was not given
     scale_given, softcap_given = "logit_scale" in given, "softcap" in given
-    scale, softcap = logit_transform_from_config(target.config, logit_scale_given=scale_given,
-                                                 softcap_given=softcap_given)
+    scale, softcap = logit_transform_from_config(
+        target.config, logit_scale_given=scale_given, softcap_given=softcap_given
+    )
     if getattr(target.config, "is_encoder_decoder", False):
-        raise ValueError("apply_gem supports causal LMs (labels shifted by one inside the model); "
-                         f"{type(target).__name__} is an encoder-decoder model")
+        raise ValueError(
+            "apply_gem supports causal LMs (labels shifted by one inside the model); "
+            f"{type(target).__name__} is an encoder-decoder model"
+        )
     head = target.get_output_embeddings()
     if head is not None:  # refuse an adapter / quantised head now rather than at the first step
         resolve_head(head, type(target).__name__)
     # Training (fused): the head's output never reaches the model's own transform, so the loss applies it.
-    fused = dataclasses.replace(options, logit_scale=options.logit_scale if scale_given else scale,
-                                softcap=options.softcap if softcap_given else softcap)
+    fused = dataclasses.replace(
+        options,
+        logit_scale=options.logit_scale if scale_given else scale,
+        softcap=options.softcap if softcap_given else softcap,
+    )
     # Evaluation (logits): the model's forward already applied its transform to the logits it returns,
     # and scalar statistics among the outputs would be gathered as predictions.
-    logits = dataclasses.replace(options, logit_scale=1.0, softcap=None, return_ce=False, return_metrics=False,
-                                 chunk_size=None, low_memory=False)
+    logits = dataclasses.replace(
+        options, logit_scale=1.0, softcap=None, return_ce=False, return_metrics=False, chunk_size=None, low_memory=False
+    )
     state = GEMState(original, own, fused, logits)
     if previous is not None:
         state.aux_loss_in_forward = previous.aux_loss_in_forward

@@ -9,6 +9,7 @@
 * :func:`resolve_head`: the ``nn.Linear`` that the model's output embedding will call (PEFT's
   ``modules_to_save`` wrapper resolved to its active copy), or a clear error.
 """
+
 from __future__ import annotations
 
 import sys
@@ -72,14 +73,20 @@ def resolve_head(head, model_name: str) -> torch.nn.Linear:
     # A LoRA layer keeps its own forward around a base_layer; a quantised Linear subclass holds integer
     # weights. FSDP2 / ZeRO-3 keep the Linear (FSDP2 subclasses it), with a floating weight.
     weight = getattr(inner, "weight", None)
-    if (isinstance(inner, torch.nn.Linear) and not hasattr(inner, "base_layer") and isinstance(weight, torch.Tensor)
-            and weight.dtype.is_floating_point):
+    if (
+        isinstance(inner, torch.nn.Linear)
+        and not hasattr(inner, "base_layer")
+        and isinstance(weight, torch.Tensor)
+        and weight.dtype.is_floating_point
+    ):
         return inner
-    raise TypeError(f"apply_gem: the output embedding of {model_name} is a {_full_name(inner)}, not a plain "
-                    f"torch.nn.Linear. The fused path reads the head's weight directly, so an adapter (e.g. a PEFT "
-                    f"LoRA on lm_head) or a quantised head would be bypassed. Use gem_compute_loss_func(...) with "
-                    f"Trainer(compute_loss_func=...) (the logits path), or, with PEFT, train the head fully with "
-                    f"modules_to_save=['lm_head'] instead of a LoRA on it (the fused path supports that).")
+    raise TypeError(
+        f"apply_gem: the output embedding of {model_name} is a {_full_name(inner)}, not a plain "
+        f"torch.nn.Linear. The fused path reads the head's weight directly, so an adapter (e.g. a PEFT "
+        f"LoRA on lm_head) or a quantised head would be bypassed. Use gem_compute_loss_func(...) with "
+        f"Trainer(compute_loss_func=...) (the logits path), or, with PEFT, train the head fully with "
+        f"modules_to_save=['lm_head'] instead of a LoRA on it (the fused path supports that)."
+    )
 
 
 def refuse_if_trainer_took_labels(model):
@@ -95,14 +102,18 @@ def refuse_if_trainer_took_labels(model):
         what = f"the loss of its compute_loss_func ({fn!r})"
     else:
         return
-    raise ValueError(f"apply_gem: {type(trainer).__name__} called the GEM-patched {type(model).__name__} without "
-                     f"labels in training, so the fused GEM loss cannot run and the step would train {what} instead. "
-                     f"GEM does not combine with label smoothing: set label_smoothing_factor=0 (GEMTrainer refuses it "
-                     f"up front), or drop compute_loss_func (or use gem_compute_loss_func without apply_gem).")
+    raise ValueError(
+        f"apply_gem: {type(trainer).__name__} called the GEM-patched {type(model).__name__} without "
+        f"labels in training, so the fused GEM loss cannot run and the step would train {what} instead. "
+        f"GEM does not combine with label smoothing: set label_smoothing_factor=0 (GEMTrainer refuses it "
+        f"up front), or drop compute_loss_func (or use gem_compute_loss_func without apply_gem)."
+    )
 
 
 def foreign_count_message(trainer, ignore_index: int, route: str) -> str:
-    return (f"{route}: ignore_index={ignore_index}, but {type(trainer).__name__} counts the target tokens of a step "
-            f"(num_items_in_batch) as labels != -100, so every step would be scaled by the wrong count. Label the "
-            f"ignored positions -100 (the default ignore_index) in your collator, or use GEMTrainer, which counts "
-            f"with gem_options['ignore_index']")
+    return (
+        f"{route}: ignore_index={ignore_index}, but {type(trainer).__name__} counts the target tokens of a step "
+        f"(num_items_in_batch) as labels != -100, so every step would be scaled by the wrong count. Label the "
+        f"ignored positions -100 (the default ignore_index) in your collator, or use GEMTrainer, which counts "
+        f"with gem_options['ignore_index']"
+    )

@@ -4,6 +4,7 @@
 the head's weight); :func:`intercept_head` makes the head run it instead of the projection. The
 model's forward runs unchanged around it (see ``_apply``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,9 +31,11 @@ def fused_head_loss(targets: torch.Tensor, num_items_in_batch, options: GEMOptio
         check_gathered(head.weight)
         weight, bias = full_tensor(head.weight), full_tensor(head.bias)
         if weight.device.type == "meta":
-            raise RuntimeError("apply_gem: the LM head's weight is offloaded (meta device, e.g. accelerate "
-                               "cpu_offload / disk offload); the fused path cannot load it. Use "
-                               "gem_compute_loss_func (the logits path) for offloaded models")
+            raise RuntimeError(
+                "apply_gem: the LM head's weight is offloaded (meta device, e.g. accelerate "
+                "cpu_offload / disk offload); the fused path cannot load it. Use "
+                "gem_compute_loss_func (the logits path) for offloaded models"
+            )
         if hidden.device != weight.device:  # a device_map may put the head on another device
             hidden = hidden.to(weight.device)
         # What autocast does to lm_head(hidden), by the functional layer's rule; the loss itself then
@@ -41,8 +44,9 @@ def fused_head_loss(targets: torch.Tensor, num_items_in_batch, options: GEMOptio
         if hidden.dtype != weight.dtype:  # the head's own matmul would need hidden in its dtype
             hidden = hidden.to(weight.dtype)
         with autocast_off(hidden.device.type):
-            return fused_linear_gem_loss_with_options(hidden, weight, targets.to(hidden.device), bias, options,
-                                                      num_items_in_batch=num_items_in_batch)
+            return fused_linear_gem_loss_with_options(
+                hidden, weight, targets.to(hidden.device), bias, options, num_items_in_batch=num_items_in_batch
+            )
 
     return compute
 
@@ -81,8 +85,10 @@ def intercept_head(head: torch.nn.Module, compute, probe: bool = False):
 
     def forward(hidden, *args, **kwargs):
         if "result" in box:
-            raise RuntimeError("apply_gem: the output embedding was called twice in one forward; this model "
-                               "is not supported by the fused path (use gem_compute_loss_func instead)")
+            raise RuntimeError(
+                "apply_gem: the output embedding was called twice in one forward; this model "
+                "is not supported by the fused path (use gem_compute_loss_func instead)"
+            )
         box["result"] = result = compute(head, hidden)
         output = probe_values(hidden.shape[:-1], torch.float32, hidden.device) if probe else None
         if link:

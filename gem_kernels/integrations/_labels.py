@@ -1,6 +1,7 @@
 """The causal shift of Hugging Face labels: ``labels[b, t]`` is the token at position t, and the
 prediction made at position t is scored against ``labels[b, t + 1]``. A pre-shifted
 ``shift_labels`` (padding-free / context-parallel collators) is used as is."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -20,8 +21,9 @@ def shift_causal_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch
     return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
 
-def aligned_targets(labels: Optional[torch.Tensor], shift_labels: Optional[torch.Tensor],
-                    ignore_index: int) -> torch.Tensor:
+def aligned_targets(
+    labels: Optional[torch.Tensor], shift_labels: Optional[torch.Tensor], ignore_index: int
+) -> torch.Tensor:
     """The targets of every position: ``shift_labels`` when given, else ``labels`` shifted by one."""
     if shift_labels is not None:
         return shift_labels

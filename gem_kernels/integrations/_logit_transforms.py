@@ -11,6 +11,7 @@ The fused path never builds the logits, so it must apply the model's post-head t
   the model applies its own transform to it, and the result is compared with the transform the
   fused path applies. This does not depend on any list of names.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,10 @@ _LOGITS_SCALING_ON_HIDDEN = ("minicpm",)  # h / logits_scaling before lm_head: n
 _SOFTCAP_KEYS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 # Keys read above, or known not to act between the head and the logits (attention / router caps,
 # initial values, hidden-state scalings applied before the head, counts and flags).
-_KNOWN_KEYS = frozenset(_SOFTCAP_KEYS + ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier",
-                                         "logits_mup_width_multiplier"))
+_KNOWN_KEYS = frozenset(
+    _SOFTCAP_KEYS
+    + ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier", "logits_mup_width_multiplier")
+)
 _NOT_OUTPUT = re.compile(r"attn|attention|router|init|num_|to_keep|^output_logits$|^return_|^use_|std|mean")
 # A config key that names the logits and a transform: refused unless known (see above).
 _SUSPECT = re.compile(r"logit.*(cap|scal|mult|temp|factor)|(cap|scal|mult|temp|factor).*logit")
@@ -80,10 +83,12 @@ def logit_transform_from_config(config, *, logit_scale_given: bool = False, soft
     if not (logit_scale_given or softcap_given):
         unknown = _unknown_transform_keys(text)
         if unknown:
-            raise ValueError(f"apply_gem: config of model_type {model_type!r} has {', '.join(unknown)}, which looks "
-                             f"like a transform of the logits that apply_gem does not know; pass logit_scale=... "
-                             f"(factor the head output is multiplied by) and/or softcap=... (cap * tanh(z / cap)) "
-                             f"explicitly, or use gem_compute_loss_func (the logits path)")
+            raise ValueError(
+                f"apply_gem: config of model_type {model_type!r} has {', '.join(unknown)}, which looks "
+                f"like a transform of the logits that apply_gem does not know; pass logit_scale=... "
+                f"(factor the head output is multiplied by) and/or softcap=... (cap * tanh(z / cap)) "
+                f"explicitly, or use gem_compute_loss_func (the logits path)"
+            )
     softcap = next((getattr(text, k) for k in _SOFTCAP_KEYS if getattr(text, k, None)), None)
     softcap = None if not softcap else float(softcap)
     if logit_scale_given:
@@ -96,9 +101,11 @@ def logit_transform_from_config(config, *, logit_scale_given: bool = False, soft
         elif model_type.startswith(_LOGITS_SCALING_MULTIPLIES):
             scale = float(ls)
         elif not model_type.startswith(_LOGITS_SCALING_ON_HIDDEN):
-            raise ValueError(f"apply_gem: config has logits_scaling={ls} but how model_type {model_type!r} "
-                             f"applies it is unknown; pass logit_scale=... (the factor the logits are "
-                             f"multiplied by) explicitly")
+            raise ValueError(
+                f"apply_gem: config has logits_scaling={ls} but how model_type {model_type!r} "
+                f"applies it is unknown; pass logit_scale=... (the factor the logits are "
+                f"multiplied by) explicitly"
+            )
     if scale is None:
         scale = getattr(text, "lm_head_multiplier", None)
     if scale is None:
@@ -122,13 +129,17 @@ def check_probe(logits, logit_scale: float, softcap, model_name: str) -> bool:
     relative: its own rounding is half of that, per operation). Returns False when there was
     nothing to check (no token positions), True when checked. Under ``torch.compile`` the check is
     a device-side assert (RuntimeError with the same message, without the value list)."""
-    hint = ("pass the right logit_scale= / softcap= to apply_gem, or use gem_compute_loss_func (the logits path, "
-            "which takes the model's own logits)")
+    hint = (
+        "pass the right logit_scale= / softcap= to apply_gem, or use gem_compute_loss_func (the logits path, "
+        "which takes the model's own logits)"
+    )
     if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.shape[-1] != len(PROBE):
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"apply_gem: could not check {model_name}'s logit transform: its forward turned a head output "
-                         f"of shape [..., {len(PROBE)}] into logits {got}; the fused path cannot tell what the model "
-                         f"does after its head; use gem_compute_loss_func (the logits path)")
+        raise ValueError(
+            f"apply_gem: could not check {model_name}'s logit transform: its forward turned a head output "
+            f"of shape [..., {len(PROBE)}] into logits {got}; the fused path cannot tell what the model "
+            f"does after its head; use gem_compute_loss_func (the logits path)"
+        )
     raw = torch.tensor(PROBE, dtype=torch.float64)
     expected = raw * logit_scale
     if softcap is not None:
@@ -143,8 +154,10 @@ def check_probe(logits, logit_scale: float, softcap, model_name: str) -> bool:
         finfo = torch.finfo(logits.dtype)  # the model rounded its logits to this dtype itself
         tol = tol + finfo.eps * expected.abs()
     comparable = expected.abs() < finfo.max / 4  # a large multiplier may overflow fp16 on the probe alone
-    message = (f"apply_gem: {model_name} transforms its head output in a way the fused path does not reproduce "
-               f"(it applies logit_scale={logit_scale}, softcap={softcap})")
+    message = (
+        f"apply_gem: {model_name} transforms its head output in a way the fused path does not reproduce "
+        f"(it applies logit_scale={logit_scale}, softcap={softcap})"
+    )
     if torch.compiler.is_compiling():
         # Inside a torch.compile trace: the same comparison as a device-side assert (RuntimeError
         # with this message), so the patched forward stays one graph without a host read.
@@ -155,8 +168,13 @@ def check_probe(logits, logit_scale: float, softcap, model_name: str) -> bool:
     for got in (rows[0], rows[-1]):
         got = got.double().cpu()
         if not torch.all(((got - expected).abs() <= tol) | ~comparable):
-            pairs = ", ".join(f"{x:g} -> {y:.6g} (expected {e:.6g})"
-                              for x, y, e in zip(PROBE, got.tolist(), expected.tolist()) if not math.isclose(y, e))
-            raise ValueError(f"{message}: raw head output -> model logits: {pairs}. The loss would be GEM of other "
-                             f"logits than the model's; {hint}")
+            pairs = ", ".join(
+                f"{x:g} -> {y:.6g} (expected {e:.6g})"
+                for x, y, e in zip(PROBE, got.tolist(), expected.tolist())
+                if not math.isclose(y, e)
+            )
+            raise ValueError(
+                f"{message}: raw head output -> model logits: {pairs}. The loss would be GEM of other "
+                f"logits than the model's; {hint}"
+            )
     return True

@@ -3,6 +3,7 @@ for ``Trainer(compute_loss_func=...)``, recording the training statistics for lo
 
 Import it from :mod:`gem_kernels.integrations.transformers`, which re-exports it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,10 @@ def _get_logits(outputs) -> torch.Tensor:
         return outputs
     if isinstance(outputs, dict):
         if outputs.get("logits") is None:
-            raise ValueError("compute_loss_func: the model outputs hold no 'logits' (was the model patched by "
-                             "apply_gem? then drop compute_loss_func: the model already returns the GEM loss)")
+            raise ValueError(
+                "compute_loss_func: the model outputs hold no 'logits' (was the model patched by "
+                "apply_gem? then drop compute_loss_func: the model already returns the GEM loss)"
+            )
         return outputs["logits"]
     return outputs[0]
 
@@ -87,8 +90,11 @@ class GEMComputeLoss(TrainerCallback):
             trainer, frame = calling_trainer()
             if trainer is not None:
                 batch = trainer_batch(frame)
-                if (self.ignore_index != -100 and num_items_in_batch is not None
-                        and not getattr(trainer, "_gem_counts_ignore_index", False)):
+                if (
+                    self.ignore_index != -100
+                    and num_items_in_batch is not None
+                    and not getattr(trainer, "_gem_counts_ignore_index", False)
+                ):
                     raise ValueError(foreign_count_message(trainer, self.ignore_index, "gem_compute_loss_func"))
         if shift_labels is None and batch is not None and batch.get("shift_labels") is not None:
             shift_labels = batch["shift_labels"]
@@ -98,8 +104,11 @@ class GEMComputeLoss(TrainerCallback):
         targets = aligned_targets(labels, shift_labels, self.ignore_index).to(logits.device)
         record = self.log_metrics and self._has_consumer and torch.is_grad_enabled()
         want_metrics = self.options.return_metrics or record
-        options = self.options if want_metrics == self.options.return_metrics else dataclasses.replace(
-            self.options, return_metrics=want_metrics)
+        options = (
+            self.options
+            if want_metrics == self.options.return_metrics
+            else dataclasses.replace(self.options, return_metrics=want_metrics)
+        )
         out = gem_loss_with_options(logits, targets, options, num_items_in_batch=num_items_in_batch)
         if not isinstance(out, tuple):
             return out

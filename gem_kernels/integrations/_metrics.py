@@ -9,6 +9,7 @@ and does the cross-process sum when the window is logged, or every ``FOLD_EVERY`
 (all processes at the same micro-batch), folding the rows into running sums of the per-micro-batch
 means: a window that is never logged (``logging_strategy="no"``) still holds O(1) state.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional

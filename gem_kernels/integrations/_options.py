@@ -2,14 +2,25 @@
 packed once into a :class:`~gem_kernels.options.GEMOptions` when it is configured (``apply_gem``,
 ``gem_compute_loss_func``, a GEM trainer's ``gem_options``), not at the first step, with the
 functional layer's messages."""
+
 from __future__ import annotations
 
 from ..functional import check_options
 from ..options import GEMOptions
 
 # Options shared by gem_loss and fused_linear_gem_loss that a user may set once for a model.
-COMMON_OPTIONS = ("beta", "h", "ignore_index", "logit_scale", "softcap", "z_loss_scale", "return_ce", "impl",
-                  "validate_labels", "return_metrics")
+COMMON_OPTIONS = (
+    "beta",
+    "h",
+    "ignore_index",
+    "logit_scale",
+    "softcap",
+    "z_loss_scale",
+    "return_ce",
+    "impl",
+    "validate_labels",
+    "return_metrics",
+)
 # What each way in takes, by the functional layer's kind: "fused" (apply_gem, GEMTrainer,
 # GEMSFTTrainer) and "gem" (gem_compute_loss_func). reduction, process_group and vocab_start are
 # the integrations' own business.

@@ -10,6 +10,7 @@ the head gathers the weight at the start of backward and its post-backward hook,
 input, releases it as soon as the fused backward has returned: the shortest window DeepSpeed's
 public hooks allow (an external parameter of the whole model would stay gathered all step).
 """
+
 from __future__ import annotations
 
 
@@ -26,4 +27,5 @@ def check_gathered(weight) -> None:
             f"{tuple(weight.shape)}, full {tuple(weight.ds_shape)}) and nothing gathered it for the head's "
             f"call. Call the model through the engine that deepspeed.initialize (or Trainer) returned, "
             f"which installs the gathering hooks; a model built under deepspeed.zero.Init cannot run "
-            f"before that. Otherwise set zero_optimization.stage to 2, or use gem_compute_loss_func")
+            f"before that. Otherwise set zero_optimization.stage to 2, or use gem_compute_loss_func"
+        )

@@ -3,6 +3,7 @@
 Import it from :mod:`gem_kernels.integrations.transformers`, which re-exports it;
 ``_GEMTrainerMixin`` is shared with the TRL trainer.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -51,23 +52,31 @@ class _GEMTrainerMixin:
         """After Trainer.__init__: refuse conflicting settings and patch the model (fused path), or
         adopt a gem_compute_loss_func (logits path)."""
         if getattr(self.args, "use_liger_kernel", False):
-            raise ValueError(f"{type(self).__name__} does not support use_liger_kernel=True: Trainer applies Liger "
-                             f"when train() starts, after GEM, and Liger's fused cross-entropy replaces the model's "
-                             f"forward, so the steps would train CE. Drop use_liger_kernel (GEM already fuses the "
-                             f"LM head), or apply Liger's other kernels to the model yourself with "
-                             f"fused_linear_cross_entropy=False before building this trainer")
+            raise ValueError(
+                f"{type(self).__name__} does not support use_liger_kernel=True: Trainer applies Liger "
+                f"when train() starts, after GEM, and Liger's fused cross-entropy replaces the model's "
+                f"forward, so the steps would train CE. Drop use_liger_kernel (GEM already fuses the "
+                f"LM head), or apply Liger's other kernels to the model yourself with "
+                f"fused_linear_cross_entropy=False before building this trainer"
+            )
         fn = getattr(self, "compute_loss_func", None)
         if fn is not None and not isinstance(fn, GEMComputeLoss):
-            raise ValueError(f"{type(self).__name__} computes GEM itself; do not pass compute_loss_func (other "
-                             f"than gem_compute_loss_func(...), which selects the logits path)")
+            raise ValueError(
+                f"{type(self).__name__} computes GEM itself; do not pass compute_loss_func (other "
+                f"than gem_compute_loss_func(...), which selects the logits path)"
+            )
         if fn is not None and self._gem_user_options:
-            raise ValueError(f"{type(self).__name__}: with compute_loss_func=gem_compute_loss_func(...) give the "
-                             f"GEM options to gem_compute_loss_func, not gem_options")
+            raise ValueError(
+                f"{type(self).__name__}: with compute_loss_func=gem_compute_loss_func(...) give the "
+                f"GEM options to gem_compute_loss_func, not gem_options"
+            )
         if getattr(self, "label_smoother", None) is not None:
             raise ValueError(f"{type(self).__name__} does not support label_smoothing_factor")
         if self.args.n_gpu > 1:
-            raise ValueError(f"{type(self).__name__} does not support nn.DataParallel (several GPUs in one "
-                             f"process); launch with torchrun / accelerate launch instead")
+            raise ValueError(
+                f"{type(self).__name__} does not support nn.DataParallel (several GPUs in one "
+                f"process); launch with torchrun / accelerate launch instead"
+            )
         # The loss shifts the labels, so Trainer must count the targets over labels[..., 1:] (or shift_labels).
         if hasattr(self, "_loss_shifts_labels"):
             self._loss_shifts_labels = True
@@ -99,9 +108,19 @@ class _GEMTrainerMixin:
         # Trainer's own code (shift, cross-device sum) on copies of the labels where ignored is -100.
         ignore_index = self._gem_ignore_index()
         if ignore_index != -100:
-            batch_samples = [{**b, **{k: torch.where(b[k] == ignore_index, -100, b[k])
-                                      for k in ("labels", "shift_labels") if isinstance(b.get(k), torch.Tensor)}}
-                             if isinstance(b, dict) else b for b in batch_samples]
+            batch_samples = [
+                {
+                    **b,
+                    **{
+                        k: torch.where(b[k] == ignore_index, -100, b[k])
+                        for k in ("labels", "shift_labels")
+                        if isinstance(b.get(k), torch.Tensor)
+                    },
+                }
+                if isinstance(b, dict)
+                else b
+                for b in batch_samples
+            ]
         return super()._get_num_items_in_batch(batch_samples, device)
 
     def _gem_extra_loss(self, loss, outputs, num_items_in_batch):
@@ -128,15 +147,18 @@ class _GEMTrainerMixin:
         else:
             told = self._gem_logits_fn.gem_trainer_step(inputs)
         with told:
-            loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
+            loss, outputs = Trainer.compute_loss(
+                self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
         if guard and (state is None or state.fused_calls == calls):
-            raise RuntimeError(f"{type(self).__name__}: the loss of this training step did not come from GEM: the "
-                               f"model's forward ran without apply_gem's fused path (is_gem_applied: "
-                               f"{is_gem_applied(self.model)}). Something replaced or removed the forward that "
-                               f"apply_gem installed (e.g. Liger's fused cross-entropy or another kernel integration "
-                               f"applied after GEM, or remove_gem); refusing to train on another loss. Apply such "
-                               f"integrations before building the trainer, without their loss.")
+            raise RuntimeError(
+                f"{type(self).__name__}: the loss of this training step did not come from GEM: the "
+                f"model's forward ran without apply_gem's fused path (is_gem_applied: "
+                f"{is_gem_applied(self.model)}). Something replaced or removed the forward that "
+                f"apply_gem installed (e.g. Liger's fused cross-entropy or another kernel integration "
+                f"applied after GEM, or remove_gem); refusing to train on another loss. Apply such "
+                f"integrations before building the trainer, without their loss."
+            )
         if fused:
             loss = self._gem_extra_loss(loss, outputs, num_items_in_batch)
         if self._gem_logits_fn is not None or not model.training:
@@ -153,8 +175,7 @@ class _GEMTrainerMixin:
             self._gem_ce_sum = ce if self._gem_ce_sum is None else self._gem_ce_sum + ce
         if self._gem_log_metrics and get("entropy") is not None and targets is not None:
             metrics = {"entropy": get("entropy"), "token_accuracy": get("token_accuracy")}
-            self._gem_window.add(metrics, (targets != self._gem_options.ignore_index).sum(),
-                                 num_items_in_batch)
+            self._gem_window.add(metrics, (targets != self._gem_options.ignore_index).sum(), num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):
@@ -189,8 +210,9 @@ class GEMTrainer(_GEMTrainerMixin, Trainer):
     ``average_tokens_across_devices``). Evaluation computes GEM from the logits and returns them.
     """
 
-    def __init__(self, *args, gem_options: Optional[dict] = None, log_ce: bool = True, log_metrics: bool = True,
-                 **kwargs):
+    def __init__(
+        self, *args, gem_options: Optional[dict] = None, log_ce: bool = True, log_metrics: bool = True, **kwargs
+    ):
         self._gem_prepare(gem_options, log_ce, log_metrics)
         super().__init__(*args, **kwargs)
         self._gem_setup()

@@ -7,6 +7,7 @@ is that of ``gem_loss(process_group=...)`` with an explicit ``vocab_start`` (thr
 O(tokens) values in the forward, none in the backward). The loss is a plain (replicated) tensor; the
 gradient reaches ``logits`` as a DTensor with the same placements.
 """
+
 from __future__ import annotations
 
 from ..functional import gem_loss
@@ -33,8 +34,10 @@ def dtensor_gem_loss(logits, labels, **options):
     from torch.distributed.tensor import DTensor, Replicate, Shard  # imported on use: a heavy optional module
 
     if not isinstance(logits, DTensor):
-        raise TypeError(f"dtensor_gem_loss: logits must be a DTensor, got {type(logits).__name__}; "
-                        f"use gem_loss(process_group=...) for local shards")
+        raise TypeError(
+            f"dtensor_gem_loss: logits must be a DTensor, got {type(logits).__name__}; "
+            f"use gem_loss(process_group=...) for local shards"
+        )
     for name in ("process_group", "vocab_start"):
         if name in options:
             raise TypeError(f"dtensor_gem_loss: {name} is taken from the DTensor's mesh and placements")
@@ -43,8 +46,10 @@ def dtensor_gem_loss(logits, labels, **options):
     vocab_dims = [i for i, p in enumerate(placements) if isinstance(p, Shard) and p.dim % ndim == ndim - 1]
     others_ok = all(isinstance(p, Replicate) for i, p in enumerate(placements) if i not in vocab_dims)
     if len(vocab_dims) != 1 or not others_ok:
-        raise ValueError(f"dtensor_gem_loss: logits must be Shard(-1) on one mesh dimension and Replicate() "
-                         f"on the others, got placements {placements}")
+        raise ValueError(
+            f"dtensor_gem_loss: logits must be Shard(-1) on one mesh dimension and Replicate() "
+            f"on the others, got placements {placements}"
+        )
     if isinstance(labels, DTensor):
         if not all(isinstance(p, Replicate) for p in labels.placements):
             raise ValueError(f"dtensor_gem_loss: labels must be replicated, got placements {tuple(labels.placements)}")
@@ -58,8 +63,10 @@ def dtensor_gem_loss(logits, labels, **options):
     start = min(coord * step, V)
     local = logits.to_local()
     if local.shape[-1] != min(step, V - start):
-        raise RuntimeError(f"dtensor_gem_loss: local shard has {local.shape[-1]} columns, expected "
-                           f"{min(step, V - start)} for a torch.chunk split of {V} over {n} ranks")
+        raise RuntimeError(
+            f"dtensor_gem_loss: local shard has {local.shape[-1]} columns, expected "
+            f"{min(step, V - start)} for a torch.chunk split of {V} over {n} ranks"
+        )
     return gem_loss(local, labels, process_group=mesh.get_group(mesh_dim), vocab_start=start, **options)
 
 

@@ -18,6 +18,7 @@ This module is the public face: the code lives in private modules, each importin
 below it (``_options``, ``_labels``, ``_logit_transforms``, ``_sharding``, ``_guards``,
 ``_metrics`` -> ``_head`` -> ``_apply`` -> ``_logits_path`` -> ``_trainer``).
 """
+
 from __future__ import annotations
 
 from ._apply import apply_gem, is_gem_applied, remove_gem
@@ -26,5 +27,13 @@ from ._logit_transforms import logit_transform_from_config
 from ._logits_path import GEMComputeLoss, gem_compute_loss_func
 from ._trainer import GEMTrainer
 
-__all__ = ["GEMComputeLoss", "GEMTrainer", "apply_gem", "gem_compute_loss_func", "is_gem_applied",
-           "logit_transform_from_config", "remove_gem", "shift_causal_labels"]
+__all__ = [
+    "GEMComputeLoss",
+    "GEMTrainer",
+    "apply_gem",
+    "gem_compute_loss_func",
+    "is_gem_applied",
+    "logit_transform_from_config",
+    "remove_gem",
+    "shift_causal_labels",
+]

@@ -5,6 +5,7 @@
 is not trained on) and this trainer computes GEM on exactly those labels through the fused path
 of :func:`gem_kernels.integrations.transformers.apply_gem`, so training never builds the logits.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -27,17 +28,22 @@ class GEMSFTTrainer(_GEMTrainerMixin, SFTTrainer):
     ``compute_loss_func=gem_compute_loss_func(...)`` selects the logits path, with the same logs.
     """
 
-    def __init__(self, *args, gem_options: Optional[dict] = None, log_ce: bool = True, log_metrics: bool = True,
-                 **kwargs):
+    def __init__(
+        self, *args, gem_options: Optional[dict] = None, log_ce: bool = True, log_metrics: bool = True, **kwargs
+    ):
         if (gem_options or {}).get("ignore_index", -100) != -100:
-            raise ValueError("GEMSFTTrainer: SFTTrainer labels the positions without loss -100 (prompt, padding, "
-                             "masks), so gem_options['ignore_index'] must stay -100")
+            raise ValueError(
+                "GEMSFTTrainer: SFTTrainer labels the positions without loss -100 (prompt, padding, "
+                "masks), so gem_options['ignore_index'] must stay -100"
+            )
         self._gem_prepare(gem_options, log_ce, log_metrics)
         super().__init__(*args, **kwargs)
         self._gem_setup()
         if self._gem_ignore_index() != -100:
-            raise ValueError("GEMSFTTrainer: SFTTrainer labels the positions without loss -100 (prompt, padding, "
-                             "masks), so the compute_loss_func's ignore_index must stay -100")
+            raise ValueError(
+                "GEMSFTTrainer: SFTTrainer labels the positions without loss -100 (prompt, padding, "
+                "masks), so the compute_loss_func's ignore_index must stay -100"
+            )
 
     def _gem_apply(self, model):
         model = super()._gem_apply(model)
@@ -71,8 +77,7 @@ class GEMSFTTrainer(_GEMTrainerMixin, SFTTrainer):
             total = self.accelerator.gather_for_metrics(local.reshape(1)).sum().item()
             self._total_train_tokens += total // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
 __all__ = ["GEMSFTTrainer"]

@@ -4,6 +4,7 @@ Every GEM launcher takes the call's ``GEMOptions``; ``_args.kernel_args`` is the
 to the kernels' scalars and constexprs. ``KERNELS`` lists the kernels for the ahead-of-time build
 check (``gem_kernels.gpu_build``).
 """
+
 from . import config
 from .gem_bwd import _gem_bwd_kernel, gem_backward
 from .gem_fwd import _gem_fwd_kernel, gem_forward

@@ -3,6 +3,7 @@
 Every launcher in this package takes the call's GEMOptions and asks :func:`kernel_args` for what its
 kernel receives, so a new option reaches the kernels through this one function.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple

@@ -1,5 +1,6 @@
 """@triton.jit helpers shared by the GEM kernels, the constants they share with the rest of the
 package, and the autotuning wrapper of the row kernels."""
+
 import os
 
 import triton
@@ -33,8 +34,15 @@ def row_autotune(configs, restore_value=None):
     larger than the row (a smaller block is derived for short rows, and with METRICS, see
     config.row_block); under the Triton interpreter
     only the first one runs, since there is nothing to time."""
-    tconfigs = [triton.Config({"BLOCK_V": c.block_v, "LANES": c.lanes}, num_warps=c.num_warps,
-                              num_stages=c.num_stages, maxnreg=c.maxnreg or None) for c in configs]
+    tconfigs = [
+        triton.Config(
+            {"BLOCK_V": c.block_v, "LANES": c.lanes},
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+            maxnreg=c.maxnreg or None,
+        )
+        for c in configs
+    ]
     launch = {id(t): c for t, c in zip(tconfigs, configs)}
 
     def prune(candidates, named_args, **kwargs):
@@ -47,8 +55,12 @@ def row_autotune(configs, restore_value=None):
                 continue
             block = min(row_block(cfg, bool(kwargs.get("METRICS"))) if cfg is not None else c.kwargs["BLOCK_V"], cap)
             if block != c.kwargs["BLOCK_V"]:
-                c = triton.Config({"BLOCK_V": block, "LANES": min(c.kwargs["LANES"], block)},
-                                  num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg)
+                c = triton.Config(
+                    {"BLOCK_V": block, "LANES": min(c.kwargs["LANES"], block)},
+                    num_warps=c.num_warps,
+                    num_stages=c.num_stages,
+                    maxnreg=c.maxnreg,
+                )
             key = (c.kwargs["BLOCK_V"], c.kwargs["LANES"], c.num_warps, c.num_stages)
             if key not in seen:
                 seen.add(key)
@@ -57,9 +69,12 @@ def row_autotune(configs, restore_value=None):
             out = out[:1]
         return out
 
-    return triton.autotune(configs=tconfigs, key=["V", "LOGSIGMOID", "METRICS"],
-                           prune_configs_by={"early_config_prune": prune},
-                           restore_value=restore_value)
+    return triton.autotune(
+        configs=tconfigs,
+        key=["V", "LOGSIGMOID", "METRICS"],
+        prune_configs_by={"early_config_prune": prune},
+        restore_value=restore_value,
+    )
 
 
 @triton.jit
@@ -100,9 +115,21 @@ def transform_grad(t, logit_scale, softcap, SCALE: tl.constexpr, SOFTCAP: tl.con
 
 
 @triton.jit
-def row_partials(row_ptr, V, ty, inv_beta, logit_scale, softcap,
-                 LOGSIGMOID: tl.constexpr, NEED_LSE: tl.constexpr, METRICS: tl.constexpr, SCALE: tl.constexpr,
-                 SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr):
+def row_partials(
+    row_ptr,
+    V,
+    ty,
+    inv_beta,
+    logit_scale,
+    softcap,
+    LOGSIGMOID: tl.constexpr,
+    NEED_LSE: tl.constexpr,
+    METRICS: tl.constexpr,
+    SCALE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    LANES: tl.constexpr,
+):
     """One streaming pass over a row of V logits: (m, s0, s1, s2, sce, sent, amax) as in options.P_*
     (sent = sum exp(t - m)(t - m) and amax = the row's first column where t = m, -1 when none, only
     with METRICS, which needs NEED_LSE; amax is local to this row pointer).
@@ -200,8 +227,23 @@ def store_partials(out, m, s0, s1, s2, sce, ty, sent, amax, vocab_start, METRICS
 
 
 @triton.jit
-def grad_block(t, is_label, m, log_s0, y_coef, ty, lse, inv_beta, z_loss_scale, logit_scale, softcap,
-               LOGSIGMOID: tl.constexpr, Z_LOSS: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+def grad_block(
+    t,
+    is_label,
+    m,
+    log_s0,
+    y_coef,
+    ty,
+    lse,
+    inv_beta,
+    z_loss_scale,
+    logit_scale,
+    softcap,
+    LOGSIGMOID: tl.constexpr,
+    Z_LOSS: tl.constexpr,
+    SCALE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+):
     """d loss / d z of a block of one row from its statistics (before any upstream factor):
     q w - [k == y] y_coef + 2 s lse softmax(t), chained through the logit transforms.
     Shared by the 2-D backward kernel and the gradient-in-forward kernel."""

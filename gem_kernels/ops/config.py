@@ -74,6 +74,7 @@ loop: a pure stream whose common case (factor exactly 1) is one scalar load per 
 keeps the grid at 64 K programs for a Llama-3 8B weight gradient (5.3e8 elements), so the skipped
 case costs tens of microseconds, not a pass over the 1 GB gradient.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -93,8 +94,13 @@ def _row(element_size: int, num_warps: int, loads_per_thread: int) -> LaunchConf
     """A row-kernel configuration: LANES = one 16-byte vector per thread, BLOCK_V = loads_per_thread
     of them per step."""
     lanes = (16 // element_size) * 32 * num_warps
-    return LaunchConfig(block_v=lanes * loads_per_thread, num_warps=num_warps, lanes=lanes,
-                        element_size=element_size, maxnreg=_row_maxnreg(num_warps))
+    return LaunchConfig(
+        block_v=lanes * loads_per_thread,
+        num_warps=num_warps,
+        lanes=lanes,
+        element_size=element_size,
+        maxnreg=_row_maxnreg(num_warps),
+    )
 
 
 # Register budget of the row kernels (ptxas .maxnreg): what one program may use, 64 K registers /
@@ -109,6 +115,7 @@ def _row_maxnreg(num_warps: int) -> int:
 # 8,192 / 4,096; fp32 8 warps x 4 -> 4,096 / 1,024; 16 warps x 4 -> 8,192 / 2,048.
 FORWARD_CONFIGS = (_row(2, 8, 4), _row(2, 16, 2), _row(4, 8, 4), _row(4, 16, 4))
 FORWARD_GRAD_CONFIGS = (_row(2, 16, 2), _row(2, 8, 4), _row(4, 16, 4), _row(4, 8, 4))
+
 
 def row_block(cfg: LaunchConfig, metrics: bool) -> int:
     """BLOCK_V of a row configuration for a launch: half the tile height with METRICS

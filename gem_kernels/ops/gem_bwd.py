@@ -5,6 +5,7 @@ d loss / d t_k = q_k w_k - [k == y] y_coef + 2 s lse exp(t_k - lse), with
 q_k = exp((t_k - m) / beta - log s0), then chained through the logit transforms and multiplied by
 the row's upstream gradient. The gradient may be written over the logits themselves (in-place).
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,17 +65,47 @@ def _gem_bwd_kernel(
         g_up = tl.load(grad_loss_ptr + row * stride_grad_loss).to(tl.float32)
         z = tl.load(logits_ptr + row * stride_row + offs, mask=mask, other=0.0).to(tl.float32)
         t = transform_logits(z, logit_scale, softcap, SCALE, SOFTCAP)
-        g = grad_block(t, offs == label - vocab_start, m, log_s0, y_coef, ty, lse, inv_beta, z_loss_scale,
-                       logit_scale, softcap, LOGSIGMOID, Z_LOSS, SCALE, SOFTCAP)
+        g = grad_block(
+            t,
+            offs == label - vocab_start,
+            m,
+            log_s0,
+            y_coef,
+            ty,
+            lse,
+            inv_beta,
+            z_loss_scale,
+            logit_scale,
+            softcap,
+            LOGSIGMOID,
+            Z_LOSS,
+            SCALE,
+            SOFTCAP,
+        )
         g = g * g_up
         tl.store(out_ptr, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton_op("gem_kernels::gem_bwd", mutates_args={"grad_logits"})
-def _gem_bwd(logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor, grad_loss: torch.Tensor,
-             grad_logits: torch.Tensor, vocab_start: int, ignore_index: int, inv_beta: float, z_loss_scale: float,
-             logit_scale: float, softcap: float, LOGSIGMOID: bool, Z_LOSS: bool, SCALE: bool, SOFTCAP: bool,
-             NEED_LSE: bool, METRICS: bool) -> None:
+def _gem_bwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    stats: torch.Tensor,
+    grad_loss: torch.Tensor,
+    grad_logits: torch.Tensor,
+    vocab_start: int,
+    ignore_index: int,
+    inv_beta: float,
+    z_loss_scale: float,
+    logit_scale: float,
+    softcap: float,
+    LOGSIGMOID: bool,
+    Z_LOSS: bool,
+    SCALE: bool,
+    SOFTCAP: bool,
+    NEED_LSE: bool,
+    METRICS: bool,
+) -> None:
     """The operator (torch.compile traces it): the scalars of ``_args.KernelArgs`` in its order."""
     N, V = logits.shape
     if N == 0 or V == 0:
@@ -111,8 +142,14 @@ def _gem_bwd(logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor, gr
     )
 
 
-def gem_backward(logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor, grad_loss: torch.Tensor,
-                 opts: GEMOptions, out: torch.Tensor) -> torch.Tensor:
+def gem_backward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    stats: torch.Tensor,
+    grad_loss: torch.Tensor,
+    opts: GEMOptions,
+    out: torch.Tensor,
+) -> torch.Tensor:
     """d(sum_i grad_loss_i * loss_i)/d logits from the row statistics: the launcher of ``_gem_bwd_kernel``.
 
     Args:

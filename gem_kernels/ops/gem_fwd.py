@@ -9,6 +9,7 @@ columns: sent = sum exp(t - m)(t - m), rescaled with sce (plus a shift when the 
 global id of the first (lowest) column where t reaches m. The logits are read exactly once; rows
 whose label is ignore_index are not read at all.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -68,20 +69,47 @@ def _gem_fwd_kernel(
         else:
             zy = tl.load(row_ptr + (label - vocab_start)).to(tl.float32)
             ty = transform_logits(zy, logit_scale, softcap, SCALE, SOFTCAP)
-        m, s0, s1, s2, sce, sent, amax = row_partials(row_ptr, V, ty, inv_beta, logit_scale, softcap, LOGSIGMOID,
-                                                      NEED_LSE, METRICS, SCALE, SOFTCAP, BLOCK_V, LANES)
+        m, s0, s1, s2, sce, sent, amax = row_partials(
+            row_ptr,
+            V,
+            ty,
+            inv_beta,
+            logit_scale,
+            softcap,
+            LOGSIGMOID,
+            NEED_LSE,
+            METRICS,
+            SCALE,
+            SOFTCAP,
+            BLOCK_V,
+            LANES,
+        )
     store_partials(out, m, s0, s1, s2, sce, ty, sent, amax, vocab_start, METRICS)
 
 
 @triton_op("gem_kernels::gem_fwd", mutates_args=())
-def _gem_fwd(logits: torch.Tensor, labels: torch.Tensor, label_logits: Optional[torch.Tensor], vocab_start: int,
-             ignore_index: int, inv_beta: float, z_loss_scale: float, logit_scale: float, softcap: float,
-             LOGSIGMOID: bool, Z_LOSS: bool, SCALE: bool, SOFTCAP: bool, NEED_LSE: bool,
-             METRICS: bool) -> torch.Tensor:
+def _gem_fwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_logits: Optional[torch.Tensor],
+    vocab_start: int,
+    ignore_index: int,
+    inv_beta: float,
+    z_loss_scale: float,
+    logit_scale: float,
+    softcap: float,
+    LOGSIGMOID: bool,
+    Z_LOSS: bool,
+    SCALE: bool,
+    SOFTCAP: bool,
+    NEED_LSE: bool,
+    METRICS: bool,
+) -> torch.Tensor:
     """The operator (torch.compile traces it): the scalars of ``_args.KernelArgs`` in its order."""
     N, V = logits.shape
-    partials = torch.empty(N, NUM_PARTIALS_METRICS if METRICS else NUM_PARTIALS, dtype=torch.float32,
-                           device=logits.device)
+    partials = torch.empty(
+        N, NUM_PARTIALS_METRICS if METRICS else NUM_PARTIALS, dtype=torch.float32, device=logits.device
+    )
     if N == 0:
         return partials
     wrap_triton(_gem_fwd_kernel)[(N,)](
@@ -107,8 +135,9 @@ def _gem_fwd(logits: torch.Tensor, labels: torch.Tensor, label_logits: Optional[
     return partials
 
 
-def gem_forward(logits: torch.Tensor, labels: torch.Tensor, opts: GEMOptions,
-                label_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+def gem_forward(
+    logits: torch.Tensor, labels: torch.Tensor, opts: GEMOptions, label_logits: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Per-row partial sums of the GEM forward: the launcher of ``_gem_fwd_kernel``.
 
     Args:
@@ -128,12 +157,16 @@ def gem_forward(logits: torch.Tensor, labels: torch.Tensor, opts: GEMOptions,
             not contiguous of shape [N].
     """
     if logits.dim() != 2 or (logits.stride(1) != 1 and logits.shape[1] > 1):
-        raise ValueError(f"gem_forward: logits must be 2-D with unit column stride, got shape "
-                         f"{tuple(logits.shape)} strides {logits.stride()}")
+        raise ValueError(
+            f"gem_forward: logits must be 2-D with unit column stride, got shape "
+            f"{tuple(logits.shape)} strides {logits.stride()}"
+        )
     if logits.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"gem_forward: logits dtype must be one of {SUPPORTED_DTYPES}, got {logits.dtype}")
     N = logits.shape[0]
     if labels.shape != (N,) or (N > 1 and labels.stride(0) != 1):
-        raise ValueError(f"gem_forward: labels must be contiguous of shape ({N},), got shape "
-                         f"{tuple(labels.shape)} strides {labels.stride()}")
+        raise ValueError(
+            f"gem_forward: labels must be contiguous of shape ({N},), got shape "
+            f"{tuple(labels.shape)} strides {labels.stride()}"
+        )
     return _gem_fwd(logits, labels, label_logits, *kernel_args(opts))

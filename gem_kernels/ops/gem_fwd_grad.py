@@ -14,6 +14,7 @@ write of the logits for forward and backward together. ``grad`` may be the logit
 (in-place: each block is read before it is overwritten). Ignored rows are not read; their gradient
 is written as zeros.
 """
+
 from __future__ import annotations
 
 import torch
@@ -75,8 +76,21 @@ def _gem_fwd_grad_kernel(
         row_ptr = logits_ptr + row * stride_row
         col = label - vocab_start
         ty = transform_logits(tl.load(row_ptr + col).to(tl.float32), logit_scale, softcap, SCALE, SOFTCAP)
-        m, s0, s1, s2, sce, sent, amax = row_partials(row_ptr, V, ty, inv_beta, logit_scale, softcap, LOGSIGMOID,
-                                                      NEED_LSE, METRICS, SCALE, SOFTCAP, BLOCK_V, LANES)
+        m, s0, s1, s2, sce, sent, amax = row_partials(
+            row_ptr,
+            V,
+            ty,
+            inv_beta,
+            logit_scale,
+            softcap,
+            LOGSIGMOID,
+            NEED_LSE,
+            METRICS,
+            SCALE,
+            SOFTCAP,
+            BLOCK_V,
+            LANES,
+        )
         store_partials(out, m, s0, s1, s2, sce, ty, sent, amax, vocab_start, METRICS)
         # The statistics of torch_ops.stats.finalize, for this row.
         log_s0 = tl.log(s0)
@@ -90,20 +104,50 @@ def _gem_fwd_grad_kernel(
             mask = offs < V
             z = tl.load(row_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
             t = transform_logits(z, logit_scale, softcap, SCALE, SOFTCAP)
-            g = grad_block(t, offs == col, m, log_s0, y_coef, ty, lse, inv_beta, z_loss_scale,
-                           logit_scale, softcap, LOGSIGMOID, Z_LOSS, SCALE, SOFTCAP)
+            g = grad_block(
+                t,
+                offs == col,
+                m,
+                log_s0,
+                y_coef,
+                ty,
+                lse,
+                inv_beta,
+                z_loss_scale,
+                logit_scale,
+                softcap,
+                LOGSIGMOID,
+                Z_LOSS,
+                SCALE,
+                SOFTCAP,
+            )
             tl.store(grad_row + offs, (g * row_scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton_op("gem_kernels::gem_fwd_grad", mutates_args={"grad_logits"})
-def _gem_fwd_grad(logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor, grad_logits: torch.Tensor,
-                  vocab_start: int, ignore_index: int, inv_beta: float, z_loss_scale: float, logit_scale: float,
-                  softcap: float, LOGSIGMOID: bool, Z_LOSS: bool, SCALE: bool, SOFTCAP: bool, NEED_LSE: bool,
-                  METRICS: bool) -> torch.Tensor:
+def _gem_fwd_grad(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    row_scale: torch.Tensor,
+    grad_logits: torch.Tensor,
+    vocab_start: int,
+    ignore_index: int,
+    inv_beta: float,
+    z_loss_scale: float,
+    logit_scale: float,
+    softcap: float,
+    LOGSIGMOID: bool,
+    Z_LOSS: bool,
+    SCALE: bool,
+    SOFTCAP: bool,
+    NEED_LSE: bool,
+    METRICS: bool,
+) -> torch.Tensor:
     """The operator (torch.compile traces it): the scalars of ``_args.KernelArgs`` in its order."""
     N, V = logits.shape
-    partials = torch.empty(N, NUM_PARTIALS_METRICS if METRICS else NUM_PARTIALS, dtype=torch.float32,
-                           device=logits.device)
+    partials = torch.empty(
+        N, NUM_PARTIALS_METRICS if METRICS else NUM_PARTIALS, dtype=torch.float32, device=logits.device
+    )
     if N == 0 or V == 0:
         return partials
     wrap_triton(_gem_fwd_grad_kernel)[(N,)](
@@ -133,8 +177,9 @@ def _gem_fwd_grad(logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.T
     return partials
 
 
-def gem_forward_grad(logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor, opts: GEMOptions,
-                     out: torch.Tensor) -> torch.Tensor:
+def gem_forward_grad(
+    logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor, opts: GEMOptions, out: torch.Tensor
+) -> torch.Tensor:
     """Statistics and gradient of every row in one kernel: the launcher of ``_gem_fwd_grad_kernel``.
 
     Args:
@@ -154,17 +199,22 @@ def gem_forward_grad(logits: torch.Tensor, labels: torch.Tensor, row_scale: torc
         ValueError / TypeError: a tensor of another shape, dtype or layout than above.
     """
     if logits.dim() != 2 or (logits.stride(1) != 1 and logits.shape[1] > 1):
-        raise ValueError(f"gem_forward_grad: logits must be 2-D with unit column stride, got shape "
-                         f"{tuple(logits.shape)} strides {logits.stride()}")
+        raise ValueError(
+            f"gem_forward_grad: logits must be 2-D with unit column stride, got shape "
+            f"{tuple(logits.shape)} strides {logits.stride()}"
+        )
     if logits.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"gem_forward_grad: logits dtype must be one of {SUPPORTED_DTYPES}, got {logits.dtype}")
     N, V = logits.shape
     if labels.shape != (N,) or (N > 1 and labels.stride(0) != 1):
-        raise ValueError(f"gem_forward_grad: labels must be contiguous of shape ({N},), got shape "
-                         f"{tuple(labels.shape)} strides {labels.stride()}")
+        raise ValueError(
+            f"gem_forward_grad: labels must be contiguous of shape ({N},), got shape "
+            f"{tuple(labels.shape)} strides {labels.stride()}"
+        )
     if row_scale.shape != (N,) or row_scale.dtype != torch.float32:
-        raise ValueError(f"gem_forward_grad: row_scale must be fp32 of shape ({N},), got "
-                         f"{row_scale.dtype} {tuple(row_scale.shape)}")
+        raise ValueError(
+            f"gem_forward_grad: row_scale must be fp32 of shape ({N},), got {row_scale.dtype} {tuple(row_scale.shape)}"
+        )
     if out.shape != logits.shape or out.dtype != logits.dtype or (out.stride(1) != 1 and V > 1):
         raise ValueError("gem_forward_grad: out must match logits' shape and dtype with unit column stride")
     return _gem_fwd_grad(logits, labels, row_scale, out, *kernel_args(opts))

@@ -6,6 +6,7 @@ instead, i.e. rescaled by ``grad_loss[i] / token_scale``. One program per row re
 and returns at once when they are equal (a mean or sum loss backpropagated as is: no pass over the
 logits at all), so the decision needs no host synchronisation. Ignored rows keep their exact zeros.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,8 +46,13 @@ def _gem_scale_kernel(
 
 
 @triton_op("gem_kernels::gem_scale", mutates_args={"grad_logits"})
-def _gem_scale(grad_logits: torch.Tensor, labels: torch.Tensor, grad_loss: torch.Tensor, token_scale: torch.Tensor,
-               ignore_index: int) -> None:
+def _gem_scale(
+    grad_logits: torch.Tensor,
+    labels: torch.Tensor,
+    grad_loss: torch.Tensor,
+    token_scale: torch.Tensor,
+    ignore_index: int,
+) -> None:
     """The operator (torch.compile traces it)."""
     N, V = grad_logits.shape
     if N == 0 or V == 0:
@@ -66,8 +72,13 @@ def _gem_scale(grad_logits: torch.Tensor, labels: torch.Tensor, grad_loss: torch
     )
 
 
-def gem_scale_rows(grad_logits: torch.Tensor, labels: torch.Tensor, grad_loss: torch.Tensor,
-                   token_scale: torch.Tensor, opts: GEMOptions) -> None:
+def gem_scale_rows(
+    grad_logits: torch.Tensor,
+    labels: torch.Tensor,
+    grad_loss: torch.Tensor,
+    token_scale: torch.Tensor,
+    opts: GEMOptions,
+) -> None:
     """grad_logits[i] *= grad_loss[i] / token_scale in place, for every row i whose label is not
     ``opts.ignore_index``, skipping (on the device) rows where the factor is exactly 1: the launcher
     of ``_gem_scale_kernel``.

@@ -8,6 +8,7 @@ a pass over the [V, H] weight gradient, and the decision needs no host synchroni
 each element is multiplied in fp32 and rounded once to the gradient's dtype (multiplying a bf16
 tensor by a 0-d fp32 tensor in PyTorch would round the factor itself to bf16 first).
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,8 +51,10 @@ def scale_grad_(grad: torch.Tensor, factor: torch.Tensor) -> None:
     if not grad.is_contiguous():
         raise ValueError("scale_grad_: grad must be contiguous")
     if factor.numel() != 1 or factor.dtype != torch.float32 or factor.device != grad.device:
-        raise ValueError(f"scale_grad_: factor must be a one-element fp32 tensor on {grad.device}, got "
-                         f"{factor.dtype} {tuple(factor.shape)} on {factor.device}")
+        raise ValueError(
+            f"scale_grad_: factor must be a one-element fp32 tensor on {grad.device}, got "
+            f"{factor.dtype} {tuple(factor.shape)} on {factor.device}"
+        )
     n = grad.numel()
     if n == 0:
         return

@@ -5,6 +5,7 @@ temporaries on CPU, 64 MiB on CUDA, and at most an eighth of the input's bytes e
 memory is a few blocks (never another [N, V] tensor beyond the gradient itself). ("Row blocks" here;
 "chunks" are the fused lm_head path's chunks of valid tokens.)
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -12,8 +13,23 @@ from typing import Optional, Tuple
 import torch
 
 from ..chunk_policy import torch_block_rows
-from ..options import (LOGSIGMOID_TEMPERATURE, P_AMAX, P_M, P_S0, P_S1, P_S2, P_SCE, P_SENT, P_TY, S_LOGS0, S_LSE,
-                       S_M, S_TY, S_YCOEF, GEMOptions)
+from ..options import (
+    LOGSIGMOID_TEMPERATURE,
+    P_AMAX,
+    P_M,
+    P_S0,
+    P_S1,
+    P_S2,
+    P_SCE,
+    P_SENT,
+    P_TY,
+    S_LOGS0,
+    S_LSE,
+    S_M,
+    S_TY,
+    S_YCOEF,
+    GEMOptions,
+)
 from .stats import finalize
 
 
@@ -127,8 +143,9 @@ def _row_blocks(N: int, V: int, elsize: int = 4, device: str = "cpu"):
         yield start, min(start + step, N)
 
 
-def gem_partials(logits: torch.Tensor, labels: torch.Tensor, opts: GEMOptions,
-                 label_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+def gem_partials(
+    logits: torch.Tensor, labels: torch.Tensor, opts: GEMOptions, label_logits: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Per-row partial sums [N, opts.num_partials] (options.P_*), the same shape of call as the
     Triton launcher ``ops.gem_forward``: logits [N, V] (unit column stride), labels [N], and
     ``label_logits`` [N] (t_y given: a vocabulary shard) or None."""

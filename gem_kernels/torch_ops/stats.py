@@ -3,12 +3,31 @@
 Shared by the Triton and torch paths (and by the vocab-parallel path, which all-reduces the
 partials first). Everything here is O(tokens).
 """
+
 from __future__ import annotations
 
 import torch
 
-from ..options import (NUM_STATS, P_AMAX, P_M, P_S0, P_S1, P_S2, P_SCE, P_SENT, P_TY, S_LOGS0, S_LSE, S_M, S_TY,
-                       S_YCOEF, X_ACC, X_CE, X_ENTROPY, GEMOptions)
+from ..options import (
+    NUM_STATS,
+    P_AMAX,
+    P_M,
+    P_S0,
+    P_S1,
+    P_S2,
+    P_SCE,
+    P_SENT,
+    P_TY,
+    S_LOGS0,
+    S_LSE,
+    S_M,
+    S_TY,
+    S_YCOEF,
+    X_ACC,
+    X_CE,
+    X_ENTROPY,
+    GEMOptions,
+)
 
 
 def finalize(partials: torch.Tensor, valid: torch.Tensor, opts: GEMOptions, labels=None):

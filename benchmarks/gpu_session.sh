@@ -21,9 +21,11 @@ fi
     2>&1 | tee "$OUT/env.txt"
 
 # 1. Correctness on CUDA against the float64 reference: both kernel designs, every option and
-#    dtype, metrics, the fused path and its memory modes, torch.compile of the Triton path.
+#    dtype, metrics, the fused path and its memory modes, torch.compile of the Triton path, the
+#    whole-gradient rescaling kernel (exact rounding on CUDA) and the options layer.
 timeout 200 python3 -m pytest -q -x -rs -p no:cacheprovider tests/test_gem_loss.py tests/test_gem_paths.py \
     tests/test_metrics.py tests/test_fused_linear.py tests/test_fused_memory_modes.py tests/test_compile.py \
+    tests/test_grad_scale.py tests/test_options.py \
     2>&1 | tee "$OUT/tests.log"
 
 # 2. Timings: the loss on given logits and the lm_head step at Llama-3 8B, 8,192 tokens, with the

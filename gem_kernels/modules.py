@@ -5,12 +5,24 @@ from __future__ import annotations
 import torch
 
 from .functional import check_options, fused_linear_gem_loss_with_options, gem_loss_with_options
-from .options import OPTION_DEFAULTS, GEMOptions
+from .options import OPTION_DEFAULTS, OPTION_NAMES, GEMOptions
+
+_SHARD_ARGUMENTS = ("process_group", "vocab_start")
 
 
-def _split(options: dict):
+def _split(cls_name: str, kind: str, options: dict):
     """(loss options, process_group, vocab_start): the last two are per-call arguments of the
-    functional API that a module fixes at construction."""
+    functional API that a module fixes at construction. An unknown name is refused here, naming the
+    module and everything it accepts (num_items_in_batch is an argument of the call instead)."""
+    allowed = OPTION_NAMES[kind] + _SHARD_ARGUMENTS
+    unknown = sorted(k for k in options if k not in allowed)
+    if unknown:
+        hint = (
+            " (num_items_in_batch is passed to the call, not to the constructor)"
+            if "num_items_in_batch" in unknown
+            else ""
+        )
+        raise TypeError(f"{cls_name} got unknown option(s) {unknown}{hint}; allowed: {sorted(allowed)}")
     options = dict(options)
     return options, options.pop("process_group", None), options.pop("vocab_start", None)
 
@@ -52,7 +64,7 @@ class GEMLoss(torch.nn.Module):
 
     def __init__(self, **options):
         super().__init__()
-        options, self.process_group, self.vocab_start = _split(options)
+        options, self.process_group, self.vocab_start = _split("GEMLoss", "gem", options)
         self.options: GEMOptions = check_options("gem", **options)
 
     def forward(self, logits, labels, num_items_in_batch=None):
@@ -100,7 +112,7 @@ class FusedLinearGEMLoss(torch.nn.Module):
 
     def __init__(self, **options):
         super().__init__()
-        options, self.process_group, self.vocab_start = _split(options)
+        options, self.process_group, self.vocab_start = _split("FusedLinearGEMLoss", "fused", options)
         self.options: GEMOptions = check_options("fused", **options)
 
     def forward(self, hidden, weight, labels, bias=None, num_items_in_batch=None):

@@ -156,6 +156,24 @@ def test_unknown_config_transform_is_refused():
     apply_gem(model, beta=BETA)
 
 
+@pytest.mark.parametrize(
+    "key,value,option",
+    [
+        ("logit_scale", float("nan"), "logit_scale"),
+        ("logit_scale", -2.0, "logit_scale"),
+        ("final_logit_softcapping", float("inf"), "softcap"),
+    ],
+)
+def test_bad_config_transform_is_refused_by_name(key, value, option):
+    """A config's logit_scale / softcap goes through the same checks as an explicit option, before
+    any kernel runs: a NaN scale would otherwise give a NaN loss with no named error."""
+    model = tiny_model("llama")
+    setattr(model.config, key, value)
+    with pytest.raises(ValueError, match=rf"LlamaForCausalLM's config .*{option} must be"):
+        apply_gem(model, beta=BETA)
+    apply_gem(model, beta=BETA, **{option: 2.0})  # an explicit value overrides the config's
+
+
 class ScaledLlama(LlamaForCausalLM):
     """A model that halves its logits after the head, with no config key saying so."""
 

@@ -17,8 +17,9 @@ integrations (``import gem_kernels`` must not import transformers).
 Rules, each reported with file:line for every violation:
   rank        an import of a layer the importer's row does not allow (up a rank, or sideways
               between the two rank-1 rows);
-  private     an underscore-prefixed module or name imported from another package (inside one
-              package, e.g. autograd/gem.py importing autograd/_scale.py, is fine);
+  private     an underscore-prefixed module or name imported from another package or layer
+              (inside one package of one layer, e.g. autograd/gem.py importing autograd/_scale.py,
+              is fine; the top-level modules share a package but not a layer);
   cycle       an import cycle among gem_kernels modules, counting imports inside functions (a
               local import that only postpones a cycle is still one);
   late        a module-level import after the module's code has started, or any ``noqa: E402``
@@ -194,14 +195,20 @@ def private_violations(imports: List[Import], modules: Dict[str, Path]) -> List[
         if imp.target not in modules:
             out.append(f"{imp.where()}: {imp.what()}: no such module in the package [unknown]")
             continue
-        if package_of(imp.importer, modules) == package_of(imp.target, modules):
+        # Inside one package and one layer private names are fine; the top-level modules share the
+        # package gem_kernels but are separate layers (modules.py may not take reference._x).
+        same_package = package_of(imp.importer, modules) == package_of(imp.target, modules)
+        if same_package and layer_of(imp.importer) == layer_of(imp.target):
             continue
         private = [name for name in imp.names if _private(name)]
         if _private(imp.target):
-            out.append(f"{imp.where()}: {imp.what()}: private module {imp.target} from another package [private]")
+            out.append(
+                f"{imp.where()}: {imp.what()}: private module {imp.target} from another package or layer [private]"
+            )
         elif private:
             out.append(
-                f"{imp.where()}: {imp.what()}: private name(s) {', '.join(private)} from another package [private]"
+                f"{imp.where()}: {imp.what()}: private name(s) {', '.join(private)} from another package or layer "
+                "[private]"
             )
     return out
 
@@ -383,7 +390,8 @@ def test_checker_finds_each_kind_of_violation(tmp_path, monkeypatch):
             "torch_ops/t.py": "def g():\n    from ..ops.k import _kernel\n",  # rank (sideways) + private
             "functional/__init__.py": "",
             "functional/_checks.py": "def check():\n    from ..modules import M\n",  # rank, up, local
-            "modules.py": "from .functional._checks import check\nM = 1\n",  # private module + cycle
+            "modules.py": "from .functional._checks import check\nfrom .reference import _t\nM = 1\n",  # private x2
+            "reference.py": "def _t():\n    pass\n",
             "integrations/__init__.py": "",
             "integrations/a.py": "from .b import B\nA = 1\n",
             "integrations/b.py": "B = 1\nfrom .a import A  # noqa: E402\n",  # cycle + late (twice)
@@ -398,11 +406,13 @@ def test_checker_finds_each_kind_of_violation(tmp_path, monkeypatch):
         "gem_kernels/torch_ops/t.py:2: (function-local) from gem_kernels.ops.k import _kernel: layer torch may "
         "not import layer ops [rank]",
         "gem_kernels/torch_ops/t.py:2: (function-local) from gem_kernels.ops.k import _kernel: private name(s) "
-        "_kernel from another package [private]",
+        "_kernel from another package or layer [private]",
         "gem_kernels/functional/_checks.py:2: (function-local) from gem_kernels.modules import M: layer "
         "functional may not import layer modules [rank]",
         "gem_kernels/modules.py:1: from gem_kernels.functional._checks import check: private module "
-        "gem_kernels.functional._checks from another package [private]",
+        "gem_kernels.functional._checks from another package or layer [private]",
+        "gem_kernels/modules.py:2: from gem_kernels.reference import _t: private name(s) _t from another package "
+        "or layer [private]",
         "gem_kernels/integrations/b.py:2: '# noqa: E402' (an import placed late on purpose) [late]",
         "gem_kernels/integrations/b.py:2: module-level import after code (line 1) [late]",
         "gem_kernels/extra.py:1: module gem_kernels.extra is in no layer [unknown]",

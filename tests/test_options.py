@@ -74,6 +74,20 @@ def test_check_options_packs_normalised_values():
         fused.beta = 2.0
 
 
+def test_modules_name_themselves_and_everything_they_accept():
+    """The modules refuse an unknown name with their own name and every argument their constructor
+    takes (the shard arguments included); num_items_in_batch gets a hint."""
+    from gem_kernels import FusedLinearGEMLoss, GEMLoss
+
+    for cls, kind in ((GEMLoss, "gem"), (FusedLinearGEMLoss, "fused")):
+        with pytest.raises(TypeError, match=rf"{cls.__name__} got unknown option\(s\) \['bta'\]") as info:
+            cls(bta=0.5)
+        for allowed in OPTION_NAMES[kind] + ("process_group", "vocab_start"):
+            assert f"'{allowed}'" in str(info.value)
+        with pytest.raises(TypeError, match="num_items_in_batch is passed to the call"):
+            cls(num_items_in_batch=4)
+
+
 @pytest.mark.parametrize(
     "kind,name",
     [

@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from ..functional import gem_loss_with_options
-from ..options import GEMOptions
+from ..functional import check_options, gem_loss_with_options
+from ..options import OPTION_NAMES, GEMOptions
 from ._guards import calling_trainer, foreign_count_message, refuse_if_trainer_took_labels, resolve_head
 from ._head import fused_head_loss, intercept_head, zero3_tie
 from ._labels import aligned_targets
@@ -261,6 +261,18 @@ def apply_gem(model, *, beta: float = 0.7, h: str = "linear", **options):
     return patch_model(model, screen_options("fused", {"beta": beta, "h": h, **options}), frozenset(options))
 
 
+def _check_config_transform(fused: GEMOptions, model_name: str) -> GEMOptions:
+    """The logit_scale / softcap read from the model's config pass the same checks as the user's
+    options (a NaN, infinite or non-positive value would otherwise reach the kernels unnamed)."""
+    try:
+        return check_options("fused", **{name: getattr(fused, name) for name in OPTION_NAMES["fused"]})
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"apply_gem: {model_name}'s config gives a logit transform the loss cannot apply ({err}); "
+            f"fix the config or pass logit_scale=... / softcap=... explicitly"
+        ) from err
+
+
 def patch_model(model, options: GEMOptions, given: frozenset):
     """:func:`apply_gem` with its options already validated into ``options`` (``check_options("fused")``);
     ``given``: the names the caller set explicitly (an explicit ``logit_scale`` / ``softcap`` wins
@@ -290,6 +302,8 @@ def patch_model(model, options: GEMOptions, given: frozenset):
         logit_scale=options.logit_scale if scale_given else scale,
         softcap=options.softcap if softcap_given else softcap,
     )
+    if not (scale_given and softcap_given):
+        fused = _check_config_transform(fused, type(target).__name__)
     # Evaluation (logits): the model's forward already applied its transform to the logits it returns,
     # and scalar statistics among the outputs would be gathered as predictions.
     logits = dataclasses.replace(

@@ -12,6 +12,16 @@ from ..options import GEMOptions
 from ..torch_ops import gem_grad_row_blocks, gem_partials
 
 
+def triton_available() -> bool:
+    """Whether the triton package imports (any failure, not only ImportError, counts as absent: a
+    broken install must fall back to the torch path, not crash the call)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
 def triton_ops():
     """``gem_kernels.ops``, imported at call time: it needs triton, which the torch path does not."""
     from .. import ops

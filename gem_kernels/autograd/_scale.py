@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from ._paths import triton_available, triton_ops
+
 
 def scale_grads_(grads, scale: torch.Tensor) -> None:
     """Multiply each precomputed gradient in place by the 0-d tensor ``scale`` without reading it
@@ -24,11 +26,9 @@ def scale_grads_(grads, scale: torch.Tensor) -> None:
         if g is None:
             continue
         if _kernel_scales(g):
-            from ..ops import scale_grad_
-
             if factor is None:
                 factor = scale.to(torch.float32).reshape(1)
-            scale_grad_(g, factor)
+            triton_ops().scale_grad_(g, factor)
             continue
         if g.dtype in (torch.float32, torch.float64):
             g.mul_(scale.to(g.dtype))
@@ -50,16 +50,8 @@ def _kernel_scales(g: torch.Tensor) -> bool:
         g.is_cuda
         and g.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and g.is_contiguous()
-        and _triton_available()
+        and triton_available()
     )
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def scale_rows_(g: torch.Tensor, row_scale: torch.Tensor) -> None:

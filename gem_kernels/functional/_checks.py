@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from ..autograd import triton_available
 from ..options import H_CHOICES, IMPLS, MAX_METRICS_VOCAB, OPTION_DEFAULTS, OPTION_NAMES, REDUCTIONS, GEMOptions
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -189,14 +190,6 @@ def check_float_tensor(x, name: str, allowed=TORCH_DTYPES):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in allowed:
         raise TypeError(f"{name} must have dtype in {tuple(str(d) for d in allowed)}, got {x.dtype}")
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def interpreting() -> bool:

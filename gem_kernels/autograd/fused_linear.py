@@ -180,7 +180,7 @@ def fused_forward(
     hidden2d, weight, bias, labels, opts: GEMOptions, token_scale, group, need_gx: bool, need_gw: bool, need_gb: bool
 ) -> FusedForward:
     """The forward of the fused path (shared by FusedLinearGEMFunction and the torch.compile custom
-    operators in ``compiled.py``). See FusedLinearGEMFunction for the arguments."""
+    operators in ``compiled_fused.py``). See FusedLinearGEMFunction for the arguments."""
     any_grad = need_gx or need_gw or need_gb
     rows, labels_v = valid_rows(labels, opts.ignore_index)
     n_valid = labels_v.shape[0]

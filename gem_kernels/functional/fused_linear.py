@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 
 from ..autograd import FusedLinearGEMFunction, autocast_linear_inputs, autocast_off
-from ..autograd.compiled import fused_linear_gem_compiled
+from ..autograd.compiled_fused import fused_linear_gem_compiled
 from ..options import GEMOptions
 from ._checks import (
     check_float_tensor,
@@ -28,7 +28,7 @@ from .gem import reference_loss
 def apply_fused_linear_gem(hidden2d, weight, bias, labels1d, opts: GEMOptions, token_scale, group=None):
     """The one place FusedLinearGEMFunction is applied: (per-token loss [N], detached per-token extras
     [N, opts.num_extras] or empty; see options.X_*). ``opts`` carries the resolved impl and chunk size.
-    Under torch.compile (single device) the same bodies run as custom operators (autograd/compiled.py)."""
+    Under torch.compile (single device) the same bodies run as custom operators (autograd/compiled_fused.py)."""
     if group is None and torch.compiler.is_compiling():
         return fused_linear_gem_compiled(hidden2d, weight, bias, labels1d, opts, token_scale, torch.is_grad_enabled())
     return FusedLinearGEMFunction.apply(
